@@ -1,0 +1,19 @@
+"""ckpt: gradient checkpointing for deep fully-connected networks on CPU.
+
+Store a few activations in the forward pass, recompute the rest in the backward pass: activation
+memory falls from O(N) to O(sqrt(N)) for N layers, for about one extra forward pass.
+"""
+# Preload the OpenBLAS of the scipy-openblas32 wheel before the extension that links to it.
+import scipy_openblas32  # noqa: F401
+
+from ckpt._core import get_num_threads, set_num_threads
+from ckpt.tracker import MemoryUsageTracker
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MemoryUsageTracker",
+    "get_num_threads",
+    "set_num_threads",
+    "__version__",
+]

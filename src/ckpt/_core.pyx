@@ -1,0 +1,594 @@
+# Typed kernels of ckpt: Dense forward/backward on BLAS, the Dense-chain executor that runs a
+# checkpointing schedule without touching Python per layer, and the tracker's atomic counters.
+#
+# Each kernel has two layers (as in scikit-learn's _cython_blas): a `noexcept nogil` function on raw
+# pointers, and a thin wrapper that validates shapes with the GIL held, then releases it.
+# The pure-NumPy twin of every kernel is ckpt._reference.
+
+from cython cimport floating
+from libc.math cimport exp, expm1, log1p, tanh, erf, fabs, M_SQRT1_2
+from libc.stdint cimport int64_t
+from libc.limits cimport INT_MAX
+from libc.string cimport memset
+from cpython.mem cimport PyMem_Malloc, PyMem_Free
+
+from ._blas cimport (
+    CblasRowMajor, CblasNoTrans, CblasTrans, CBLAS_TRANSPOSE,
+    scipy_cblas_sgemm, scipy_cblas_dgemm,
+    scipy_openblas_set_num_threads, scipy_openblas_get_num_threads,
+)
+
+import numpy as np
+
+# --------------------------------------------------------------------------------------------
+# Activations
+# --------------------------------------------------------------------------------------------
+
+cdef enum:
+    ACT_IDENTITY = 0
+    ACT_RELU = 1
+    ACT_LEAKY_RELU = 2
+    ACT_TANH = 3
+    ACT_SIGMOID = 4
+    ACT_GELU = 5
+    ACT_SOFTPLUS = 6
+
+ACTIVATION_CODES = {
+    None: ACT_IDENTITY,
+    "relu": ACT_RELU,
+    "leaky_relu": ACT_LEAKY_RELU,
+    "tanh": ACT_TANH,
+    "sigmoid": ACT_SIGMOID,
+    "gelu": ACT_GELU,
+    "softplus": ACT_SOFTPLUS,
+}
+
+# GELU's derivative is not a function of its output, so its backward needs the pre-activation.
+NEEDS_PREACTIVATION = frozenset({ACT_GELU})
+
+cdef double INV_SQRT_2PI = 0.3989422804014327
+
+
+cdef inline floating _activate(floating z, int act, floating alpha) noexcept nogil:
+    """y = act(z)"""
+    cdef double e
+    if act == ACT_RELU:
+        return z if z > 0 else 0
+    if act == ACT_LEAKY_RELU:
+        return z if z > 0 else alpha * z
+    if act == ACT_TANH:
+        return <floating>tanh(z)
+    if act == ACT_SIGMOID:
+        # Two branches so exp never overflows.
+        if z >= 0:
+            return <floating>(1.0 / (1.0 + exp(-z)))
+        e = exp(z)
+        return <floating>(e / (1.0 + e))
+    if act == ACT_GELU:
+        # Exact GELU, z * Phi(z) with the normal CDF (PyTorch's approximate='none').
+        return <floating>(0.5 * z * (1.0 + erf(z * M_SQRT1_2)))
+    if act == ACT_SOFTPLUS:
+        # log(1 + e^z) = max(z, 0) + log1p(e^-|z|), stable for any z.
+        return <floating>((z if z > 0 else 0) + log1p(exp(-fabs(z))))
+    return z
+
+
+cdef inline floating _derivative(floating v, int act, floating alpha) noexcept nogil:
+    """act'(z), from v = act(z) (the output), or from v = z for GELU."""
+    if act == ACT_RELU:
+        return 1 if v > 0 else 0
+    if act == ACT_LEAKY_RELU:
+        return 1 if v > 0 else alpha
+    if act == ACT_TANH:
+        return 1 - v * v
+    if act == ACT_SIGMOID:
+        return v * (1 - v)
+    if act == ACT_GELU:
+        return <floating>(0.5 * (1.0 + erf(v * M_SQRT1_2)) + v * INV_SQRT_2PI * exp(-0.5 * v * v))
+    if act == ACT_SOFTPLUS:
+        # softplus' = sigmoid(z) = 1 - e^-y; expm1 keeps it accurate for tiny y.
+        return <floating>(-expm1(-v))
+    return 1
+
+
+# --------------------------------------------------------------------------------------------
+# Raw-pointer kernels
+# --------------------------------------------------------------------------------------------
+
+cdef inline void _gemm(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, Py_ssize_t m, Py_ssize_t n,
+                       Py_ssize_t k, const floating *a, Py_ssize_t lda, const floating *b,
+                       Py_ssize_t ldb, floating beta, floating *c, Py_ssize_t ldc) noexcept nogil:
+    """c = a @ b + beta * c (row-major, a and b optionally transposed)"""
+    if floating is float:
+        scipy_cblas_sgemm(CblasRowMajor, ta, tb, <int>m, <int>n, <int>k, 1.0, a, <int>lda,
+                          b, <int>ldb, beta, c, <int>ldc)
+    else:
+        scipy_cblas_dgemm(CblasRowMajor, ta, tb, <int>m, <int>n, <int>k, 1.0, a, <int>lda,
+                          b, <int>ldb, beta, c, <int>ldc)
+
+
+cdef void dense_forward_ptr(const floating *x, const floating *w, const floating *b, floating *y,
+                            Py_ssize_t m, Py_ssize_t k, Py_ssize_t n, int act,
+                            floating alpha) noexcept nogil:
+    """y = act(x @ W + b); bias and activation fused into one pass over y."""
+    cdef Py_ssize_t i, j
+    cdef floating *row
+    if m == 0:
+        return
+    _gemm(CblasNoTrans, CblasNoTrans, m, n, k, x, k, w, n, <floating>0, y, n)
+    for i in range(m):
+        row = y + i * n
+        for j in range(n):
+            row[j] = _activate(row[j] + b[j], act, alpha)
+
+
+cdef void dense_preactivation_ptr(const floating *x, const floating *w, const floating *b,
+                                  floating *z, Py_ssize_t m, Py_ssize_t k,
+                                  Py_ssize_t n) noexcept nogil:
+    """z = x @ W + b"""
+    dense_forward_ptr(x, w, b, z, m, k, n, ACT_IDENTITY, <floating>0)
+
+
+cdef void dense_backward_ptr(const floating *x, const floating *w, const floating *g,
+                             const floating *v, floating *d, floating *gw, floating *gb,
+                             floating *gx, Py_ssize_t m, Py_ssize_t k, Py_ssize_t n, int act,
+                             floating alpha) noexcept nogil:
+    """d = g * act'(v); gb += colsum(d); gW += x.T @ d; gx = d @ W.T (skipped if gx is NULL).
+
+    v is the layer's output y (its pre-activation z for GELU). d may alias v or g. For the
+    identity d = g: neither v nor d is touched and both may be NULL.
+    """
+    cdef Py_ssize_t i, j
+    cdef const floating *delta = g
+    cdef const floating *grow
+    cdef const floating *vrow
+    cdef floating *drow
+    cdef floating dij
+    if m == 0:
+        return
+    if act == ACT_IDENTITY:
+        for i in range(m):
+            grow = g + i * n
+            for j in range(n):
+                gb[j] += grow[j]
+    else:
+        for i in range(m):
+            grow = g + i * n
+            vrow = v + i * n
+            drow = d + i * n
+            for j in range(n):
+                dij = grow[j] * _derivative(vrow[j], act, alpha)
+                drow[j] = dij
+                gb[j] += dij
+        delta = d
+    _gemm(CblasTrans, CblasNoTrans, k, n, m, x, k, delta, n, <floating>1, gw, n)
+    if gx != NULL:
+        _gemm(CblasNoTrans, CblasTrans, m, k, n, delta, n, w, n, <floating>0, gx, k)
+
+
+# --------------------------------------------------------------------------------------------
+# Memoryview wrappers (validate with the GIL, compute without it)
+# --------------------------------------------------------------------------------------------
+
+cdef int _check_blas_dim(Py_ssize_t value, str what) except -1:
+    if value > INT_MAX:
+        raise ValueError(f"{what} = {value} exceeds the 32-bit BLAS limit {INT_MAX}")
+    return 0
+
+
+cdef int _check_act(int act, double alpha) except -1:
+    if act < ACT_IDENTITY or act > ACT_SOFTPLUS:
+        raise ValueError(f"unknown activation code {act}")
+    return 0
+
+
+def dense_forward(const floating[:, ::1] x, const floating[:, ::1] w, const floating[::1] b,
+                  floating[:, ::1] y, int act=ACT_IDENTITY, double alpha=0.01):
+    """y = act(x @ W + b), written into y."""
+    cdef Py_ssize_t m = x.shape[0], k = x.shape[1], n = w.shape[1]
+    if w.shape[0] != k:
+        raise ValueError(f"x has {k} features but W has {w.shape[0]} rows")
+    if b.shape[0] != n:
+        raise ValueError(f"b has {b.shape[0]} entries, expected {n} (W's columns)")
+    if y.shape[0] != m or y.shape[1] != n:
+        raise ValueError(f"y has shape ({y.shape[0]}, {y.shape[1]}), expected ({m}, {n})")
+    _check_act(act, alpha)
+    _check_blas_dim(m, "batch size")
+    _check_blas_dim(k, "in_features")
+    _check_blas_dim(n, "out_features")
+    if m == 0:
+        return
+    with nogil:
+        dense_forward_ptr(&x[0, 0], &w[0, 0], &b[0], &y[0, 0], m, k, n, act, <floating>alpha)
+
+
+def dense_backward(const floating[:, ::1] x, const floating[:, ::1] w, const floating[:, ::1] g,
+                   const floating[:, ::1] v, floating[:, ::1] d, floating[:, ::1] gw,
+                   floating[::1] gb, floating[:, ::1] gx, int act=ACT_IDENTITY,
+                   double alpha=0.01):
+    """d = g * act'(v); gb += colsum(d); gW += x.T @ d; gx = d @ W.T.
+
+    v holds the forward output (the pre-activation for GELU); d receives the delta and may be the
+    same array as v. Both may be None for the identity. gx=None skips the input gradient.
+    """
+    cdef Py_ssize_t m = x.shape[0], k = x.shape[1], n = w.shape[1]
+    cdef const floating *v_ptr = NULL
+    cdef floating *d_ptr = NULL
+    cdef floating *gx_ptr = NULL
+    if w.shape[0] != k:
+        raise ValueError(f"x has {k} features but W has {w.shape[0]} rows")
+    if g.shape[0] != m or g.shape[1] != n:
+        raise ValueError(f"grad_output has shape ({g.shape[0]}, {g.shape[1]}), expected ({m}, {n})")
+    if gw.shape[0] != k or gw.shape[1] != n:
+        raise ValueError(f"grad_W has shape ({gw.shape[0]}, {gw.shape[1]}), expected ({k}, {n})")
+    if gb.shape[0] != n:
+        raise ValueError(f"grad_b has {gb.shape[0]} entries, expected {n}")
+    _check_act(act, alpha)
+    if act != ACT_IDENTITY:
+        if v is None or v.shape[0] != m or v.shape[1] != n:
+            raise ValueError(f"the activation values must have shape ({m}, {n})")
+        if d is None or d.shape[0] != m or d.shape[1] != n:
+            raise ValueError(f"the delta buffer must have shape ({m}, {n})")
+    if gx is not None and (gx.shape[0] != m or gx.shape[1] != k):
+        raise ValueError(f"grad_input has shape ({gx.shape[0]}, {gx.shape[1]}), expected ({m}, {k})")
+    _check_blas_dim(m, "batch size")
+    _check_blas_dim(k, "in_features")
+    _check_blas_dim(n, "out_features")
+    if m == 0:
+        return
+    if act != ACT_IDENTITY:
+        v_ptr = &v[0, 0]
+        d_ptr = &d[0, 0]
+    if gx is not None:
+        gx_ptr = &gx[0, 0]
+    with nogil:
+        dense_backward_ptr(&x[0, 0], &w[0, 0], &g[0, 0], v_ptr, d_ptr, &gw[0, 0], &gb[0], gx_ptr,
+                           m, k, n, act, <floating>alpha)
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter updates
+# --------------------------------------------------------------------------------------------
+
+cdef void sgd_step_ptr(floating *p, const floating *g, Py_ssize_t n, floating lr) noexcept nogil:
+    """p -= lr * g"""
+    cdef Py_ssize_t i
+    for i in range(n):
+        p[i] -= lr * g[i]
+
+
+def sgd_step(floating[::1] p, const floating[::1] g, double lr):
+    """p -= lr * g, in place."""
+    if p.shape[0] != g.shape[0]:
+        raise ValueError(f"parameter has {p.shape[0]} values but its gradient has {g.shape[0]}")
+    if p.shape[0] == 0:
+        return
+    with nogil:
+        sgd_step_ptr(&p[0], &g[0], p.shape[0], <floating>lr)
+
+
+# --------------------------------------------------------------------------------------------
+# BLAS threads
+# --------------------------------------------------------------------------------------------
+
+def get_num_threads():
+    """Number of threads ckpt's OpenBLAS uses."""
+    return scipy_openblas_get_num_threads()
+
+
+def set_num_threads(int n):
+    """Set the number of threads of ckpt's OpenBLAS (n >= 1)."""
+    if n < 1:
+        raise ValueError(f"the number of threads must be at least 1, got {n}")
+    scipy_openblas_set_num_threads(n)
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic byte counters (the state of MemoryUsageTracker)
+# --------------------------------------------------------------------------------------------
+
+cdef class AtomicCounters:
+    """Lock-free byte counters: stored activations, recomputed, gradients and their exact peak.
+
+    The methods here trust their arguments; ckpt.MemoryUsageTracker validates them.
+    """
+
+    def __cinit__(self):
+        ckpt_reset(&self.c)
+
+    def _record_stored(self, int64_t nbytes):
+        ckpt_record_stored(&self.c, nbytes)
+
+    def _release_stored(self, int64_t nbytes):
+        return ckpt_release_stored(&self.c, nbytes)
+
+    def _record_gradient(self, int64_t nbytes):
+        ckpt_record_gradient(&self.c, nbytes)
+
+    def _release_gradient(self, int64_t nbytes):
+        return ckpt_release_gradient(&self.c, nbytes)
+
+    def _record_recomputed(self, int64_t nbytes):
+        ckpt_record_recomputed(&self.c, nbytes)
+
+    def _reset(self):
+        ckpt_reset(&self.c)
+
+    @property
+    def stored_activation_bytes(self):
+        """Bytes of activations held now."""
+        return ckpt_load(&self.c.stored)
+
+    @property
+    def recomputed_bytes(self):
+        """Bytes of activations recomputed so far (cumulative)."""
+        return ckpt_load(&self.c.recomputed)
+
+    @property
+    def gradient_bytes(self):
+        """Bytes of gradient buffers held now."""
+        return ckpt_load(&self.c.gradient)
+
+    @property
+    def peak_bytes(self):
+        """Exact maximum ever held of stored activations plus gradients."""
+        return ckpt_load(&self.c.peak)
+
+
+def hammer_counters(AtomicCounters counters, Py_ssize_t iterations, int64_t nbytes):
+    """Record then release `nbytes` of activations and gradients `iterations` times, GIL released.
+
+    Exists for the tests: several threads running it at once exercise the counters from nogil code.
+    """
+    cdef Py_ssize_t i
+    cdef ckpt_counters *c = &counters.c
+    with nogil:
+        for i in range(iterations):
+            ckpt_record_stored(c, nbytes)
+            ckpt_record_gradient(c, nbytes)
+            ckpt_record_recomputed(c, nbytes)
+            ckpt_release_gradient(c, nbytes)
+            ckpt_release_stored(c, nbytes)
+
+
+# --------------------------------------------------------------------------------------------
+# The Dense-chain executor: runs a compiled checkpointing schedule in one call per phase
+# --------------------------------------------------------------------------------------------
+
+# A compiled schedule is an int64 array of rows (kind, index, offset, recompute); ckpt.schedule
+# builds and checks it, so the executor only does arithmetic.
+cdef enum:
+    OP_FORWARD = 0   # a[i+1] = layer i (a[i]), written at `offset` of the arena (-1: the output)
+    OP_BACKWARD = 1  # back-propagate through layer i; a[i+1] is freed
+    OP_FREE = 2      # a[i] is no longer held
+
+OP_CODES = {"forward": OP_FORWARD, "backward": OP_BACKWARD, "free": OP_FREE}
+
+
+cdef class DenseChain:
+    """Pointers to the parameters of a chain of Dense layers, and the executor of schedules.
+
+    The arrays are referenced, never copied: layers update their parameters in place, so the
+    pointers stay valid for the chain's life.
+    """
+    cdef readonly Py_ssize_t n_layers
+    cdef readonly object dtype
+    cdef bint is_double
+    cdef Py_ssize_t batch
+    cdef Py_ssize_t *widths
+    cdef int *acts
+    cdef double *alphas
+    cdef void **w
+    cdef void **b
+    cdef void **gw
+    cdef void **gb
+    cdef void **a           # a[i]: where activation i lives this step, NULL when not held
+    cdef list _keep
+
+    def __cinit__(self, list weights, list biases, list grad_weights, list grad_biases,
+                  list activations, list alphas):
+        cdef Py_ssize_t n = len(weights), i
+        if n == 0:
+            raise ValueError("a DenseChain needs at least one layer")
+        if not (len(biases) == len(grad_weights) == len(grad_biases) == len(activations)
+                == len(alphas) == n):
+            raise ValueError("weights, biases, gradients and activations differ in length")
+        self.dtype = weights[0].dtype
+        if self.dtype not in (np.float32, np.float64):
+            raise TypeError(f"DenseChain supports float32 and float64, got {self.dtype}")
+        for i in range(n):
+            for arr in (weights[i], biases[i], grad_weights[i], grad_biases[i]):
+                if arr.dtype != self.dtype or not arr.flags.c_contiguous:
+                    raise TypeError(f"layer {i}: parameters must be C-contiguous {self.dtype}")
+            if weights[i].shape != grad_weights[i].shape or biases[i].shape != grad_biases[i].shape:
+                raise ValueError(f"layer {i}: gradients do not match the parameters' shapes")
+            if biases[i].shape != (weights[i].shape[1],):
+                raise ValueError(f"layer {i}: bias shape {biases[i].shape} does not match W {weights[i].shape}")
+            if i and weights[i].shape[0] != weights[i - 1].shape[1]:
+                raise ValueError(f"layer {i} expects {weights[i].shape[0]} input features, "
+                                 f"but layer {i - 1} produces {weights[i - 1].shape[1]}")
+            _check_blas_dim(weights[i].shape[0], f"layer {i} in_features")
+            _check_blas_dim(weights[i].shape[1], f"layer {i} out_features")
+            _check_act(activations[i], alphas[i])
+        self.n_layers = n
+        self.is_double = self.dtype == np.float64
+        self._keep = [list(weights), list(biases), list(grad_weights), list(grad_biases)]
+        self.widths = <Py_ssize_t *>PyMem_Malloc((n + 1) * sizeof(Py_ssize_t))
+        self.acts = <int *>PyMem_Malloc(n * sizeof(int))
+        self.alphas = <double *>PyMem_Malloc(n * sizeof(double))
+        self.w = <void **>PyMem_Malloc(n * sizeof(void *))
+        self.b = <void **>PyMem_Malloc(n * sizeof(void *))
+        self.gw = <void **>PyMem_Malloc(n * sizeof(void *))
+        self.gb = <void **>PyMem_Malloc(n * sizeof(void *))
+        self.a = <void **>PyMem_Malloc((n + 1) * sizeof(void *))
+        if (self.widths == NULL or self.acts == NULL or self.alphas == NULL or self.w == NULL
+                or self.b == NULL or self.gw == NULL or self.gb == NULL or self.a == NULL):
+            raise MemoryError()
+        for i in range(n):
+            self.widths[i] = weights[i].shape[0]
+            self.acts[i] = activations[i]
+            self.alphas[i] = alphas[i]
+            self.w[i] = <void *><Py_ssize_t>weights[i].ctypes.data
+            self.b[i] = <void *><Py_ssize_t>biases[i].ctypes.data
+            self.gw[i] = <void *><Py_ssize_t>grad_weights[i].ctypes.data
+            self.gb[i] = <void *><Py_ssize_t>grad_biases[i].ctypes.data
+        self.widths[n] = weights[n - 1].shape[1]
+        memset(self.a, 0, (n + 1) * sizeof(void *))
+        self.batch = 0
+
+    def __dealloc__(self):
+        PyMem_Free(self.widths)
+        PyMem_Free(self.acts)
+        PyMem_Free(self.alphas)
+        PyMem_Free(self.w)
+        PyMem_Free(self.b)
+        PyMem_Free(self.gw)
+        PyMem_Free(self.gb)
+        PyMem_Free(self.a)
+
+    def run_forward(self, const int64_t[:, ::1] ops, x, y, arena, AtomicCounters counters=None):
+        """Hold x as a[0], then run the forward phase of a schedule; a[N] is written into y."""
+        cdef Py_ssize_t batch = x.shape[0]
+        self._check_ops(ops, batch, arena)
+        _check_blas_dim(batch, "batch size")
+        for arr, width, name in ((x, self.widths[0], "x"), (y, self.widths[self.n_layers], "y")):
+            if arr.dtype != self.dtype or not arr.flags.c_contiguous or arr.shape != (batch, width):
+                raise ValueError(f"{name} must be a C-contiguous {self.dtype} array of shape "
+                                 f"({batch}, {width}), got {arr.dtype} {arr.shape}")
+        memset(self.a, 0, (self.n_layers + 1) * sizeof(void *))
+        self.batch = batch
+        self.a[0] = <void *><Py_ssize_t>x.ctypes.data
+        self.a[self.n_layers] = <void *><Py_ssize_t>y.ctypes.data   # target of the last forward
+        cdef ckpt_counters *c = &counters.c if counters is not None else NULL
+        cdef void *arena_ptr = <void *><Py_ssize_t>arena.ctypes.data
+        if c != NULL:
+            ckpt_record_stored(c, x.nbytes)
+        with nogil:
+            if not self.is_double:
+                _execute(self, ops, <float *>arena_ptr, <float *>NULL, <float *>NULL,
+                         <float *>NULL, <float *>NULL, c)
+            else:
+                _execute(self, ops, <double *>arena_ptr, <double *>NULL, <double *>NULL,
+                         <double *>NULL, <double *>NULL, c)
+
+    def run_backward(self, const int64_t[:, ::1] ops, grad_output, arena, grad_buffers,
+                     grad_input, AtomicCounters counters=None):
+        """Run the backward phase of a schedule, from grad_output (of a[N]) to grad_input (of a[0]).
+
+        grad_buffers is a 1-D workspace of at least 2 * batch * max(width) elements;
+        grad_input may be None when the input gradient is not wanted.
+        """
+        cdef Py_ssize_t batch = self.batch, i, max_width = 0
+        self._check_ops(ops, batch, arena)
+        for i in range(self.n_layers + 1):
+            max_width = max(max_width, self.widths[i])
+        if (grad_output.dtype != self.dtype or not grad_output.flags.c_contiguous
+                or grad_output.shape != (batch, self.widths[self.n_layers])):
+            raise ValueError(f"grad_output must be a C-contiguous {self.dtype} array of shape "
+                             f"({batch}, {self.widths[self.n_layers]}), got "
+                             f"{grad_output.dtype} {grad_output.shape}")
+        if grad_buffers.dtype != self.dtype or grad_buffers.size < 2 * batch * max_width:
+            raise ValueError(f"grad_buffers must hold {2 * batch * max_width} {self.dtype} values")
+        if grad_input is not None and (grad_input.dtype != self.dtype
+                                       or not grad_input.flags.c_contiguous
+                                       or grad_input.shape != (batch, self.widths[0])):
+            raise ValueError(f"grad_input must be a C-contiguous {self.dtype} array of shape "
+                             f"({batch}, {self.widths[0]})")
+        cdef ckpt_counters *c = &counters.c if counters is not None else NULL
+        cdef void *arena_ptr = <void *><Py_ssize_t>arena.ctypes.data
+        cdef void *g_ptr = <void *><Py_ssize_t>grad_output.ctypes.data
+        cdef void *buf0 = <void *><Py_ssize_t>grad_buffers.ctypes.data
+        cdef void *gin = NULL
+        cdef int64_t grad_bytes = 2 * batch * max_width * grad_buffers.itemsize
+        if grad_input is not None:
+            gin = <void *><Py_ssize_t>grad_input.ctypes.data
+        if c != NULL:
+            ckpt_record_gradient(c, grad_bytes)
+        with nogil:
+            if not self.is_double:
+                _execute(self, ops, <float *>arena_ptr, <float *>g_ptr, <float *>buf0,
+                         <float *>buf0 + batch * max_width, <float *>gin, c)
+            else:
+                _execute(self, ops, <double *>arena_ptr, <double *>g_ptr, <double *>buf0,
+                         <double *>buf0 + batch * max_width, <double *>gin, c)
+            if c != NULL:
+                ckpt_release_gradient(c, grad_bytes)
+
+    cdef int _check_ops(self, const int64_t[:, ::1] ops, Py_ssize_t batch, arena) except -1:
+        """Refuse any row that would index outside the layers or the arena."""
+        cdef Py_ssize_t r, kind, i, offset
+        if ops.shape[1] != 4:
+            raise ValueError(f"a compiled schedule has 4 columns, got {ops.shape[1]}")
+        if arena.dtype != self.dtype or arena.ndim != 1:
+            raise ValueError(f"the arena must be a 1-D {self.dtype} array")
+        for r in range(ops.shape[0]):
+            kind, i, offset = ops[r, 0], ops[r, 1], ops[r, 2]
+            if kind == OP_FREE:
+                if i < 0 or i > self.n_layers:
+                    raise ValueError(f"schedule row {r}: no activation {i}")
+                continue
+            if kind != OP_FORWARD and kind != OP_BACKWARD or i < 0 or i >= self.n_layers:
+                raise ValueError(f"schedule row {r}: bad operation ({kind}, {i})")
+            if kind == OP_FORWARD and offset >= 0 and (
+                    offset + batch * self.widths[i + 1] > arena.shape[0]):
+                raise ValueError(f"schedule row {r}: offset {offset} overruns the arena "
+                                 f"of {arena.shape[0]} values")
+            if kind == OP_FORWARD and offset < 0 and i != self.n_layers - 1:
+                raise ValueError(f"schedule row {r}: only the last layer writes the output")
+        return 0
+
+
+cdef void _execute(DenseChain chain, const int64_t[:, ::1] ops, floating *arena,
+                   floating *grad_output, floating *buf0, floating *buf1, floating *grad_input,
+                   ckpt_counters *c) noexcept nogil:
+    """Run the rows of a compiled schedule on the chain's layers."""
+    cdef Py_ssize_t r, kind, i, k, n, m = chain.batch, last = chain.n_layers - 1
+    cdef floating *dst
+    cdef floating *d
+    cdef floating *gx
+    cdef floating *v
+    cdef floating *g = grad_output
+    cdef floating *spare           # the gradient buffer not holding g
+    cdef int64_t nbytes
+    for r in range(ops.shape[0]):
+        kind, i = ops[r, 0], ops[r, 1]
+        if kind == OP_FORWARD:
+            k, n = chain.widths[i], chain.widths[i + 1]
+            dst = <floating *>chain.a[i + 1] if ops[r, 2] < 0 else arena + ops[r, 2]
+            chain.a[i + 1] = dst
+            dense_forward_ptr(<floating *>chain.a[i], <floating *>chain.w[i],
+                              <floating *>chain.b[i], dst, m, k, n, chain.acts[i],
+                              <floating>chain.alphas[i])
+            if c != NULL:
+                nbytes = m * n * sizeof(floating)
+                ckpt_record_stored(c, nbytes)
+                if ops[r, 3]:
+                    ckpt_record_recomputed(c, nbytes)
+        elif kind == OP_BACKWARD:
+            k, n = chain.widths[i], chain.widths[i + 1]
+            spare = buf1 if g == buf0 else buf0
+            # The delta overwrites a[i+1], dead after this step, except the network output,
+            # which belongs to the caller: its delta goes to the spare gradient buffer.
+            if i == last:
+                d = spare
+                spare = buf1 if d == buf0 else buf0
+            else:
+                d = <floating *>chain.a[i + 1]
+            if chain.acts[i] == ACT_GELU:
+                dense_preactivation_ptr(<floating *>chain.a[i], <floating *>chain.w[i],
+                                        <floating *>chain.b[i], d, m, k, n)
+                v = d
+            else:
+                v = <floating *>chain.a[i + 1]
+            gx = grad_input if i == 0 else spare
+            dense_backward_ptr(<floating *>chain.a[i], <floating *>chain.w[i], g, v, d,
+                               <floating *>chain.gw[i], <floating *>chain.gb[i], gx, m, k, n,
+                               chain.acts[i], <floating>chain.alphas[i])
+            g = gx
+            if c != NULL:
+                ckpt_release_stored(c, m * n * sizeof(floating))
+            chain.a[i + 1] = NULL
+        else:
+            if c != NULL and chain.a[i] != NULL:
+                ckpt_release_stored(c, m * chain.widths[i] * sizeof(floating))
+            chain.a[i] = NULL
