@@ -592,3 +592,7 @@ cdef void _execute(DenseChain chain, const int64_t[:, ::1] ops, floating *arena,
             if c != NULL and chain.a[i] != NULL:
                 ckpt_release_stored(c, m * chain.widths[i] * sizeof(floating))
             chain.a[i] = NULL
+
+
+# Loss and optimizer kernels live in their own file, compiled into this module.
+include "_train_kernels.pxi"

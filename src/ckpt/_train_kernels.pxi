@@ -1,0 +1,1 @@
+# Fused loss and optimizer kernels (included into _core.pyx).
