@@ -7,12 +7,19 @@ memory falls from O(N) to O(sqrt(N)) for N layers, for about one extra forward p
 import scipy_openblas32  # noqa: F401
 
 from ckpt._core import get_num_threads, set_num_threads
+from ckpt.checkpoint import CheckpointedLayer, CheckpointStateError, SegmentCheckpointer
+from ckpt.layers import Dense, Layer
 from ckpt.tracker import MemoryUsageTracker
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointStateError",
+    "CheckpointedLayer",
+    "Dense",
+    "Layer",
     "MemoryUsageTracker",
+    "SegmentCheckpointer",
     "get_num_threads",
     "set_num_threads",
     "__version__",
