@@ -514,6 +514,29 @@ cdef class DenseChain:
             if c != NULL:
                 ckpt_release_gradient(c, grad_bytes)
 
+    def sgd_update(self, double learning_rate):
+        """p -= lr * grad for every parameter of the chain, in one call."""
+        cdef Py_ssize_t i, k, n
+        with nogil:
+            for i in range(self.n_layers):
+                k, n = self.widths[i], self.widths[i + 1]
+                if self.is_double:
+                    sgd_step_ptr(<double *>self.w[i], <double *>self.gw[i], k * n, learning_rate)
+                    sgd_step_ptr(<double *>self.b[i], <double *>self.gb[i], n, learning_rate)
+                else:
+                    sgd_step_ptr(<float *>self.w[i], <float *>self.gw[i], k * n,
+                                 <float>learning_rate)
+                    sgd_step_ptr(<float *>self.b[i], <float *>self.gb[i], n, <float>learning_rate)
+
+    def zero_grad(self):
+        """Set every gradient of the chain to zero, in one call."""
+        cdef Py_ssize_t i, k, n, itemsize = 8 if self.is_double else 4
+        with nogil:
+            for i in range(self.n_layers):
+                k, n = self.widths[i], self.widths[i + 1]
+                memset(self.gw[i], 0, k * n * itemsize)
+                memset(self.gb[i], 0, n * itemsize)
+
     cdef int _check_ops(self, const int64_t[:, ::1] ops, Py_ssize_t batch, arena) except -1:
         """Refuse any row that would index outside the layers or the arena."""
         cdef Py_ssize_t r, kind, i, offset

@@ -395,12 +395,21 @@ class SegmentCheckpointer:
         return batch * sum(compiled.widths[i] for i in held)
 
     def zero_grad(self) -> None:
+        """Set every parameter gradient to zero."""
+        chain = self._typed_chain()
+        if chain is not None:
+            chain.zero_grad()
+            return
         for layer in self._layers:
             layer.zero_grad()
 
     def update(self, learning_rate: float) -> None:
-        """One plain SGD step on every layer."""
+        """One plain SGD step on every layer (one compiled call for a Dense chain)."""
         lr = _check_learning_rate(learning_rate)
+        chain = self._typed_chain()
+        if chain is not None:
+            chain.sgd_update(lr)
+            return
         for layer in self._layers:
             layer.update(lr)
 
