@@ -18,6 +18,8 @@ from ._blas cimport (
     scipy_openblas_set_num_threads, scipy_openblas_get_num_threads,
 )
 
+import numbers
+
 import numpy as np
 
 # --------------------------------------------------------------------------------------------
@@ -52,10 +54,11 @@ cdef double INV_SQRT_2PI = 0.3989422804014327
 cdef inline floating _activate(floating z, int act, floating alpha) noexcept nogil:
     """y = act(z)"""
     cdef double e
+    # Written as `z <= 0` so that NaN propagates, as np.maximum does.
     if act == ACT_RELU:
-        return z if z > 0 else 0
+        return 0 if z <= 0 else z
     if act == ACT_LEAKY_RELU:
-        return z if z > 0 else alpha * z
+        return alpha * z if z <= 0 else z
     if act == ACT_TANH:
         return <floating>tanh(z)
     if act == ACT_SIGMOID:
@@ -276,8 +279,10 @@ def get_num_threads():
     return scipy_openblas_get_num_threads()
 
 
-def set_num_threads(int n):
+def set_num_threads(n):
     """Set the number of threads of ckpt's OpenBLAS (n >= 1)."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"the number of threads must be an integer, got {type(n).__name__} {n!r}")
     if n < 1:
         raise ValueError(f"the number of threads must be at least 1, got {n}")
     scipy_openblas_set_num_threads(n)

@@ -22,6 +22,8 @@ _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 def check_float_dtype(dtype: DTypeLike) -> np.dtype:
     """The numpy dtype for float32/float64; TypeError for anything else."""
+    if dtype is None:
+        raise TypeError("dtype must be float32 or float64, got None")
     try:
         dt = np.dtype(dtype)
     except TypeError as exc:
@@ -117,8 +119,17 @@ class Layer(ABC):
     def update(self, learning_rate: float) -> None:
         """One plain SGD step: p -= learning_rate * grad."""
         lr = _check_learning_rate(learning_rate)
-        for p, g in zip(self.params(), self.gradients()):
-            _core.sgd_step(p.reshape(-1), g.reshape(-1), lr)
+        pairs = list(zip(self.params(), self.gradients()))
+        for i, (p, g) in enumerate(pairs):  # check all before changing any
+            if p.shape != g.shape:
+                raise ValueError(f"{self.layer_type}: parameter {i} has shape {p.shape} but its "
+                                 f"gradient has shape {g.shape}")
+        for p, g in pairs:
+            if p.flags.c_contiguous and g.flags.c_contiguous and p.dtype == g.dtype \
+                    and p.dtype in _FLOAT_DTYPES:
+                _core.sgd_step(p.reshape(-1), g.reshape(-1), lr)
+            else:
+                p -= lr * g
 
     def set_params(self, params: Sequence[np.ndarray]) -> None:
         """Copy new values into the parameters (same count and shapes)."""
@@ -201,7 +212,7 @@ class Dense(Layer):
                  negative_slope: float = 0.01) -> None:
         self.in_features = check_size(in_features, "in_features")
         self.out_features = check_size(out_features, "out_features")
-        if activation not in _core.ACTIVATION_CODES:
+        if not isinstance(activation, (str, type(None))) or activation not in _core.ACTIVATION_CODES:
             names = ", ".join(repr(a) for a in _core.ACTIVATION_CODES)
             raise ValueError(f"unknown activation {activation!r}; choose one of {names}")
         if isinstance(negative_slope, bool) or not isinstance(negative_slope, numbers.Real) \
@@ -241,6 +252,11 @@ class Dense(Layer):
             raise ValueError(f"{self._name}: grad_output has {g.shape[0]} rows but the input "
                              f"has {x.shape[0]}")
         shape = (x.shape[0], self.out_features)
+        if output is not None:
+            output = as_batch(output, self.out_features, self.dtype, "output", self._name)
+            if output.shape[0] != x.shape[0]:
+                raise ValueError(f"{self._name}: output has {output.shape[0]} rows but the input "
+                                 f"has {x.shape[0]}")
         v = d = None
         if self.activation is not None:
             d = _scratch.get(shape, self.dtype)
@@ -248,10 +264,7 @@ class Dense(Layer):
                 _core.dense_forward(x, self.W, self.b, d, 0, 0.0)
                 v = d
             elif output is not None:
-                v = as_batch(output, self.out_features, self.dtype, "output", self._name)
-                if v.shape[0] != x.shape[0]:
-                    raise ValueError(f"{self._name}: output has {v.shape[0]} rows but the input "
-                                     f"has {x.shape[0]}")
+                v = output
             else:
                 _core.dense_forward(x, self.W, self.b, d, self._act_code, self.negative_slope)
                 v = d

@@ -5,12 +5,17 @@ import numbers
 
 from ckpt._core import AtomicCounters
 
+# Far above any real buffer, and far enough below 2**63 that the sums cannot wrap.
+_MAX_BYTES = 2**48
+
 
 def _byte_count(nbytes: object) -> int:
     if isinstance(nbytes, bool) or not isinstance(nbytes, numbers.Integral):
         raise TypeError(f"a byte count must be an integer, got {type(nbytes).__name__} {nbytes!r}")
     if nbytes < 0:
         raise ValueError(f"a byte count must be non-negative, got {nbytes}")
+    if nbytes > _MAX_BYTES:
+        raise ValueError(f"a byte count must be at most 2**48, got {nbytes}")
     return int(nbytes)
 
 
