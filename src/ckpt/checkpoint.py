@@ -54,8 +54,11 @@ class CheckpointedLayer(Layer):
         self._stored: Optional[np.ndarray] = None
 
     def forward(self, x: np.ndarray) -> np.ndarray:
+        """The inner layer's output; in training mode the input is kept for backward."""
         y = self.inner.forward(x)
         self._drop_stored()
+        if not self.is_training:
+            return y
         self._stored = x
         self.memory_tracker.record_stored_activation(x.nbytes)
         return y
@@ -181,6 +184,9 @@ class SegmentCheckpointer:
                 raise ValueError(f"budget_bytes must be a positive integer, got {budget_bytes!r}")
         self.memory_tracker = _check_tracker(tracker)
         self._layers: List[Layer] = []
+        self._chain = None
+        self._schedules: dict = {}
+        self._row_cache: dict = {}
         for layer in layers:
             self._append(layer)
         if plan is not None:
@@ -266,7 +272,8 @@ class SegmentCheckpointer:
 
     def _typed_chain(self):
         """The typed executor for an all-Dense chain, built once."""
-        if self._chain is None and all(type(layer) is Dense for layer in self._layers):
+        if self._chain is None and self._layers and all(type(layer) is Dense
+                                                        for layer in self._layers):
             layers = self._layers
             self._chain = _core.DenseChain(
                 [l.W for l in layers], [l.b for l in layers], [l.grad_W for l in layers],
@@ -300,26 +307,33 @@ class SegmentCheckpointer:
         chain = self._typed_chain()
         if chain is not None:
             x = as_batch(x, self.widths[0], chain.dtype, "the input", "SegmentCheckpointer")
+        elif self.dtype is not None and self.widths is not None:
+            # Check what the first layer declares before anything is recorded.
+            x = as_batch(x, self.widths[0], self.dtype, "the input", "SegmentCheckpointer")
         elif not isinstance(x, np.ndarray) or x.ndim < 1:
             raise TypeError(f"SegmentCheckpointer: the input must be a numpy array with a batch "
                             f"dimension, got {type(x).__name__}")
-        if self._state is not None:
-            self._release()
         compiled = self.schedule(x.shape[0])
         if chain is not None:
+            if self._state is not None:  # the executor holds one step's activations at a time
+                self._release()
             forward_rows, backward_rows = self._rows(compiled, x.shape[0])
             arena = np.empty(compiled.arena_units * x.shape[0], chain.dtype)
             y = np.empty((x.shape[0], self.widths[-1]), chain.dtype)
             chain.run_forward(forward_rows, x, y, arena, self.memory_tracker)
             state = ("typed", x, y, arena, backward_rows)
         else:
+            acts = {0: x}
             self.memory_tracker.record_stored_activation(x.nbytes)
             try:
-                acts = _python_run(self._layers, compiled.ops[:_forward_length(compiled)],
-                                   {0: x}, None, self.memory_tracker)
+                _python_run(self._layers, compiled.ops[:_forward_length(compiled)], acts, None,
+                            self.memory_tracker)
             except Exception:
-                self.memory_tracker.release_stored_activation(x.nbytes)
+                # A layer refused: release what this forward held, keep the previous forward.
+                _release_all(acts, self.memory_tracker)
                 raise
+            if self._state is not None:
+                self._release()
             y = acts[len(self._layers)]
             state = ("python", acts, compiled)
         y.flags.writeable = False
@@ -358,10 +372,17 @@ class SegmentCheckpointer:
                                              grad_input, self.memory_tracker)
             return grad_input
         _, acts, compiled = state
+        y = acts[len(self._layers)]
+        if not isinstance(grad_output, np.ndarray) or grad_output.shape != y.shape:
+            raise ValueError(f"SegmentCheckpointer: grad_output must be an array of the output's "
+                             f"shape {y.shape}, got {getattr(grad_output, 'shape', type(grad_output))}")
         self._state = None
-        n_forward = _forward_length(compiled)
-        return _python_run(self._layers, compiled.ops[n_forward:], acts, grad_output,
-                           self.memory_tracker)
+        try:
+            return _python_run(self._layers, compiled.ops[_forward_length(compiled):], acts,
+                               grad_output, self.memory_tracker)
+        except Exception:
+            _release_all(acts, self.memory_tracker)
+            raise
 
     def _gradient_workspace(self, batch: int, dtype: np.dtype) -> np.ndarray:
         """Two gradient buffers of the widest activation, kept across steps."""
@@ -379,9 +400,7 @@ class SegmentCheckpointer:
             kept = self._held_after_forward(x.shape[0])
             self.memory_tracker.release_stored_activation(kept * x.itemsize)
         else:
-            _, acts, _ = state
-            for value in acts.values():
-                self.memory_tracker.release_stored_activation(value.nbytes)
+            _release_all(state[1], self.memory_tracker)
 
     def _held_after_forward(self, batch: int) -> int:
         """Elements the forward phase leaves held (a_0 and a_N included)."""
@@ -454,32 +473,38 @@ def _forward_length(compiled: CompiledSchedule) -> int:
     return len(compiled.forward_rows)
 
 
+def _release_all(acts: dict, tracker: MemoryUsageTracker) -> None:
+    for value in acts.values():
+        tracker.release_stored_activation(value.nbytes)
+    acts.clear()
+
+
 def _python_run(layers: Sequence[Layer], ops, acts: dict, grad, tracker: MemoryUsageTracker):
     """Run schedule operations through the layers' own methods (any Layer works).
 
-    Returns the activations held after a forward phase, or the input gradient after a
-    backward phase.
+    ``acts`` (activation index -> array) is updated in place. A forward phase (grad None)
+    returns None; a backward phase returns the input gradient.
     """
     # In the forward phase every layer runs for the first time; in backward, again.
     ran = set() if grad is None else set(range(len(layers)))
-    for kind, i in ops:
-        if kind == "forward":
-            y = layers[i].forward(acts[i])
-            acts[i + 1] = y
-            tracker.record_stored_activation(y.nbytes)
-            if i in ran:
-                tracker.record_recomputed(y.nbytes)
-            ran.add(i)
-        elif kind == "backward":
-            new_grad = layers[i].backward(acts[i], grad, output=acts[i + 1])
-            tracker.record_gradient(new_grad.nbytes)
-            if i != len(layers) - 1:
-                tracker.release_gradient(grad.nbytes)
-            grad = new_grad
-            tracker.release_stored_activation(acts.pop(i + 1).nbytes)
-        elif i in acts:
-            tracker.release_stored_activation(acts.pop(i).nbytes)
-    if grad is None:
-        return acts
-    tracker.release_gradient(grad.nbytes)
+    held_grad = 0  # bytes of the gradient ckpt holds between two layers (not the caller's)
+    try:
+        for kind, i in ops:
+            if kind == "forward":
+                y = layers[i].forward(acts[i])
+                acts[i + 1] = y
+                tracker.record_stored_activation(y.nbytes)
+                if i in ran:
+                    tracker.record_recomputed(y.nbytes)
+                ran.add(i)
+            elif kind == "backward":
+                grad = layers[i].backward(acts[i], grad, output=acts[i + 1])
+                tracker.record_gradient(grad.nbytes)
+                tracker.release_gradient(held_grad)
+                held_grad = grad.nbytes
+                tracker.release_stored_activation(acts.pop(i + 1).nbytes)
+            elif i in acts:
+                tracker.release_stored_activation(acts.pop(i).nbytes)
+    finally:
+        tracker.release_gradient(held_grad)
     return grad
