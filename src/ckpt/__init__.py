@@ -8,19 +8,34 @@ import scipy_openblas32  # noqa: F401
 
 from ckpt._core import get_num_threads, set_num_threads
 from ckpt.checkpoint import CheckpointedLayer, CheckpointStateError, SegmentCheckpointer
+from ckpt.io import load, save
 from ckpt.layers import Dense, Layer
+from ckpt.losses import mse_loss, softmax_cross_entropy
+from ckpt.optim import SGD, Adam, AdamW
 from ckpt.tracker import MemoryUsageTracker
+from ckpt.train import build_mlp, evaluate, fit, predict
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "SGD",
+    "Adam",
+    "AdamW",
     "CheckpointStateError",
     "CheckpointedLayer",
     "Dense",
     "Layer",
     "MemoryUsageTracker",
     "SegmentCheckpointer",
+    "build_mlp",
+    "evaluate",
+    "fit",
     "get_num_threads",
+    "load",
+    "mse_loss",
+    "predict",
+    "save",
     "set_num_threads",
+    "softmax_cross_entropy",
     "__version__",
 ]

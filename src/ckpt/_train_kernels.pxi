@@ -1,1 +1,179 @@
 # Fused loss and optimizer kernels (included into _core.pyx).
+#
+# Same two layers as the Dense kernels: a `noexcept nogil` function on raw pointers, and a
+# wrapper on typed memoryviews that checks sizes with the GIL held. Every kernel makes one pass
+# over its data; the pure-NumPy twins are in ckpt._reference_train.
+
+from libc.math cimport log, sqrt, sqrtf
+
+
+# --------------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------------
+
+cdef Py_ssize_t softmax_cross_entropy_ptr(const floating *logits, const int64_t *labels,
+                                          floating *grad, Py_ssize_t m, Py_ssize_t c,
+                                          double *loss) noexcept nogil:
+    """loss = mean(logsumexp(z) - z[label]); grad = (softmax(z) - onehot(label)) / m.
+
+    Returns -1, or the first row whose label is outside [0, c) (nothing is written past it).
+    """
+    cdef Py_ssize_t i, j
+    cdef int64_t label
+    cdef const floating *z
+    cdef floating *g
+    cdef double zmax, total, inv_total, scale = 1.0 / m, acc = 0.0
+    for i in range(m):
+        label = labels[i]
+        if label < 0 or label >= c:
+            return i
+        z = logits + i * c
+        g = grad + i * c
+        zmax = z[0]
+        for j in range(1, c):
+            if z[j] > zmax:
+                zmax = z[j]
+        total = 0.0
+        for j in range(c):
+            total += exp(z[j] - zmax)
+        inv_total = scale / total
+        for j in range(c):
+            g[j] = <floating>(exp(z[j] - zmax) * inv_total)
+        g[label] -= <floating>scale
+        acc += log(total) + zmax - z[label]
+    loss[0] = acc * scale
+    return -1
+
+
+cdef double mse_ptr(const floating *pred, const floating *target, floating *grad,
+                    Py_ssize_t n) noexcept nogil:
+    """loss = mean((pred - target)^2) over all n values; grad = 2 (pred - target) / n."""
+    cdef Py_ssize_t i
+    cdef double diff, acc = 0.0, scale = 2.0 / n
+    for i in range(n):
+        diff = <double>pred[i] - <double>target[i]
+        acc += diff * diff
+        grad[i] = <floating>(scale * diff)
+    return acc / n
+
+
+def softmax_cross_entropy_kernel(const floating[:, ::1] logits, const int64_t[::1] labels,
+                                 floating[:, ::1] grad):
+    """Mean cross-entropy of softmax(logits) against integer labels; its gradient goes to grad."""
+    cdef Py_ssize_t m = logits.shape[0], c = logits.shape[1], bad
+    cdef double loss = 0.0
+    if labels.shape[0] != m:
+        raise ValueError(f"{m} rows of logits but {labels.shape[0]} labels")
+    if grad.shape[0] != m or grad.shape[1] != c:
+        raise ValueError(f"grad has shape ({grad.shape[0]}, {grad.shape[1]}), expected ({m}, {c})")
+    if c == 0:
+        raise ValueError("logits need at least one class column")
+    if m == 0:
+        return 0.0
+    with nogil:
+        bad = softmax_cross_entropy_ptr(&logits[0, 0], &labels[0], &grad[0, 0], m, c, &loss)
+    if bad >= 0:
+        raise ValueError(f"label {labels[bad]} of row {bad} is outside the {c} classes [0, {c})")
+    return loss
+
+
+def mse_kernel(const floating[::1] pred, const floating[::1] target, floating[::1] grad):
+    """Mean squared error over all values of pred; its gradient goes to grad."""
+    cdef Py_ssize_t n = pred.shape[0]
+    cdef double loss
+    if target.shape[0] != n or grad.shape[0] != n:
+        raise ValueError(f"pred has {n} values, target {target.shape[0]}, grad {grad.shape[0]}")
+    if n == 0:
+        return 0.0
+    with nogil:
+        loss = mse_ptr(&pred[0], &target[0], &grad[0], n)
+    return loss
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizers (PyTorch's update rules, one pass over each parameter)
+# --------------------------------------------------------------------------------------------
+
+cdef void sgd_momentum_step_ptr(floating *p, const floating *g, floating *buf, Py_ssize_t n,
+                                floating lr, floating momentum, floating weight_decay,
+                                bint nesterov) noexcept nogil:
+    """d = g + wd p; buf = mu buf + d; p -= lr (d + mu buf if nesterov else buf).
+
+    buf starts at zero, which makes the first step buf = d as in PyTorch; buf may be NULL when
+    momentum is zero.
+    """
+    cdef Py_ssize_t i
+    cdef floating d
+    for i in range(n):
+        d = g[i] + weight_decay * p[i]
+        if buf != NULL:
+            buf[i] = momentum * buf[i] + d
+            d = d + momentum * buf[i] if nesterov else buf[i]
+        p[i] -= lr * d
+
+
+cdef void adam_step_ptr(floating *p, const floating *g, floating *m, floating *v, Py_ssize_t n,
+                        floating step_size, floating beta1, floating beta2, floating eps,
+                        floating inv_sqrt_bc2, floating weight_decay,
+                        floating decay_factor) noexcept nogil:
+    """d = g + wd p; m = b1 m + (1-b1) d; v = b2 v + (1-b2) d^2; p = f p - s m / (sqrt(v/bc2) + eps).
+
+    s = lr / bc1 carries the first bias correction; f = 1 - lr wd is AdamW's decoupled decay
+    (then wd = 0), and f = 1 for Adam.
+    """
+    cdef Py_ssize_t i
+    cdef floating d, mi, vi, root
+    for i in range(n):
+        d = g[i] + weight_decay * p[i]
+        mi = beta1 * m[i] + (1 - beta1) * d
+        vi = beta2 * v[i] + (1 - beta2) * d * d
+        m[i] = mi
+        v[i] = vi
+        if floating is float:
+            root = sqrtf(vi)
+        else:
+            root = sqrt(vi)
+        p[i] = decay_factor * p[i] - step_size * mi / (root * inv_sqrt_bc2 + eps)
+
+
+def sgd_momentum_step(floating[::1] p, const floating[::1] g, floating[::1] buf, double lr,
+                      double momentum, double weight_decay, bint nesterov):
+    """PyTorch's SGD step on one parameter, in place; buf=None for no momentum."""
+    cdef Py_ssize_t n = p.shape[0]
+    cdef floating *buf_ptr = NULL
+    if g.shape[0] != n:
+        raise ValueError(f"parameter has {n} values but its gradient has {g.shape[0]}")
+    if buf is not None:
+        if buf.shape[0] != n:
+            raise ValueError(f"parameter has {n} values but its momentum buffer has {buf.shape[0]}")
+        if n:
+            buf_ptr = &buf[0]
+    if n == 0:
+        return
+    with nogil:
+        sgd_momentum_step_ptr(&p[0], &g[0], buf_ptr, n, <floating>lr, <floating>momentum,
+                              <floating>weight_decay, nesterov)
+
+
+def adam_step(floating[::1] p, const floating[::1] g, floating[::1] m, floating[::1] v,
+              double lr, double beta1, double beta2, double eps, double weight_decay,
+              bint decoupled, Py_ssize_t step):
+    """Adam (or AdamW with decoupled=True) step number `step` (from 1) on one parameter."""
+    cdef Py_ssize_t n = p.shape[0]
+    cdef double bc1, bc2, wd = weight_decay, factor = 1.0
+    if g.shape[0] != n or m.shape[0] != n or v.shape[0] != n:
+        raise ValueError(f"parameter has {n} values but its gradient has {g.shape[0]} "
+                         f"and its moments {m.shape[0]} and {v.shape[0]}")
+    if step < 1:
+        raise ValueError(f"the step count starts at 1, got {step}")
+    if n == 0:
+        return
+    bc1 = 1.0 - beta1 ** step
+    bc2 = 1.0 - beta2 ** step
+    if decoupled:
+        factor = 1.0 - lr * weight_decay
+        wd = 0.0
+    with nogil:
+        adam_step_ptr(&p[0], &g[0], &m[0], &v[0], n, <floating>(lr / bc1), <floating>beta1,
+                      <floating>beta2, <floating>eps, <floating>(1.0 / sqrt(bc2)),
+                      <floating>wd, <floating>factor)

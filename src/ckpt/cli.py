@@ -1,0 +1,416 @@
+"""The ``ckpt`` command line (also ``python -m ckpt``).
+
+``ckpt train`` trains a checkpointed MLP on the bundled digits (or on ``--data FILE``) and ends
+with one screen: test accuracy, time, peak activation memory with and without checkpointing, and
+the compute spent on recomputation. Subcommands register themselves in ``SUBCOMMANDS``.
+Bad arguments or data print one line to stderr and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import io as _io
+import json
+import math
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ckpt import _core, get_num_threads, set_num_threads
+from ckpt.checkpoint import SegmentCheckpointer
+from ckpt.losses import softmax_cross_entropy
+from ckpt.optim import OPTIMIZERS
+from ckpt.train import build_mlp, evaluate, fit
+
+DEFAULTS = {
+    "depth": 8,
+    "width": 128,
+    "activation": "relu",
+    "batch_size": 32,
+    "epochs": 30,
+    "optimizer": "adam",
+    "dtype": "float32",
+    "seed": 0,
+}
+# Learning rates that suit the digits MLP, per optimizer (SGD runs with momentum 0.9).
+DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3, "adamw": 1e-3}
+TEST_FRACTION = 0.2
+
+
+class UsageError(ValueError):
+    """Bad input found after parsing (data files, option combinations): exit status 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but errors are one line on stderr (no usage block) and exit status 2."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+# ------------------------------------------------------------------------------------ data
+
+def load_digits() -> Tuple[np.ndarray, np.ndarray]:
+    """The bundled UCI digits: X (1797, 64) uint8 in 0..16, y (1797,) uint8 in 0..9."""
+    raw = (resources.files("ckpt") / "data" / "digits.npz").read_bytes()
+    with np.load(_io.BytesIO(raw)) as data:
+        return data["X"], data["y"]
+
+
+def load_data_file(path: str) -> Tuple[np.ndarray, np.ndarray]:
+    """X and y from an .npz (arrays X and y) or a .csv (the label in the last column)."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {key: data[key] for key in ("X", "y") if key in data.files}
+        except (ValueError, EOFError) as exc:
+            raise UsageError(f"{path} is not a readable .npz file ({exc})") from None
+        missing = [key for key in ("X", "y") if key not in arrays]
+        if missing:
+            raise UsageError(f"{path} has no array {missing[0]!r} (it needs X and y)")
+        X, y = arrays["X"], arrays["y"]
+    elif suffix == ".csv":
+        X, y = _read_csv(path)
+    else:
+        raise UsageError(f"{path}: expected a .npz or .csv file")
+    return X, y
+
+
+def _read_csv(path: str) -> Tuple[np.ndarray, np.ndarray]:
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    if lines and not _is_numeric_row(lines[0]):
+        lines = lines[1:]          # a header
+    if not lines:
+        raise UsageError(f"{path} holds no data rows")
+    try:
+        table = np.loadtxt(lines, delimiter=",", ndmin=2, dtype=np.float64)
+    except ValueError as exc:
+        raise UsageError(f"{path} is not a numeric CSV table ({exc})") from None
+    if table.shape[1] < 2:
+        raise UsageError(f"{path} needs at least one feature column and the label column")
+    return table[:, :-1], table[:, -1]
+
+
+def _is_numeric_row(line: str) -> bool:
+    try:
+        [float(field) for field in line.split(",")]
+    except ValueError:
+        return False
+    return True
+
+
+def prepare_labels(X: np.ndarray, y: np.ndarray,
+                   source: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Check X and y; returns X as float64, labels 0..C-1 and the original class values."""
+    X = np.asarray(X)
+    y = np.asarray(y)
+    if X.ndim != 2 or X.shape[1] == 0:
+        raise UsageError(f"{source}: X must be a 2-D table of features, got shape {X.shape}")
+    if y.ndim != 1:
+        raise UsageError(f"{source}: y must be 1-D (one label per row), got shape {y.shape}")
+    if X.shape[0] != y.shape[0]:
+        raise UsageError(f"{source}: {X.shape[0]} rows of features but {y.shape[0]} labels")
+    if not (np.issubdtype(X.dtype, np.number) and not np.issubdtype(X.dtype, np.complexfloating)):
+        raise UsageError(f"{source}: features must be real numbers, got {X.dtype}")
+    X = X.astype(np.float64)
+    if not np.all(np.isfinite(X)):
+        raise UsageError(f"{source}: the features contain NaN or infinite values")
+    if np.issubdtype(y.dtype, np.floating):
+        if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
+            raise UsageError(f"{source}: labels must be whole numbers (class indices)")
+        y = y.astype(np.int64)
+    elif not np.issubdtype(y.dtype, np.integer):
+        raise UsageError(f"{source}: labels must be integers, got {y.dtype}")
+    classes, labels = np.unique(y, return_inverse=True)
+    if len(classes) < 2:
+        raise UsageError(f"{source}: need at least 2 classes, got {len(classes)}")
+    return X, labels.astype(np.int64), classes
+
+
+def stratified_split(y: np.ndarray, fraction: float,
+                     rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+    """Seeded train/test indices with each class split in the same proportion."""
+    test: List[np.ndarray] = []
+    train: List[np.ndarray] = []
+    for label in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == label))
+        n_test = int(round(fraction * len(idx))) if len(idx) > 1 else 0
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    train_idx, test_idx = np.concatenate(train), np.concatenate(test)
+    if len(test_idx) == 0:
+        raise UsageError("too few rows to hold out a test split")
+    return rng.permutation(train_idx), np.sort(test_idx)
+
+
+# ------------------------------------------------------------------------------------ measures
+
+def measure_step(layers: Sequence, checkpoint_every: int, xb: np.ndarray,
+                 yb: np.ndarray) -> int:
+    """Peak activation bytes of one training step on copies of the layers."""
+    model = SegmentCheckpointer(copy.deepcopy(list(layers)), checkpoint_every)
+    _, grad = softmax_cross_entropy(model.forward(xb), yb)
+    model.backward(grad)
+    return model.memory_tracker.peak_bytes
+
+
+def recompute_cost(model: SegmentCheckpointer, batch: int) -> Tuple[int, float]:
+    """(recomputed layer forwards per step, their FLOPs as a fraction of a plain step).
+
+    A plain step costs one forward (2 m k n per layer) and a backward of two matrix products per
+    layer (the first layer's input gradient aside).
+    """
+    widths = model.widths
+    flops = [2 * batch * widths[i] * widths[i + 1] for i in range(len(widths) - 1)]
+    plain = sum(flops) * 3 - flops[0]
+    ran: set = set()
+    recomputed = 0
+    extra = 0
+    for kind, i in model.schedule(batch).ops:
+        if kind == "forward":
+            if i in ran:
+                recomputed += 1
+                extra += flops[i]
+            ran.add(i)
+    return recomputed, extra / plain
+
+
+def _kib(nbytes: float) -> str:
+    return f"{nbytes / 1024:,.1f} KiB"
+
+
+# ------------------------------------------------------------------------------------ train
+
+def add_train_command(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train", help="train a checkpointed MLP classifier",
+        description="Train an MLP with gradient checkpointing on the bundled UCI digits "
+                    "(or --data FILE), holding out 20%% for testing.")
+    p.add_argument("--data", metavar="FILE",
+                   help=".npz with arrays X and y, or .csv with the label in the last column "
+                        "(default: the bundled 8x8 digits)")
+    p.add_argument("--depth", type=_positive_int, default=DEFAULTS["depth"],
+                   help="number of Dense layers (default %(default)s)")
+    p.add_argument("--width", type=_positive_int, default=DEFAULTS["width"],
+                   help="hidden layer width (default %(default)s)")
+    p.add_argument("--activation", default=DEFAULTS["activation"],
+                   choices=[name for name in _core.ACTIVATION_CODES if name is not None],
+                   help="hidden activation (default %(default)s)")
+    p.add_argument("--batch-size", type=_positive_int, default=DEFAULTS["batch_size"],
+                   help="default %(default)s")
+    p.add_argument("--epochs", type=_positive_int, default=DEFAULTS["epochs"],
+                   help="default %(default)s")
+    p.add_argument("--lr", type=_positive_float, default=None,
+                   help="learning rate (default: 1e-3 for adam and adamw, 0.05 for sgd)")
+    p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=DEFAULTS["optimizer"],
+                   help="default %(default)s (sgd uses momentum 0.9)")
+    p.add_argument("--dtype", choices=["float32", "float64"], default=DEFAULTS["dtype"],
+                   help="default %(default)s")
+    p.add_argument("--seed", type=_non_negative_int, default=DEFAULTS["seed"],
+                   help="seeds the split, the weights and the shuffling (default %(default)s)")
+    p.add_argument("--checkpoint-every", type=_non_negative_int, default=None, metavar="K",
+                   help="keep every K-th activation (default floor(sqrt(depth)); 1 = keep all)")
+    p.add_argument("--threads", type=_positive_int, default=1,
+                   help="OpenBLAS threads (default 1: a default run's matrices are too small "
+                        "to gain from more)")
+    p.add_argument("--save", metavar="FILE", help="save parameters and optimizer state (.npz)")
+    p.add_argument("--json", action="store_true",
+                   help="end the output with one line of JSON holding the results")
+    p.set_defaults(run=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    threads = get_num_threads()
+    set_num_threads(args.threads)
+    try:
+        return _train(args)
+    finally:
+        set_num_threads(threads)
+
+
+def _train(args: argparse.Namespace) -> int:
+    if args.data is None:
+        X, y = load_digits()
+        X, y, classes = prepare_labels(X, y, "digits")
+        X = X / 16.0
+        source = "UCI digits (bundled, 1,797 8x8 images)"
+    else:
+        X, y, classes = prepare_labels(*load_data_file(args.data), args.data)
+        source = args.data
+    rng = np.random.default_rng(args.seed)
+    train_idx, test_idx = stratified_split(y, TEST_FRACTION, rng)
+    if args.data is not None:
+        mean = X[train_idx].mean(axis=0)
+        std = X[train_idx].std(axis=0)
+        X = (X - mean) / np.where(std > 0, std, 1.0)
+    dtype = np.dtype(args.dtype)
+    X = X.astype(dtype)
+    X_train, y_train, X_test, y_test = X[train_idx], y[train_idx], X[test_idx], y[test_idx]
+
+    layers = build_mlp(X.shape[1], args.depth, args.width, len(classes), args.activation,
+                       dtype, rng)
+    model = SegmentCheckpointer(layers, args.checkpoint_every)
+    lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
+    optimizer = (OPTIMIZERS["sgd"](model, lr, momentum=0.9) if args.optimizer == "sgd"
+                 else OPTIMIZERS[args.optimizer](model, lr))
+    k = model.checkpoint_every
+
+    print(f"data: {source}: {len(train_idx)} train / {len(test_idx)} test rows, "
+          f"{X.shape[1]} features, {len(classes)} classes")
+    print(f"model: {args.depth} Dense layers, width {args.width}, {args.activation}, "
+          f"{args.dtype}, {model.parameter_count:,} parameters; checkpoint every {k}; "
+          f"{args.optimizer} lr {lr:g}")
+    sys.stdout.flush()
+
+    progress = _Progress(model, args.epochs, enabled=sys.stdout.isatty())
+    start = time.perf_counter()
+    history = fit(model, X_train, y_train, optimizer=optimizer, epochs=args.epochs,
+                  batch_size=args.batch_size, seed=rng, step_callback=progress.step,
+                  callback=progress.epoch)
+    seconds = time.perf_counter() - start
+    progress.close()
+
+    test = evaluate(model, X_test, y_test)
+    batch = min(args.batch_size, len(X_train))
+    xb, yb = X_train[:batch], y_train[:batch]
+    peak = measure_step(model.layers, k, xb, yb)
+    peak_plain = measure_step(model.layers, 1, xb, yb)
+    recomputed, extra = recompute_cost(model, batch)
+    if args.save:
+        from ckpt.io import save
+        save(args.save, model, optimizer)
+
+    results = {
+        "test_accuracy": test["accuracy"],
+        "test_loss": test["loss"],
+        "train_loss": history["loss"][-1],
+        "train_accuracy": history["accuracy"][-1],
+        "seconds": seconds,
+        "epochs": args.epochs,
+        "steps": args.epochs * math.ceil(len(X_train) / args.batch_size),
+        "checkpoint_every": k,
+        "peak_activation_bytes": peak,
+        "peak_activation_bytes_plain": peak_plain,
+        "peak_activation_bytes_training": model.memory_tracker.peak_bytes,
+        "recomputed_layer_forwards_per_step": recomputed,
+        "recompute_flops_fraction": extra,
+        "optimizer_state_bytes": optimizer.state_bytes,
+        "parameter_count": model.parameter_count,
+    }
+    saving = 1 - peak / peak_plain if peak_plain else 0.0
+    print(f"test accuracy     {test['accuracy']:.2%}   (loss {test['loss']:.4f}; "
+          f"train accuracy {results['train_accuracy']:.2%})")
+    print(f"training time     {seconds:.2f} s for {args.epochs} epochs, "
+          f"{results['steps'] / seconds:,.0f} steps/s")
+    print(f"peak activations  {_kib(peak)} with checkpointing (every {k}), "
+          f"{_kib(peak_plain)} without: {saving:.0%} less (batch {batch})")
+    print(f"recomputation     {recomputed} of {args.depth} layer forwards per step, "
+          f"+{extra:.1%} of a step's FLOPs")
+    print(f"optimizer state   {_kib(optimizer.state_bytes)}")
+    if args.save:
+        print(f"saved             {args.save}")
+    if args.json:
+        print(json.dumps(results))
+    return 0
+
+
+class _Progress:
+    """One tqdm bar per epoch: loss, accuracy, steps/s, live and peak tracked memory."""
+
+    def __init__(self, model: SegmentCheckpointer, epochs: int, enabled: bool) -> None:
+        self.model = model
+        self.epochs = epochs
+        self.enabled = enabled
+        self.bar = None
+
+    def step(self, info: Dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+            self.bar = tqdm(total=info["steps"], desc=f"epoch {info['epoch']}/{self.epochs}",
+                            unit="step", file=sys.stdout, dynamic_ncols=True)
+        tracker = self.model.memory_tracker
+        live = tracker.stored_activation_bytes + tracker.gradient_bytes
+        self.bar.set_postfix_str(f"loss={info['loss']:.4f} acc={info['accuracy']:.3f} "
+                                 f"mem={_kib(live)} peak={_kib(tracker.peak_bytes)}",
+                                 refresh=False)
+        self.bar.update(1)
+
+    def epoch(self, metrics: Dict[str, float]) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+# ------------------------------------------------------------------------------------ main
+
+# Each entry adds one subcommand to the parser; its parser sets `run` to a function
+# run(args) -> exit status.
+SUBCOMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [add_train_command]
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="ckpt", description="Gradient checkpointing for deep MLPs on CPU.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add_command in SUBCOMMANDS:
+        add_command(subparsers)
+    return parser
+
+
+def _version() -> str:
+    from ckpt import __version__
+    return __version__
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``ckpt`` and ``python -m ckpt``; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, OSError) as exc:
+        # Bad data or files: one line, no traceback, usage-error status.
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"ckpt {args.command}: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,229 @@
+"""Training loops: fit, predict and evaluate a model on in-memory arrays.
+
+A model here is a SegmentCheckpointer, or any object with ``forward(x)``, ``backward(grad)``,
+``params()`` and ``gradients()``; a plain list of layers is wrapped in a SegmentCheckpointer.
+Data flows one way: fit -> loss and optimizer -> the model's forward and backward.
+"""
+from __future__ import annotations
+
+import numbers
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from ckpt.layers import Dense, DTypeLike, _as_generator, check_float_dtype, check_size
+from ckpt.losses import get_loss
+from ckpt.optim import Adam, Optimizer
+
+History = Dict[str, List[float]]
+
+
+def build_mlp(n_in: int, depth: int, width: int, n_out: int, activation: Optional[str] = "relu",
+              dtype: DTypeLike = np.float32,
+              seed: Union[None, int, np.random.Generator] = None) -> List[Dense]:
+    """``depth`` Dense layers: n_in -> width -> ... -> width -> n_out.
+
+    The hidden layers use ``activation``, the last one is linear (its output are logits or
+    regression values). depth=1 is a single linear layer n_in -> n_out.
+    """
+    depth = check_size(depth, "depth")
+    rng = _as_generator(seed)
+    sizes = [n_in] + [width] * (depth - 1) + [n_out]
+    return [Dense(sizes[i], sizes[i + 1], activation if i < depth - 1 else None, dtype=dtype,
+                  rng=rng)
+            for i in range(depth)]
+
+
+def as_model(model: Any):
+    """The model itself, or a SegmentCheckpointer around a list of layers."""
+    if isinstance(model, (list, tuple)):
+        from ckpt.checkpoint import SegmentCheckpointer
+        return SegmentCheckpointer(model)
+    for name in ("forward", "backward", "params", "gradients"):
+        if not callable(getattr(model, name, None)):
+            raise TypeError(f"a model needs forward, backward, params and gradients; "
+                            f"{type(model).__name__} has no {name}()")
+    return model
+
+
+def model_dtype(model: Any) -> np.dtype:
+    """The dtype of the model's parameters."""
+    params = model.params() if not isinstance(model, (list, tuple)) else \
+        [p for layer in model for p in layer.params()]
+    if not params:
+        raise ValueError("the model has no parameters")
+    return check_float_dtype(params[0].dtype)
+
+
+def _check_inputs(X: object, y: object, dtype: np.dtype, loss: str,
+                  name: str = "X") -> Tuple[np.ndarray, np.ndarray]:
+    """X cast once to the model's dtype; y as int64 labels or float targets."""
+    X = np.asarray(X)
+    if X.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (samples, features), got shape {X.shape}")
+    if not (np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer)):
+        raise TypeError(f"{name} must hold real numbers, got dtype {X.dtype}")
+    X = np.ascontiguousarray(X, dtype=dtype)
+    y = np.asarray(y)
+    if y.shape[:1] != X.shape[:1]:
+        raise ValueError(f"{name} has {X.shape[0]} rows but its targets have "
+                         f"{y.shape[0] if y.ndim else 0}")
+    if loss == "cross_entropy":
+        if y.ndim != 1 or y.dtype.kind not in "iu":
+            raise TypeError(f"cross_entropy needs 1-D integer labels, got {y.dtype} {y.shape}")
+        y = y.astype(np.int64, copy=False)
+    else:
+        y = np.ascontiguousarray(y.reshape(len(y), -1), dtype=dtype)
+    return X, y
+
+
+def _correct(output: np.ndarray, y: np.ndarray, loss: str) -> int:
+    if loss != "cross_entropy":
+        return 0
+    return int(np.count_nonzero(output.argmax(axis=1) == y))
+
+
+def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy",
+        optimizer: Optional[Optimizer] = None, epochs: int = 10, batch_size: int = 32,
+        seed: Union[None, int, np.random.Generator] = 0, accumulation_steps: int = 1,
+        validation_data: Optional[Tuple[np.ndarray, np.ndarray]] = None,
+        callback: Optional[Callable[[Dict[str, float]], Any]] = None,
+        step_callback: Optional[Callable[[Dict[str, float]], Any]] = None) -> History:
+    """Train ``model`` on (X, y) with mini-batch gradient descent; returns the history.
+
+    - ``loss``: "cross_entropy" (y holds integer class labels; accuracy is reported) or "mse"
+      (y holds targets, 1-D or (samples, outputs)).
+    - ``optimizer``: any ckpt optimizer built on this model; default ``Adam(model)``.
+    - ``seed``: an int or a numpy Generator; shuffles the samples every epoch.
+    - ``accumulation_steps``: each batch is split into this many micro-batches whose gradients
+      add up (weighted by their size) before one optimizer step, so the step equals the
+      full-batch one while only a micro-batch of activations is alive at a time.
+    - ``validation_data``: (X_val, y_val), evaluated after every epoch.
+    - ``callback(metrics)`` after each epoch, with epoch, loss, accuracy, val_loss,
+      val_accuracy (the last three when they apply) and seconds;
+      ``step_callback(info)`` after each optimizer step, with epoch, step, steps, loss and
+      accuracy (the running means of the epoch).
+
+    X is cast to the model's dtype once, up front. The history maps each metric name to its
+    list of per-epoch values.
+    """
+    model = as_model(model)
+    loss_fn = get_loss(loss)
+    dtype = model_dtype(model)
+    epochs = _check_count(epochs, "epochs", allow_zero=True)
+    batch_size = check_size(batch_size, "batch_size")
+    accumulation_steps = check_size(accumulation_steps, "accumulation_steps")
+    if accumulation_steps > batch_size:
+        raise ValueError(f"accumulation_steps ({accumulation_steps}) cannot exceed batch_size "
+                         f"({batch_size}): each micro-batch needs at least one sample")
+    X, y = _check_inputs(X, y, dtype, loss)
+    if len(X) == 0:
+        raise ValueError("cannot fit on an empty data set")
+    if validation_data is not None:
+        try:
+            X_val, y_val = validation_data
+        except (TypeError, ValueError):
+            raise TypeError("validation_data must be a pair (X_val, y_val)") from None
+        X_val, y_val = _check_inputs(X_val, y_val, dtype, loss, name="X_val")
+    if optimizer is None:
+        optimizer = Adam(model)
+    elif not isinstance(optimizer, Optimizer):
+        raise TypeError(f"optimizer must be a ckpt optimizer, got {type(optimizer).__name__}")
+    rng = _as_generator(seed)
+    if callable(getattr(model, "set_training", None)):
+        model.set_training(True)
+
+    history: History = {}
+    n = len(X)
+    steps = -(-n // batch_size)
+    for epoch in range(1, epochs + 1):
+        start = time.perf_counter()
+        order = rng.permutation(n)
+        total_loss = 0.0
+        correct = 0
+        seen = 0
+        for step in range(steps):
+            batch = order[step * batch_size:(step + 1) * batch_size]
+            optimizer.zero_grad()
+            for micro in np.array_split(batch, min(accumulation_steps, len(batch))):
+                xb, yb = X[micro], y[micro]
+                output = model.forward(xb)
+                value, grad = loss_fn(output, yb)
+                correct += _correct(output, yb, loss)
+                if len(micro) != len(batch):
+                    # The loss gradient is a mean over the micro-batch; weigh it by its share.
+                    grad *= len(micro) / len(batch)
+                model.backward(grad)
+                total_loss += value * len(micro)
+            optimizer.step()
+            seen += len(batch)
+            if step_callback is not None:
+                info = {"epoch": epoch, "step": step + 1, "steps": steps,
+                        "loss": total_loss / seen}
+                if loss == "cross_entropy":
+                    info["accuracy"] = correct / seen
+                step_callback(info)
+        metrics = {"epoch": epoch, "loss": total_loss / n}
+        if loss == "cross_entropy":
+            metrics["accuracy"] = correct / n
+        if validation_data is not None:
+            val = evaluate(model, X_val, y_val, loss=loss, batch_size=max(batch_size, 256))
+            metrics.update({f"val_{key}": value for key, value in val.items()})
+        metrics["seconds"] = time.perf_counter() - start
+        for key, value in metrics.items():
+            history.setdefault(key, []).append(value)
+        if callback is not None:
+            callback(metrics)
+    return history
+
+
+def _check_count(value: object, name: str, allow_zero: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'non-negative' if allow_zero else 'positive'}, "
+                         f"got {value}")
+    return int(value)
+
+
+def _forward_layers(model: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """A forward pass that stores nothing: through the layers one by one when there are any."""
+    layers: Optional[Sequence] = model if isinstance(model, (list, tuple)) else \
+        getattr(model, "layers", None)
+    if layers:
+        def run(x: np.ndarray) -> np.ndarray:
+            for layer in layers:
+                x = layer.forward(x)
+            return x
+        return run
+    return as_model(model).forward
+
+
+def predict(model: Any, X: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """The model's outputs for X (cast to the model's dtype), computed batch by batch."""
+    dtype = model_dtype(model)
+    batch_size = check_size(batch_size, "batch_size")
+    X = np.asarray(X)
+    if X.ndim != 2:
+        raise ValueError(f"X must be 2-D (samples, features), got shape {X.shape}")
+    X = np.ascontiguousarray(X, dtype=dtype)
+    run = _forward_layers(model)
+    # An empty X still runs one (empty) batch, so the result has the output's width.
+    starts = range(0, max(len(X), 1), batch_size)
+    return np.concatenate([np.array(run(X[i:i + batch_size])) for i in starts])
+
+
+def evaluate(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy",
+             batch_size: int = 256) -> Dict[str, float]:
+    """Mean loss (and accuracy for cross_entropy) of the model on (X, y)."""
+    loss_fn = get_loss(loss)
+    X, y = _check_inputs(X, y, model_dtype(model), loss)
+    if len(X) == 0:
+        raise ValueError("cannot evaluate on an empty data set")
+    output = predict(model, X, batch_size)
+    value, _ = loss_fn(output, y)
+    result = {"loss": value}
+    if loss == "cross_entropy":
+        result["accuracy"] = _correct(output, y, loss) / len(X)
+    return result
