@@ -54,11 +54,15 @@ class CheckpointedLayer(Layer):
         self._stored: Optional[np.ndarray] = None
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        """The inner layer's output; in training mode the input is kept for backward."""
+        """The inner layer's output; in training mode the input is kept for backward.
+
+        In evaluation mode nothing is kept, and an input kept by an earlier training forward
+        stays for its backward.
+        """
         y = self.inner.forward(x)
-        self._drop_stored()
         if not self.is_training:
             return y
+        self._drop_stored()
         self._stored = x
         self.memory_tracker.record_stored_activation(x.nbytes)
         return y
@@ -79,8 +83,8 @@ class CheckpointedLayer(Layer):
                              f"{getattr(x, 'shape', None)}, but forward kept one of shape "
                              f"{stored.shape}")
         recomputed = self.inner.forward(stored)
-        self.memory_tracker.record_recomputed(recomputed.nbytes)
         grad_input = self.inner.backward(stored, grad_output, output=recomputed)
+        self.memory_tracker.record_recomputed(recomputed.nbytes)
         self._drop_stored()
         return grad_input
 
@@ -373,6 +377,9 @@ class SegmentCheckpointer:
             return grad_input
         _, acts, compiled = state
         y = acts[len(self._layers)]
+        if self.dtype is not None and self.widths is not None:
+            grad_output = as_batch(grad_output, self.widths[-1], self.dtype, "grad_output",
+                                   "SegmentCheckpointer")
         if not isinstance(grad_output, np.ndarray) or grad_output.shape != y.shape:
             raise ValueError(f"SegmentCheckpointer: grad_output must be an array of the output's "
                              f"shape {y.shape}, got {getattr(grad_output, 'shape', type(grad_output))}")
@@ -425,6 +432,10 @@ class SegmentCheckpointer:
     def update(self, learning_rate: float) -> None:
         """One plain SGD step on every layer (one compiled call for a Dense chain)."""
         lr = _check_learning_rate(learning_rate)
+        if self._state is not None:
+            # Backward would recompute with the new weights: wrong gradients, silently.
+            raise CheckpointStateError("update between forward and backward would make backward "
+                                       "recompute with changed weights; call backward first")
         chain = self._typed_chain()
         if chain is not None:
             chain.sgd_update(lr)
@@ -439,7 +450,11 @@ class SegmentCheckpointer:
         return [g for layer in self._layers for g in layer.gradients()]
 
     def set_training(self, training: bool) -> None:
-        """In evaluation mode forward stores nothing (and backward is refused)."""
+        """In evaluation mode forward stores nothing (and a backward after it is refused).
+
+        As in PyTorch, a forward run in training mode can still be back-propagated after
+        switching to evaluation mode.
+        """
         if not isinstance(training, (bool, np.bool_)):
             raise TypeError(f"training must be a bool, got {type(training).__name__}")
         self._training = bool(training)
