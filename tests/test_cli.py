@@ -14,7 +14,8 @@ from ckpt.cli import main
 from ckpt.train import build_mlp
 
 SMALL = ["train", "--epochs", "1", "--depth", "3", "--width", "16", "--lr", "0.01"]
-SRC = str(Path(__file__).resolve().parent.parent / "src")
+# Where the ckpt under test was imported from (the installed package in CI, src/ in a dev tree).
+PACKAGE_ROOT = str(Path(ckpt.__file__).resolve().parent.parent)
 
 
 def _run(capsys, argv):
@@ -144,14 +145,14 @@ def test_bad_data_exit_2_with_one_line(capsys, tmp_path, name, content, match):
 
 
 def test_python_m_ckpt(tmp_path):
-    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=PACKAGE_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     done = subprocess.run([sys.executable, "-m", "ckpt", "train", "--epochs", "1", "--depth",
                            "2", "--width", "8", "--lr", "0.01", "--json"], capture_output=True, text=True,
-                          env=env, timeout=120)
+                          env=env, timeout=120, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "\r" not in done.stdout                  # no progress bar when stdout is a pipe
     assert json.loads(done.stdout.splitlines()[-1])["test_accuracy"] > 0.5
     bad = subprocess.run([sys.executable, "-m", "ckpt", "train", "--epochs", "-3"],
-                         capture_output=True, text=True, env=env, timeout=120)
+                         capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
     assert bad.returncode == 2
     assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
