@@ -1,0 +1,420 @@
+"""One contender of the benchmark, in its own process (started by bench/run.py; not run by hand).
+
+    python bench/worker.py CONTENDER        # ckpt | numpy | torch
+
+Reads one JSON command per line on stdin and answers one JSON line on stdout:
+
+- ``{"cmd": "setup", "workload": {...}, "k": K, "variant": "uniform"|"planned", ...}``: build the
+  network from the shared initial weights, measure memory over one step, warm up, calibrate;
+- ``{"cmd": "run", "steps": N}``: time N steps (ckpt also times its GEMM-only sequence after
+  each step, interleaved, for the BLAS efficiency);
+- ``{"cmd": "check"}``: one more forward + backward; counts subnormal values, reports the loss;
+- ``{"cmd": "info"}``: library versions and threadpoolctl.threadpool_info() of this process;
+- ``{"cmd": "quit"}``.
+
+Only one contender's libraries are imported per process, so only its BLAS pool exists here
+(the ckpt process also loads NumPy's bundled OpenBLAS, which stays idle: the step's NumPy work
+is elementwise).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import tracemalloc
+import traceback
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import workloads as wl  # noqa: E402
+
+
+def _median(xs):
+    return float(np.median(np.asarray(xs, dtype=np.float64)))
+
+
+# ------------------------------------------------------------------------------------ contenders
+class Contender:
+    name = "?"
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+
+    def info(self) -> dict:
+        from threadpoolctl import threadpool_info
+        return {"numpy": np.__version__, "threadpool_info": threadpool_info()}
+
+    # set by setup()
+    workload: wl.Workload
+    x: np.ndarray
+    t: np.ndarray
+
+    def prepare(self, w: wl.Workload, k: int, variant: str) -> dict:
+        raise NotImplementedError
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+    def loss_and_grads(self):
+        """One forward + backward without update: (loss, [arrays to check for subnormals])."""
+        raise NotImplementedError
+
+    def memory(self) -> dict:
+        """Peak bytes over one step, buffers kept across steps counted (after the first step)."""
+        tracemalloc.start()
+        try:
+            self.step()                      # allocates any workspace kept across steps
+            tracemalloc.reset_peak()
+            self.step()
+            current, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        return {"peak_bytes": int(peak), "method": "tracemalloc (peak over a steady-state step; "
+                "buffers kept across steps counted; parameters, input, target and the loss-gradient "
+                "buffer excluded)"}
+
+    def gemm_only(self) -> None:
+        return None
+
+
+class CkptContender(Contender):
+    name = "ckpt"
+
+    def info(self) -> dict:
+        import ckpt
+        d = super().info()
+        d.update({"ckpt": ckpt.__version__, "ckpt_file": ckpt.__file__,
+                  "ckpt_blas_threads": ckpt.get_num_threads()})
+        return d
+
+    def prepare(self, w, k, variant):
+        import ckpt
+        from ckpt import _core
+        from ckpt.layers import Dense
+        from ckpt.schedule import compile_schedule, uniform_ops
+        ckpt.set_num_threads(self.threads)
+        weights, biases = wl.initial_weights(w)
+        layers = []
+        for i in range(w.depth):
+            layer = Dense(w.widths[i], w.widths[i + 1], "relu" if i < w.depth - 1 else None,
+                          dtype=np.float32, rng=i)
+            layer.set_params([weights[i], biases[i]])
+            layers.append(layer)
+        note = None
+        extra = {}
+        if variant == "planned":
+            import ckpt.plan as ckpt_plan
+            uniform = compile_schedule(uniform_ops(w.depth, k), w.widths)
+            budget = uniform.peak_units * w.batch * np.dtype(np.float32).itemsize
+            p = ckpt_plan.plan(list(w.widths), w.batch, budget)
+            self.model = ckpt.SegmentCheckpointer(layers, plan=p)
+            extra["budget_bytes"] = int(budget)
+            note = f"ckpt.plan at the budget of {k}-layer uniform segments ({budget} bytes)"
+        else:
+            self.model = ckpt.SegmentCheckpointer(layers, checkpoint_every=k)
+        self.layers = layers
+        self.g = np.empty((w.batch, w.widths[-1]), np.float32)
+        self.scale = np.float32(2.0 / self.g.size)
+        self.lr = wl.LEARNING_RATE
+        compiled = self.model.schedule(w.batch)
+        self.recomputed = list(compiled.recomputed_layers)
+        extra["schedule_peak_bytes"] = int(compiled.peak_units * w.batch * 4)
+        if variant == "uniform" and sorted(self.recomputed) != wl.uniform_recomputed_layers(w.depth, k):
+            raise AssertionError("ckpt's schedule recomputes other layers than the uniform count")
+        self._setup_gemm_only(w, _core)
+        return {"recomputed_layers": len(self.recomputed), "note": note, **extra}
+
+    def _setup_gemm_only(self, w, _core) -> None:
+        """Buffers for ckpt's GEMMs alone: the same shapes through ckpt's own BLAS path."""
+        rng = np.random.default_rng(0)
+        widest = max(w.widths)
+        self._core = _core
+        self._ga = rng.standard_normal((w.batch, widest)).astype(np.float32)
+        self._gb = rng.standard_normal((w.batch, widest)).astype(np.float32)
+        self._gw = [np.zeros((w.widths[i], w.widths[i + 1]), np.float32) for i in range(w.depth)]
+        self._gbias = [np.zeros(w.widths[i + 1], np.float32) for i in range(w.depth)]
+        self._zero_b = [np.zeros(w.widths[i + 1], np.float32) for i in range(w.depth)]
+        fw = [(i, 0) for i in range(w.depth)] + [(i, 0) for i in self.recomputed]
+        self._gemm_fw = [(self._ga[:, :w.widths[i]], self.layers[i].W, self._zero_b[i],
+                          self._gb[:, :w.widths[i + 1]]) for i, _ in fw]
+        self._gemm_bw = [(self._ga[:, :w.widths[i]], self.layers[i].W, self._gb[:, :w.widths[i + 1]],
+                          self._gw[i], self._gbias[i], self._ga[:, :w.widths[i]])
+                         for i in reversed(range(w.depth))]
+        # Slices of (B, widest) buffers are C-contiguous only when the width is the widest one;
+        # every workload here has one width, so they are; check it.
+        for args in self._gemm_fw + self._gemm_bw:
+            for a in args:
+                assert a.flags.c_contiguous
+
+    def gemm_only(self) -> None:
+        """The step's GEMMs back to back: x@W for every forward and recomputation (identity, so
+        plus one bias pass), then per layer x.T@d and d@W.T (identity backward, plus one colsum)."""
+        fwd, bwd = self._core.dense_forward, self._core.dense_backward
+        for x, W, b, y in self._gemm_fw:
+            fwd(x, W, b, y, 0)
+        for x, W, g, gw, gb, gx in self._gemm_bw:
+            bwd(x, W, g, None, None, gw, gb, gx, 0)
+
+    def step(self) -> None:
+        model = self.model
+        y = model.forward(self.x)
+        g = self.g
+        np.subtract(y, self.t, out=g)
+        g *= self.scale
+        model.backward(g)
+        model.update(self.lr)
+        model.zero_grad()
+
+    def loss_and_grads(self):
+        y = self.model.forward(self.x)
+        np.subtract(y, self.t, out=self.g)
+        loss = float(np.mean(self.g.astype(np.float64) ** 2))
+        y_copy = y.copy()
+        self.g *= self.scale
+        gx = self.model.backward(self.g)
+        arrays = [y_copy, gx] + self.model.gradients() + self.model.params()
+        out = (loss, arrays)
+        self.model.zero_grad()
+        return out
+
+    def memory(self):
+        d = super().memory()
+        tr = self.model.memory_tracker
+        d["tracker_peak_bytes"] = int(tr.peak_bytes)
+        return d
+
+
+class NumpyContender(Contender):
+    name = "numpy"
+
+    def prepare(self, w, k, variant):
+        from threadpoolctl import threadpool_limits
+        from numpy_mlp import NumpyMLP
+        self._limits = threadpool_limits(self.threads)
+        weights, biases = wl.initial_weights(w)
+        self.model = NumpyMLP(weights, biases, k)
+        self.g = np.empty((w.batch, w.widths[-1]), np.float32)
+        self.scale = np.float32(2.0 / self.g.size)
+        self.lr = wl.LEARNING_RATE
+        self.model.recomputed_layers = 0
+        x0 = self.model.forward(self.x)
+        np.subtract(x0, self.t, out=self.g)
+        self.model.backward(self.g)
+        recomputed = self.model.recomputed_layers
+        self.model.gW = [np.zeros_like(a) for a in self.model.gW]
+        if recomputed != len(wl.uniform_recomputed_layers(w.depth, k)):
+            raise AssertionError("the NumPy MLP recomputes another number of layers")
+        return {"recomputed_layers": recomputed, "note": None}
+
+    def step(self) -> None:
+        model = self.model
+        y = model.forward(self.x)
+        g = self.g
+        np.subtract(y, self.t, out=g)
+        g *= self.scale
+        model.backward(g)
+        model.update(self.lr)
+
+    def loss_and_grads(self):
+        y = self.model.forward(self.x)
+        np.subtract(y, self.t, out=self.g)
+        loss = float(np.mean(self.g.astype(np.float64) ** 2))
+        y_copy = y.copy()
+        self.g *= self.scale
+        self.model.backward(self.g)
+        return loss, [y_copy] + self.model.gW + self.model.gb + self.model.params()
+
+
+class TorchContender(Contender):
+    name = "torch"
+
+    def info(self) -> dict:
+        import torch
+        d = super().info()
+        d.update({"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                  "torch_parallel_info": torch.__config__.parallel_info()})
+        return d
+
+    def prepare(self, w, k, variant):
+        import torch
+        from torch import nn
+        self.torch = torch
+        torch.set_num_threads(self.threads)
+        weights, biases = wl.initial_weights(w)
+        blocks = []
+        for i in range(w.depth):
+            lin = nn.Linear(w.widths[i], w.widths[i + 1])
+            with torch.no_grad():
+                lin.weight.copy_(torch.from_numpy(np.ascontiguousarray(weights[i].T)))
+                lin.bias.copy_(torch.from_numpy(biases[i]))
+            blocks.append(nn.Sequential(lin, nn.ReLU()) if i < w.depth - 1 else lin)
+        self.model = nn.Sequential(*blocks)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=wl.LEARNING_RATE)
+        self.segments = None if k == 1 else -(-w.depth // k)
+        self.tx = torch.from_numpy(self.x)
+        self.tt = torch.from_numpy(self.t)
+        recomputed = wl.torch_recomputed_layers(w.depth, k)
+        note = ("plain autograd (no checkpointing)" if k == 1 else
+                f"checkpoint_sequential({self.segments} segments, use_reentrant=False); it "
+                f"recomputes whole segments, {len(recomputed)} layer forwards")
+        return {"recomputed_layers": len(recomputed), "segments": self.segments, "note": note}
+
+    def _forward(self):
+        if self.segments is None:
+            return self.model(self.tx)
+        from torch.utils.checkpoint import checkpoint_sequential
+        return checkpoint_sequential(self.model, self.segments, self.tx, use_reentrant=False)
+
+    def step(self) -> None:
+        torch = self.torch
+        self.opt.zero_grad(set_to_none=True)
+        y = self._forward()
+        loss = torch.nn.functional.mse_loss(y, self.tt)
+        loss.backward()
+        self.opt.step()
+
+    def loss_and_grads(self):
+        torch = self.torch
+        self.opt.zero_grad(set_to_none=True)
+        y = self._forward()
+        loss = torch.nn.functional.mse_loss(y, self.tt)
+        loss.backward()
+        arrays = [y.detach().numpy().copy()]
+        for p in self.model.parameters():
+            arrays.append(p.detach().numpy())
+            arrays.append(p.grad.numpy())
+        return loss.item(), arrays
+
+    def memory(self):
+        """Bytes of tensors autograd saves for backward (unique storages, parameters excluded),
+        at the end of the forward pass, where they peak. The segment that non-reentrant
+        checkpointing recomputes in backward is saved through its own hooks, not seen here."""
+        torch = self.torch
+        param_ptrs = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        seen = {}
+
+        def pack(t):
+            s = t.untyped_storage()
+            ptr = s.data_ptr()
+            if ptr not in param_ptrs and ptr not in seen:
+                seen[ptr] = s.nbytes()
+            return t
+
+        def unpack(t):
+            return t
+
+        self.step()
+        self.opt.zero_grad(set_to_none=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            y = self._forward()
+            loss = torch.nn.functional.mse_loss(y, self.tt)
+        saved = sum(seen.values())
+        loss.backward()
+        self.opt.step()
+        return {"peak_bytes": int(saved),
+                "method": "saved-tensor bytes after forward (torch.autograd.graph."
+                          "saved_tensors_hooks; unique storages, parameters excluded; "
+                          "the segment recomputed during backward is not included)"}
+
+
+CONTENDERS = {"ckpt": CkptContender, "numpy": NumpyContender, "torch": TorchContender}
+
+
+# ------------------------------------------------------------------------------------ protocol
+def main() -> None:
+    name = sys.argv[1]
+    threads = int(os.environ.get("CKPT_BENCH_THREADS", os.cpu_count() or 1))
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)          # anything printed by a library goes to stderr, not the protocol
+    sys.stdout = sys.stderr
+    c = CONTENDERS[name](threads)
+
+    def reply(obj):
+        out.write(json.dumps(obj) + "\n")
+        out.flush()
+
+    for line in sys.stdin:
+        msg = json.loads(line)
+        cmd = msg["cmd"]
+        try:
+            if cmd == "quit":
+                reply({"ok": True})
+                break
+            if cmd == "info":
+                reply({"ok": True, "info": c.info(), "env": {
+                    k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
+                                                   "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+                                                   "MKL_NUM_THREADS")}})
+            elif cmd == "setup":
+                w = wl.Workload(**msg["workload"])
+                c.workload = w
+                c.x, c.t = wl.batch_data(w)
+                prep = c.prepare(w, msg["k"], msg.get("variant", "uniform"))
+                loss0, arrays = c.loss_and_grads()       # from the initial weights
+                sub0 = sum(wl.count_subnormals(a) for a in arrays)
+                mem = c.memory()
+                # Warm-up: at least `warm_steps` steps and `warm_seconds`; calibrate a round.
+                times = []
+                t_end = time.perf_counter() + msg["warm_seconds"]
+                while len(times) < msg["warm_steps"] or time.perf_counter() < t_end:
+                    t0 = time.perf_counter()
+                    c.step()
+                    times.append(time.perf_counter() - t0)
+                    if len(times) > 2000:
+                        break
+                c.gemm_only()
+                per = _median(times[len(times) // 2:])
+                n = int(min(msg["max_steps"], max(msg["min_steps"],
+                                                   math.ceil(msg["round_seconds"] / max(per, 1e-6)))))
+                reply({"ok": True, "prepare": prep, "loss0": loss0, "subnormals0": sub0, "memory": mem,
+                       "warmup_steps": len(times), "steps_per_round": n})
+            elif cmd == "run":
+                steps, gemms = [], []
+                for _ in range(msg["steps"]):
+                    t0 = time.perf_counter()
+                    c.step()
+                    t1 = time.perf_counter()
+                    steps.append(t1 - t0)
+                    if name == "ckpt":
+                        c.gemm_only()
+                        gemms.append(time.perf_counter() - t1)
+                reply({"ok": True, "steps": steps, "gemm": gemms})
+            elif cmd == "check":
+                loss, arrays = c.loss_and_grads()
+                sub = sum(wl.count_subnormals(a) for a in arrays)
+                finite = all(bool(np.isfinite(a).all()) for a in arrays)
+                reply({"ok": True, "loss": loss, "subnormals": sub, "finite": finite,
+                       "values_checked": int(sum(np.asarray(a).size for a in arrays))})
+            elif cmd == "gemm_peak":
+                reply({"ok": True, "gflops": gemm_peak(msg.get("n", 1024))})
+            else:
+                reply({"ok": False, "error": f"unknown command {cmd}"})
+        except Exception as exc:  # report, keep serving
+            reply({"ok": False, "error": f"{type(exc).__name__}: {exc}",
+                   "traceback": traceback.format_exc()})
+
+
+def gemm_peak(n: int) -> float:
+    """GFLOP/s of one n x n x n float32 GEMM through ckpt's BLAS path (best of a few)."""
+    from ckpt import _core
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n)).astype(np.float32)
+    b = rng.standard_normal((n, n)).astype(np.float32)
+    y = np.empty((n, n), np.float32)
+    z = np.zeros(n, np.float32)
+    _core.dense_forward(a, b, z, y, 0)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        _core.dense_forward(a, b, z, y, 0)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n ** 3 / best / 1e9
+
+
+if __name__ == "__main__":
+    main()

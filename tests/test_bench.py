@@ -1,0 +1,91 @@
+"""The benchmark cannot rot: `bench/run.py --quick` runs every contender on tiny sizes and writes
+well-formed results. Counts are asserted (rows, recomputed layers, equal starting losses, no
+subnormals); timings never are."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    cmd = [sys.executable, str(BENCH / "run.py"), "--quick", "--out", str(out)]
+    if not HAVE_TORCH:
+        cmd.append("--no-torch")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_files_written(quick_run):
+    out, _ = quick_run
+    md = (out / "results.md").read_text()
+    assert md.startswith("# ckpt benchmark")
+    assert "| workload (D×W, B) | k |" in md and "## Targets" in md
+    png = (out / "results.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+
+
+def test_json_rows(quick_run):
+    _, res = quick_run
+    sys.path.insert(0, str(BENCH))
+    import workloads as wl
+    meta = res["meta"]
+    assert meta["quick"] is True and meta["threads"] >= 1
+    assert meta["contenders"]["ckpt"]["threadpool_info"], "threadpoolctl info is recorded"
+    expected_contenders = {"ckpt", "numpy", "torch"}
+    for w in wl.QUICK:
+        for k in w.intervals:
+            rows = {r["contender"]: r for r in res["rows"]
+                    if r["workload"] == w.name and r["checkpoint_every"] == k
+                    and r["schedule"] == "uniform"}
+            assert set(rows) == expected_contenders
+            for name in ("ckpt", "numpy"):
+                r = rows[name]
+                assert r["status"] == "ok", r["note"]
+                assert r["recomputed_layers"] == len(wl.uniform_recomputed_layers(w.depth, k))
+                assert r["extra_flops"] == r["recomputed_layers"] * 2 * w.batch * w.width ** 2
+            torch_row = rows["torch"]
+            assert torch_row["status"] == ("ok" if HAVE_TORCH else "skipped")
+            for r in rows.values():
+                if r["status"] != "ok":
+                    assert r["note"]
+                    continue
+                t = r["time_s"]
+                assert 0 < t["min"] <= t["median"] <= t["max"] and t["n"] >= 9
+                assert r["memory"]["peak_bytes"] > 0
+                assert r["subnormals0"] == 0 and r["subnormals_end"] == 0 and r["finite"]
+            # Same initial weights and data: the same first loss everywhere.
+            losses = [r["loss0"] for r in rows.values() if r["status"] == "ok"]
+            np.testing.assert_allclose(losses, losses[0], rtol=1e-4)
+            assert 0 < rows["ckpt"]["blas_efficiency"]
+    # The planned-schedule row exists for the deep workload, run or skipped with a note.
+    planned = [r for r in res["rows"] if r["schedule"] == "planned"]
+    assert len(planned) == 1 and planned[0]["workload"] == "deep"
+    assert planned[0]["status"] == "ok" or planned[0]["note"]
+    assert {"uniform", "planned"} <= set(res["row_types"])
+    # Ratios and target verdicts are reported, never asserted.
+    assert res["ratios"] and all("speedup_vs_numpy" in e for e in res["ratios"])
+    assert any(t["metric"] == "memory_ratio_sqrt_vs_plain" for t in res["targets"])
+
+
+def test_memory_falls_with_checkpointing(quick_run):
+    """A count, not a timing: at k = floor(sqrt(D)) ckpt holds less than plain backprop."""
+    _, res = quick_run
+    deep = {r["checkpoint_every"]: r for r in res["rows"]
+            if r["workload"] == "deep" and r["contender"] == "ckpt" and r["schedule"] == "uniform"}
+    assert deep[4]["memory"]["peak_bytes"] < deep[1]["memory"]["peak_bytes"]
