@@ -166,7 +166,7 @@ class CkptContender(Contender):
         g = self.g
         np.subtract(y, self.t, out=g)
         g *= self.scale
-        model.backward(g)
+        model.backward(g, input_grad=False)
         model.update(self.lr)
         model.zero_grad()
 
@@ -217,7 +217,7 @@ class NumpyContender(Contender):
         g = self.g
         np.subtract(y, self.t, out=g)
         g *= self.scale
-        model.backward(g)
+        model.backward(g, input_grad=False)
         model.update(self.lr)
 
     def loss_and_grads(self):

@@ -110,19 +110,39 @@ cdef inline void _gemm(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, Py_ssize_t m, Py_
                           b, <int>ldb, beta, c, <int>ldc)
 
 
+cdef void _bias_activate(floating *y, const floating *b, Py_ssize_t m, Py_ssize_t n, int act,
+                         floating alpha) noexcept nogil:
+    """y = act(y + b), one pass. The activation is chosen once, outside the loops, so that the
+    common cases compile to branch-free loops gcc can vectorise."""
+    cdef Py_ssize_t i, j
+    cdef floating *row
+    cdef floating z
+    for i in range(m):
+        row = y + i * n
+        if act == ACT_IDENTITY:
+            for j in range(n):
+                row[j] = row[j] + b[j]
+        elif act == ACT_RELU:
+            for j in range(n):
+                z = row[j] + b[j]
+                row[j] = 0 if z <= 0 else z   # NaN stays NaN, as with np.maximum
+        elif act == ACT_LEAKY_RELU:
+            for j in range(n):
+                z = row[j] + b[j]
+                row[j] = alpha * z if z <= 0 else z
+        else:
+            for j in range(n):
+                row[j] = _activate(row[j] + b[j], act, alpha)
+
+
 cdef void dense_forward_ptr(const floating *x, const floating *w, const floating *b, floating *y,
                             Py_ssize_t m, Py_ssize_t k, Py_ssize_t n, int act,
                             floating alpha) noexcept nogil:
     """y = act(x @ W + b); bias and activation fused into one pass over y."""
-    cdef Py_ssize_t i, j
-    cdef floating *row
     if m == 0:
         return
     _gemm(CblasNoTrans, CblasNoTrans, m, n, k, x, k, w, n, <floating>0, y, n)
-    for i in range(m):
-        row = y + i * n
-        for j in range(n):
-            row[j] = _activate(row[j] + b[j], act, alpha)
+    _bias_activate(y, b, m, n, act, alpha)
 
 
 cdef void dense_preactivation_ptr(const floating *x, const floating *w, const floating *b,
@@ -130,6 +150,40 @@ cdef void dense_preactivation_ptr(const floating *x, const floating *w, const fl
                                   Py_ssize_t n) noexcept nogil:
     """z = x @ W + b"""
     dense_forward_ptr(x, w, b, z, m, k, n, ACT_IDENTITY, <floating>0)
+
+
+cdef void _delta(const floating *g, const floating *v, floating *d, Py_ssize_t size, int act,
+                 floating alpha) noexcept nogil:
+    """d = g * act'(v), elementwise; d may alias g or v. Branch-free for the ReLU family, and a
+    true product (NaN in g stays NaN, as in the reference)."""
+    cdef Py_ssize_t i
+    cdef floating one = 1, zero = 0
+    if act == ACT_RELU:
+        for i in range(size):
+            d[i] = g[i] * (one if v[i] > 0 else zero)
+    elif act == ACT_LEAKY_RELU:
+        for i in range(size):
+            d[i] = g[i] * (one if v[i] > 0 else alpha)
+    elif act == ACT_TANH:
+        for i in range(size):
+            d[i] = g[i] * (1 - v[i] * v[i])
+    elif act == ACT_SIGMOID:
+        for i in range(size):
+            d[i] = g[i] * (v[i] * (1 - v[i]))
+    else:
+        for i in range(size):
+            d[i] = g[i] * _derivative(v[i], act, alpha)
+
+
+cdef void _column_sums(const floating *d, floating *gb, Py_ssize_t m,
+                       Py_ssize_t n) noexcept nogil:
+    """gb += d.sum(axis=0), row after row (a vectorisable inner loop)."""
+    cdef Py_ssize_t i, j
+    cdef const floating *row
+    for i in range(m):
+        row = d + i * n
+        for j in range(n):
+            gb[j] += row[j]
 
 
 cdef void dense_backward_ptr(const floating *x, const floating *w, const floating *g,
@@ -141,29 +195,13 @@ cdef void dense_backward_ptr(const floating *x, const floating *w, const floatin
     v is the layer's output y (its pre-activation z for GELU). d may alias v or g. For the
     identity d = g: neither v nor d is touched and both may be NULL.
     """
-    cdef Py_ssize_t i, j
     cdef const floating *delta = g
-    cdef const floating *grow
-    cdef const floating *vrow
-    cdef floating *drow
-    cdef floating dij
     if m == 0:
         return
-    if act == ACT_IDENTITY:
-        for i in range(m):
-            grow = g + i * n
-            for j in range(n):
-                gb[j] += grow[j]
-    else:
-        for i in range(m):
-            grow = g + i * n
-            vrow = v + i * n
-            drow = d + i * n
-            for j in range(n):
-                dij = grow[j] * _derivative(vrow[j], act, alpha)
-                drow[j] = dij
-                gb[j] += dij
+    if act != ACT_IDENTITY:
+        _delta(g, v, d, m * n, act, alpha)
         delta = d
+    _column_sums(delta, gb, m, n)
     _gemm(CblasTrans, CblasNoTrans, k, n, m, x, k, delta, n, <floating>1, gw, n)
     if gx != NULL:
         _gemm(CblasNoTrans, CblasTrans, m, k, n, delta, n, w, n, <floating>0, gx, k)

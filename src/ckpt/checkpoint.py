@@ -354,10 +354,14 @@ class SegmentCheckpointer:
             rows = self._row_cache[key] = compiled.rows_for_batch(batch)
         return rows
 
-    def backward(self, grad_output: np.ndarray) -> np.ndarray:
-        """Back-propagate from the gradient of the output; returns the gradient of the input."""
+    def backward(self, grad_output: np.ndarray, *, input_grad: bool = True) -> Optional[np.ndarray]:
+        """Back-propagate from the gradient of the output; returns the gradient of the input.
+
+        With ``input_grad=False`` a Dense chain skips the first layer's input-gradient product
+        (training rarely needs it) and None is returned.
+        """
         if not self._layers:
-            return grad_output
+            return grad_output if input_grad else None
         state = self._state
         if state is None:
             raise CheckpointStateError(
@@ -369,7 +373,7 @@ class SegmentCheckpointer:
             if g.shape[0] != y.shape[0]:
                 raise ValueError(f"SegmentCheckpointer: grad_output has {g.shape[0]} rows but the "
                                  f"output has {y.shape[0]}")
-            grad_input = np.empty_like(x)
+            grad_input = np.empty_like(x) if input_grad else None
             self._state = None
             self._typed_chain().run_backward(backward_rows, g, arena,
                                              self._gradient_workspace(x.shape[0], x.dtype),
@@ -385,8 +389,9 @@ class SegmentCheckpointer:
                              f"shape {y.shape}, got {getattr(grad_output, 'shape', type(grad_output))}")
         self._state = None
         try:
-            return _python_run(self._layers, compiled.ops[_forward_length(compiled):], acts,
-                               grad_output, self.memory_tracker)
+            grad_input = _python_run(self._layers, compiled.ops[_forward_length(compiled):], acts,
+                                     grad_output, self.memory_tracker)
+            return grad_input if input_grad else None
         except Exception:
             _release_all(acts, self.memory_tracker)
             raise
