@@ -217,7 +217,7 @@ class NumpyContender(Contender):
         g = self.g
         np.subtract(y, self.t, out=g)
         g *= self.scale
-        model.backward(g, input_grad=False)
+        model.backward(g)
         model.update(self.lr)
 
     def loss_and_grads(self):
