@@ -158,7 +158,10 @@ class SegmentCheckpointer:
     ``checkpoint_every=k`` keeps the inputs of layers 0, k, 2k, ...: k=1 is plain backprop,
     k=0 keeps only the network input; the default is floor(sqrt(N)), which brings activation
     memory from O(N) to O(sqrt(N)) for about one extra forward pass. Instead of k, give a
-    ``plan`` from :func:`ckpt.plan.plan`, or a ``budget_bytes`` to plan for at each batch size.
+    ``plan`` from :func:`ckpt.plan.plan` (its peak counts activations; the two gradient buffers,
+    :meth:`gradient_workspace_bytes`, come on top), or ``budget_bytes`` (an int or a string such
+    as "4MiB"): the least recomputation whose activations *and* gradient buffers fit, planned
+    for each batch size.
 
     A chain of Dense layers of one dtype runs in ckpt's typed executor: one compiled call for the
     forward pass and one for the whole backward pass, GIL released, workspaces reused across
@@ -295,13 +298,29 @@ class SegmentCheckpointer:
             if self._plan is not None:
                 ops = self._plan.ops
             elif self._budget is not None:
-                from ckpt.plan import plan as make_plan
-                ops = make_plan(list(self.widths), batch_size, self._budget,
-                                dtype=self.dtype).ops
+                ops = self._plan_for_budget(batch_size).ops
             else:
                 ops = uniform_ops(n, self.checkpoint_every)
             compiled = self._schedules[key] = compile_schedule(ops, widths)
         return compiled
+
+    def _plan_for_budget(self, batch_size: int):
+        """The least-recomputation plan whose activations and gradient buffers fit the budget."""
+        from ckpt.plan import format_size, plan as make_plan
+        if self.widths is None or self.dtype is None:
+            raise ValueError("budget_bytes needs layers that declare in_features, out_features "
+                             "and dtype (Dense layers do)")
+        workspace = self.gradient_workspace_bytes(batch_size)
+        try:
+            return make_plan(list(self.widths), batch_size, max(0, self._budget - workspace),
+                             dtype=self.dtype)
+        except ValueError as exc:
+            raise ValueError(f"budget {format_size(self._budget)} at batch {batch_size}, less "
+                             f"{format_size(workspace)} of gradient buffers: {exc}") from None
+
+    def gradient_workspace_bytes(self, batch_size: int) -> int:
+        """Bytes of the two gradient buffers a Dense chain keeps (outside a plan's peak)."""
+        return 2 * batch_size * max(self.widths) * self.dtype.itemsize
 
     # ---------------------------------------------------------------- training
     def forward(self, x: np.ndarray) -> np.ndarray:

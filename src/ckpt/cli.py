@@ -24,6 +24,7 @@ from ckpt import _core, get_num_threads, set_num_threads
 from ckpt.checkpoint import SegmentCheckpointer
 from ckpt.losses import softmax_cross_entropy
 from ckpt.optim import OPTIMIZERS
+from ckpt.plan import format_size, parse_size
 from ckpt.train import build_mlp, evaluate, fit
 
 DEFAULTS = {
@@ -70,6 +71,28 @@ def _non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
     return value
+
+
+def _size(text: str) -> int:
+    """A byte size with an optional unit: 4096, 200KiB, 1.5MiB, 2GB."""
+    try:
+        value = parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
+    return value
+
+
+def _widths(text: str) -> List[int]:
+    """Comma-separated activation widths a_0,...,a_N."""
+    try:
+        widths = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if len(widths) < 2 or min(widths) <= 0:
+        raise argparse.ArgumentTypeError(f"expected at least two positive widths, got {text!r}")
+    return widths
 
 
 def _positive_float(text: str) -> float:
@@ -181,10 +204,12 @@ def stratified_split(y: np.ndarray, fraction: float,
 
 # ------------------------------------------------------------------------------------ measures
 
-def measure_step(layers: Sequence, checkpoint_every: int, xb: np.ndarray,
-                 yb: np.ndarray) -> int:
-    """Peak activation bytes of one training step on copies of the layers."""
-    model = SegmentCheckpointer(copy.deepcopy(list(layers)), checkpoint_every)
+def measure_step(layers: Sequence, xb: np.ndarray, yb: np.ndarray, **schedule) -> int:
+    """Peak activation bytes of one training step on copies of the layers.
+
+    ``schedule`` is what SegmentCheckpointer takes: checkpoint_every=, or budget_bytes=.
+    """
+    model = SegmentCheckpointer(copy.deepcopy(list(layers)), **schedule)
     _, grad = softmax_cross_entropy(model.forward(xb), yb)
     model.backward(grad)
     return model.memory_tracker.peak_bytes
@@ -244,8 +269,12 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
                    help="default %(default)s")
     p.add_argument("--seed", type=_non_negative_int, default=DEFAULTS["seed"],
                    help="seeds the split, the weights and the shuffling (default %(default)s)")
-    p.add_argument("--checkpoint-every", type=_non_negative_int, default=None, metavar="K",
-                   help="keep every K-th activation (default floor(sqrt(depth)); 1 = keep all)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--checkpoint-every", type=_non_negative_int, default=None, metavar="K",
+                     help="keep every K-th activation (default floor(sqrt(depth)); 1 = keep all)")
+    how.add_argument("--budget", type=_size, default=None, metavar="SIZE",
+                     help="plan the checkpoints to hold at most SIZE of activations and gradient "
+                          "buffers (e.g. 200KiB, 4MiB); see `ckpt plan`")
     p.add_argument("--threads", type=_positive_int, default=1,
                    help="OpenBLAS threads (default 1: a default run's matrices are too small "
                         "to gain from more)")
@@ -285,16 +314,19 @@ def _train(args: argparse.Namespace) -> int:
 
     layers = build_mlp(X.shape[1], args.depth, args.width, len(classes), args.activation,
                        dtype, rng)
-    model = SegmentCheckpointer(layers, args.checkpoint_every)
+    schedule = ({"budget_bytes": args.budget} if args.budget is not None
+                else {"checkpoint_every": args.checkpoint_every})
+    model = SegmentCheckpointer(layers, **schedule)
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
     optimizer = (OPTIMIZERS["sgd"](model, lr, momentum=0.9) if args.optimizer == "sgd"
                  else OPTIMIZERS[args.optimizer](model, lr))
     k = model.checkpoint_every
+    how = f"checkpoint every {k}" if k is not None else f"budget {format_size(args.budget)}"
 
     print(f"data: {source}: {len(train_idx)} train / {len(test_idx)} test rows, "
           f"{X.shape[1]} features, {len(classes)} classes")
     print(f"model: {args.depth} Dense layers, width {args.width}, {args.activation}, "
-          f"{args.dtype}, {model.parameter_count:,} parameters; checkpoint every {k}; "
+          f"{args.dtype}, {model.parameter_count:,} parameters; {how}; "
           f"{args.optimizer} lr {lr:g}")
     sys.stdout.flush()
 
@@ -309,8 +341,8 @@ def _train(args: argparse.Namespace) -> int:
     test = evaluate(model, X_test, y_test)
     batch = min(args.batch_size, len(X_train))
     xb, yb = X_train[:batch], y_train[:batch]
-    peak = measure_step(model.layers, k, xb, yb)
-    peak_plain = measure_step(model.layers, 1, xb, yb)
+    peak = measure_step(model.layers, xb, yb, **schedule)
+    peak_plain = measure_step(model.layers, xb, yb, checkpoint_every=1)
     recomputed, extra = recompute_cost(model, batch)
     if args.save:
         from ckpt.io import save
@@ -325,6 +357,7 @@ def _train(args: argparse.Namespace) -> int:
         "epochs": args.epochs,
         "steps": args.epochs * math.ceil(len(X_train) / args.batch_size),
         "checkpoint_every": k,
+        "budget_bytes": args.budget,
         "peak_activation_bytes": peak,
         "peak_activation_bytes_plain": peak_plain,
         "peak_activation_bytes_training": model.memory_tracker.peak_bytes,
@@ -338,7 +371,7 @@ def _train(args: argparse.Namespace) -> int:
           f"train accuracy {results['train_accuracy']:.2%})")
     print(f"training time     {seconds:.2f} s for {args.epochs} epochs, "
           f"{results['steps'] / seconds:,.0f} steps/s")
-    print(f"peak activations  {_kib(peak)} with checkpointing (every {k}), "
+    print(f"peak activations  {_kib(peak)} with checkpointing ({how}), "
           f"{_kib(peak_plain)} without: {saving:.0%} less (batch {batch})")
     print(f"recomputation     {recomputed} of {args.depth} layer forwards per step, "
           f"+{extra:.1%} of a step's FLOPs")
@@ -382,11 +415,95 @@ class _Progress:
             self.bar = None
 
 
+# ------------------------------------------------------------------------------------ plan
+
+def add_plan_command(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "plan", help="plan checkpoints for a memory budget and show what it costs",
+        description="Plan the checkpoints of a Dense chain under a memory budget (the least "
+                    "recomputation that fits), print the plan and the memory-versus-compute "
+                    "trade-off, before any training.")
+    p.add_argument("--depth", type=_positive_int, default=DEFAULTS["depth"],
+                   help="number of Dense layers (default %(default)s)")
+    p.add_argument("--width", type=_positive_int, default=DEFAULTS["width"],
+                   help="width of every activation, input and output included (default %(default)s)")
+    p.add_argument("--widths", type=_widths, default=None, metavar="W0,W1,...",
+                   help="the activation widths a_0..a_N instead of --depth/--width")
+    p.add_argument("--batch-size", type=_positive_int, default=DEFAULTS["batch_size"],
+                   help="default %(default)s")
+    p.add_argument("--budget", type=_size, default=None, metavar="SIZE",
+                   help="memory for activations (e.g. 300KiB, 4MiB; default: what "
+                        "floor(sqrt(depth)) uniform segments need)")
+    p.add_argument("--dtype", choices=["float32", "float64"], default=DEFAULTS["dtype"],
+                   help="default %(default)s")
+    p.add_argument("--points", type=_positive_int, default=8,
+                   help="rows of the trade-off table (default %(default)s)")
+    p.add_argument("--plot", metavar="FILE.png", help="draw the trade-off curve (needs matplotlib)")
+    p.add_argument("--json", action="store_true",
+                   help="end the output with one line of JSON holding the plan's figures")
+    p.set_defaults(run=run_plan)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from ckpt.plan import plan, tradeoff, uniform_plan
+
+    widths = args.widths or [args.width] * (args.depth + 1)
+    depth = len(widths) - 1
+    dtype = np.dtype(args.dtype)
+    budget = args.budget
+    if budget is None:
+        budget = uniform_plan(widths, args.batch_size, max(1, math.isqrt(depth)), dtype).peak_bytes
+    chosen = plan(widths, args.batch_size, budget, dtype)
+    print(chosen.explain())
+    curve = tradeoff(widths, args.batch_size, dtype, points=args.points)
+    step_flops = 3 * chosen.plain_forward_flops
+    print()
+    print("memory versus compute (the least recomputation for each budget):")
+    print(f"{'budget':>12}  {'peak':>12}  {'extra FLOPs':>14}  {'of a step':>9}")
+    for budget_bytes, extra, peak in curve:
+        print(f"{format_size(budget_bytes):>12}  {format_size(peak):>12}  {extra:>14,}  "
+              f"{extra / step_flops:>9.1%}")
+    if args.plot:
+        _plot_tradeoff(curve, step_flops, args.plot)
+        print(f"plot written to {args.plot}")
+    if args.json:
+        print(json.dumps({
+            "widths": widths, "batch_size": args.batch_size, "budget_bytes": budget,
+            "peak_bytes": chosen.peak_bytes, "plain_peak_bytes": chosen.plain_peak_bytes,
+            "recompute_flops": chosen.recompute_flops,
+            "forward_counts": list(chosen.forward_counts),
+            "tradeoff": [{"budget_bytes": b, "recompute_flops": f, "peak_bytes": p}
+                         for b, f, p in curve],
+        }))
+    return 0
+
+
+def _plot_tradeoff(curve: Sequence[Tuple[int, int, int]], step_flops: int, path: str) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError("--plot needs matplotlib (pip install matplotlib)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.step([p / 2**20 for _, _, p in curve], [100 * f / step_flops for _, f, _ in curve],
+            where="post", marker="o")
+    ax.set_xlabel("peak activation memory (MiB)")
+    ax.set_ylabel("extra compute (% of a training step)")
+    ax.set_title("ckpt plan: memory versus recomputation")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # ------------------------------------------------------------------------------------ main
 
 # Each entry adds one subcommand to the parser; its parser sets `run` to a function
 # run(args) -> exit status.
-SUBCOMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [add_train_command]
+SUBCOMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [add_train_command,
+                                                                  add_plan_command]
 
 
 def build_parser() -> ArgumentParser:
