@@ -1,0 +1,439 @@
+"""ckpt.plan: optimality against exhaustive search and the binomial closed form, legality of the
+schedules, the uniform baseline, the trade-off curve, sizes and bad inputs."""
+from __future__ import annotations
+
+import heapq
+import random
+import re
+from math import comb
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ckpt import plan as planmod
+from ckpt.plan import (Plan, format_size, parse_size, plan, simulate, tradeoff, uniform_plan)
+
+IMPLS = ["python"] + (["compiled"] if planmod._planner is not None else [])
+
+
+def chain_of(widths, batch=1, dtype=np.float32):
+    return planmod._Chain(tuple(widths), batch, np.dtype(dtype))
+
+
+def recursion(widths, method, impl, batch=1):
+    return planmod._recursion(chain_of(widths, batch), method, compiled=impl == "compiled")
+
+
+def brute_force(sizes, flops, budget):
+    """Least total forward FLOPs over ALL legal schedules (None if none fits), by Dijkstra over
+    (held activations as a bit set, next backward, a_N computed yet) with forward FLOPs as the
+    cost. Moves are exactly what simulate() accepts: forward i (a_i held, a_{i+1} not, backward i
+    not done), free i (i > 0, held), backward b (a_b, a_{b+1} held; b = N-1 needs a_N computed)."""
+    n = len(sizes) - 1
+
+    def held_bytes(mask):
+        return sum(s for i, s in enumerate(sizes) if mask >> i & 1)
+
+    start = (1, n - 1, False)
+    if sizes[0] > budget:
+        return None
+    dist = {start: 0}
+    queue = [(0, start)]
+    while queue:
+        cost, state = heapq.heappop(queue)
+        if dist[state] < cost:
+            continue
+        mask, b, computed = state
+        if b < 0:
+            return cost
+        moves = []
+        for i in range(min(n - 1, b) + 1):
+            if mask >> i & 1 and not mask >> (i + 1) & 1:
+                moves.append((cost + flops[i], (mask | 1 << (i + 1), b, computed or i + 1 == n)))
+        for i in range(1, n + 1):
+            if mask >> i & 1:
+                moves.append((cost, (mask & ~(1 << i), b, computed)))
+        if mask >> b & 1 and mask >> (b + 1) & 1 and (b < n - 1 or computed):
+            moves.append((cost, (mask & ~(1 << (b + 1)), b - 1, computed)))
+        for new_cost, new in moves:
+            if held_bytes(new[0]) <= budget and new_cost < dist.get(new, float("inf")):
+                dist[new] = new_cost
+                heapq.heappush(queue, (new_cost, new))
+    return None
+
+
+def random_chains(seed, count, max_layers=5):
+    rng = random.Random(seed)
+    pools = [list(range(1, 10)), [1, 2, 3, 20], [2, 3, 17, 18, 40], [1, 100], [4]]
+    for _ in range(count):
+        pool = rng.choice(pools)
+        yield [rng.choice(pool) for _ in range(rng.randint(2, max_layers + 1))]
+
+
+def budgets_of(c, rng, count=5):
+    low, high = c.min_budget, c.plain_peak
+    inner = rng.sample(range(low, high + 1), min(count, high - low + 1))
+    return sorted(set(inner) | {low, high})
+
+
+def check_plan(p: Plan, budget):
+    """The schedule is legal, its simulated peak is the reported one and fits, and the reported
+    counts are the schedule's."""
+    assert simulate(p.ops, p.widths, p.batch_size, p.dtype) == p.peak_bytes <= budget
+    counts = [0] * p.n_layers
+    for kind, i in p.ops:
+        counts[i] += kind == "forward"
+    assert tuple(counts) == p.forward_counts and min(counts) >= 1
+    assert p.recompute_flops == sum((k - 1) * f for k, f in zip(counts, p.layer_flops))
+    assert [i for kind, i in p.ops if kind == "backward"] == list(reversed(range(p.n_layers)))
+    assert p.stored[0] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimality
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_recursion_matches_exhaustive_search(impl):
+    """Z (with slides) is complete: no schedule in the whole state space is cheaper."""
+    rng = random.Random(1)
+    for widths in random_chains(seed=2, count=70):
+        c = chain_of(widths, batch=2)
+        rec = recursion(widths, "optimal", impl, batch=2)
+        persistent = recursion(widths, "persistent", impl, batch=2)
+        for budget in budgets_of(c, rng):
+            best = brute_force(c.sizes, c.flops, budget)
+            cost, peak = rec.value(budget)
+            assert (cost, widths, budget) == (best, widths, budget)
+            assert peak <= budget
+            assert persistent.value(budget)[0] >= best
+
+
+def test_plan_matches_exhaustive_search_including_equal_layers():
+    rng = random.Random(3)
+    chains = list(random_chains(seed=4, count=25)) + [[3] * (n + 1) for n in range(1, 7)]
+    for widths in chains:
+        c = chain_of(widths, batch=3, dtype=np.float64)
+        for budget in budgets_of(c, rng):
+            p = plan(widths, 3, budget, np.float64)
+            check_plan(p, budget)
+            assert p.total_forward_flops == brute_force(c.sizes, c.flops, budget)
+
+
+def test_sliding_a_checkpoint_beats_every_persistent_schedule():
+    """The counterexample of the module docstring: a_1 is cheap to hold while a_4 and a_5 are
+    live, later slides to a_2 and is recomputed from a_0; no persistent schedule fits as cheaply."""
+    widths, budget = [2, 1, 2, 4, 7, 5], 15 * 4  # batch 1, float32: sizes are 4x the widths
+    c = chain_of(widths)
+    best = plan(widths, 1, budget)
+    persistent = plan(widths, 1, budget, method="persistent")
+    check_plan(best, budget)
+    check_plan(persistent, budget)
+    assert best.total_forward_flops == brute_force(c.sizes, c.flops, budget) == 2 * 87
+    assert persistent.total_forward_flops == 2 * 89
+    assert best.stored == (0, 1, 4)
+    position = best.ops.index(("backward", 4))
+    assert best.ops[position + 1:position + 4] == (("forward", 1), ("free", 1), ("forward", 2))
+
+
+def binomial_forwards(n, slots):
+    """Layer forwards of the best plan for n equal layers and a budget of ``slots`` activations,
+    from binomial coefficients (no recursion).
+
+    Griewank and Walther: with s checkpoints, Revolve's least number of forward steps t(l, s)
+    grows by r per extra step for beta(s, r) - beta(s, r-1) = C(s+r-1, r) consecutive lengths l,
+    beta(s, r) = C(s+r, s). Translation to this model, in slots of one activation: a segment
+    with both ends held and m slots has s = m - 2 free slots (everything counts: a_0, the held
+    ends, the checkpoints, the activations being computed). It behaves like Revolve with s
+    checkpoints, except that a sweep of two or more steps holds its source, a_k and a_{k+1} at
+    once: with s = 1 no such sweep fits beside the held end, which removes the one step of
+    slope 2 there; Pascal's rule carries that defect to C(s+r-4, s-2) steps of every larger s.
+    So the both-ends segment has
+        c_A(m, r) = C(s+r-1, r) - C(s+r-4, s-2)      (s = m - 2 >= 2),   c_A(3, r) = [r != 2]
+    steps of slope r, and the whole chain (a_N not computed yet, budget K slots), which splits
+    off one both-ends segment per slot it gives up, has c_B(K, r) = (K-2)[r = 1] +
+    sum_{m=3..K} c_A(m, r-1). Its cost is one forward plus the n-1 cheapest of those slopes.
+    """
+    def count(n_, k):
+        return comb(n_, k) if 0 <= k <= n_ else 0
+
+    def c_a(m, r):
+        if r == 0:
+            return 0
+        if m == 3:
+            return int(r != 2)
+        s = m - 2
+        return count(s + r - 1, r) - count(s + r - 4, s - 2)
+
+    if slots >= n + 1:
+        return n
+    left, total, r = n - 1, 1, 0
+    while left > 0:
+        r += 1
+        take = min(left, (slots - 2) * (r == 1) + sum(c_a(m, r - 1) for m in range(3, slots + 1)))
+        total += r * take
+        left -= take
+    return total
+
+
+def test_equal_layers_follow_the_binomial_closed_form():
+    for n in list(range(1, 40)) + [200, 1000]:
+        low = 2 if n == 1 else 3 if n < 1000 else 4  # 1,000 layers in 3 slots: a 1M-op schedule
+        for slots in sorted({low, low + 1, low + 2, n // 2 + 1, n, n + 1}):
+            if slots < low:
+                continue
+            budget = slots * 8 * 4
+            p = plan([8] * (n + 1), 1, budget)
+            assert p.total_forward_flops == binomial_forwards(n, slots) * 2 * 8 * 8, (n, slots)
+            if n <= 200:
+                check_plan(p, budget)
+
+
+def test_equal_layers_fast_path_matches_the_general_recursion():
+    """The closed form is the recursion Z (slides included) restricted to equal sizes."""
+    for n in range(1, 16):
+        rec = recursion([5] * (n + 1), "optimal", "python")
+        for slots in range(2 if n == 1 else 3, n + 2):
+            assert plan([5] * (n + 1), 1, slots * 20).total_forward_flops == rec.value(slots * 20)[0]
+
+
+def test_uniform_segments_are_never_better():
+    rng = random.Random(5)
+    for widths in [[64] * 17, [rng.randint(8, 96) for _ in range(13)], [784, 256, 256, 128, 10]]:
+        for k in range(len(widths) + 1):
+            uniform = uniform_plan(widths, 4, k)
+            check_plan(uniform, uniform.peak_bytes)
+            best = plan(widths, 4, uniform.peak_bytes)
+            assert best.recompute_flops <= uniform.recompute_flops
+            assert best.peak_bytes <= uniform.peak_bytes
+
+
+def test_uniform_plan_is_the_classic_schedule():
+    n = 10
+    assert uniform_plan([4] * (n + 1), 1, 1).recompute_flops == 0
+    for k, expected in [(0, n - 1), (3, n - 4), (4, n - 3), (n, n - 1)]:  # N - ceil(N / k)
+        p = uniform_plan([4] * (n + 1), 1, k)
+        assert p.recompute_flops == expected * 2 * 4 * 4
+        assert p.stored == tuple(range(0, n, k if k else n))
+        assert p.method == f"uniform(k={k})" and p.budget_bytes == p.peak_bytes
+
+
+@pytest.mark.parametrize("method", planmod.METHODS)
+def test_budget_at_or_above_plain_peak_recomputes_nothing(method):
+    for widths in ([7, 3, 9, 2], [16] * 9, [1, 2]):
+        plain = sum(widths) * 4 * 4
+        for budget in (plain, plain + 1, 10 * plain):
+            p = plan(widths, 4, budget, method=method)
+            assert p.recompute_flops == 0 and p.forward_counts == (1,) * (len(widths) - 1)
+            assert p.peak_bytes == p.plain_peak_bytes == plain
+            assert p.stored == tuple(range(len(widths) - 1))
+
+
+@pytest.mark.parametrize("widths", [[7, 3, 9, 2, 5], [16] * 9, [1, 2], [5, 5, 1]])
+def test_smallest_feasible_budget(widths):
+    c = chain_of(widths, batch=2)
+    low = c.min_budget
+    expected = max(c.sizes[0] + c.sizes[i] + c.sizes[i + 1] if i else c.sizes[0] + c.sizes[1]
+                   for i in range(c.n))
+    assert low == expected
+    check_plan(plan(widths, 2, low), low)
+    with pytest.raises(ValueError) as err:
+        plan(widths, 2, low - 1)
+    assert f"{low} B" in str(err.value) and format_size(low) in str(err.value)
+
+
+@pytest.mark.skipif(planmod._planner is None, reason="ckpt._planner is not built")
+def test_compiled_and_python_recursions_agree():
+    rng = random.Random(6)
+    for widths in random_chains(seed=7, count=40, max_layers=9):
+        c = chain_of(widths, batch=2)
+        for method in planmod.METHODS:
+            ours = recursion(widths, method, "compiled", batch=2)
+            reference = recursion(widths, method, "python", batch=2)
+            for budget in budgets_of(c, rng, count=3):
+                assert ours.value(budget) == reference.value(budget)
+                assert ours.ops(budget) == reference.ops(budget)
+
+
+@settings(max_examples=60, deadline=None)
+@given(widths=st.lists(st.integers(1, 64), min_size=2, max_size=12),
+       batch=st.integers(1, 8), fraction=st.floats(0, 1.2),
+       dtype=st.sampled_from([np.float32, np.float64]),
+       method=st.sampled_from(planmod.METHODS))
+def test_plans_are_legal_and_fit(widths, batch, fraction, dtype, method):
+    c = chain_of(widths, batch, dtype)
+    budget = c.min_budget + int(fraction * (c.plain_peak - c.min_budget))
+    p = plan(widths, batch, budget, dtype, method=method)
+    check_plan(p, budget)
+    # More memory never costs more FLOPs.
+    assert plan(widths, batch, budget + c.sizes[0], dtype, method=method).recompute_flops \
+        <= p.recompute_flops
+
+
+def test_the_executor_accepts_the_schedule():
+    schedule = pytest.importorskip("ckpt.schedule")
+    widths, batch = [30, 50, 20, 70, 40, 60, 10], 3
+    for budget in (plan(widths, batch, 10**9).min_budget_bytes, 2400):
+        p = plan(widths, batch, budget)
+        compiled = schedule.compile_schedule(p.ops, widths)
+        assert compiled.peak_units * batch * p.itemsize == p.peak_bytes
+
+
+# ---------------------------------------------------------------------------------------------
+# Trade-off curve
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("widths", [[32] * 25, [784, 512, 512, 256, 256, 128, 10]])
+def test_tradeoff_curve(widths):
+    curve = tradeoff(widths, 8)
+    c = chain_of(widths, 8)
+    assert curve[0][0] == c.min_budget and curve[-1] == (c.plain_peak, 0, c.plain_peak)
+    assert len(curve) == 17
+    for (b1, r1, _), (b2, r2, _) in zip(curve, curve[1:]):
+        assert b1 < b2 and r1 >= r2
+    for budget, recompute, peak in curve[::4]:
+        p = plan(widths, 8, budget)
+        assert (p.recompute_flops, p.peak_bytes) == (recompute, peak) and peak <= budget
+    assert [b for b, _, _ in tradeoff(widths, 8, points=[c.plain_peak, c.min_budget])] \
+        == [c.min_budget, c.plain_peak]
+    assert len(tradeoff(widths, 8, points=3)) == 3
+    with pytest.raises(ValueError, match="smallest feasible"):
+        tradeoff(widths, 8, points=[c.min_budget - 1])
+    with pytest.raises(ValueError, match="points"):
+        tradeoff(widths, 8, points=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Plan object
+# ---------------------------------------------------------------------------------------------
+
+
+class LayerLike:
+    def __init__(self, fan_in, fan_out):
+        self.in_features, self.out_features = fan_in, fan_out
+
+
+def test_layers_or_widths():
+    widths = [20, 40, 10, 30]
+    layers = [LayerLike(20, 40), LayerLike(40, 10), LayerLike(10, 30)]
+    assert plan(layers, 2, 10**6) == plan(widths, 2, 10**6)
+    assert plan(np.array(widths), 2, 10**6).widths == tuple(widths)
+    dense = pytest.importorskip("ckpt.layers").Dense
+    assert plan([dense(20, 40), dense(40, 10), dense(10, 30)], 2, 10**6).widths == tuple(widths)
+
+
+def test_plan_fields_and_explain():
+    widths, batch = [784, 1024, 1024, 1024, 1024, 10], 16
+    c = chain_of(widths, batch)
+    p = plan(widths, batch, c.min_budget + 2 * batch * 1024 * 4)
+    assert p.plain_forward_flops == sum(c.flops)
+    assert p.total_forward_flops == p.plain_forward_flops + p.recompute_flops > p.plain_forward_flops
+    assert p.plain_peak_bytes == c.plain_peak and p.itemsize == 4 and p.dtype == "float32"
+    text = p.explain()
+    lines = text.splitlines()
+    assert len(lines) >= 2 + p.n_layers + 5
+    for i in range(p.n_layers):
+        row = lines[2 + i].split()
+        assert row == [str(i), str(widths[i]), str(widths[i + 1]),
+                       "yes" if i in p.stored else "-", str(p.forward_counts[i])]
+    for needle in (format_size(p.peak_bytes), format_size(p.budget_bytes),
+                   format_size(p.plain_peak_bytes), "% of one forward pass",
+                   "% of a training step", "Not counted: parameters"):
+        assert needle in text
+    share = 100 * p.recompute_flops / p.plain_forward_flops
+    assert f"{share:.1f}% of one forward" in text and f"{share / 3:.1f}% of a training" in text
+    assert "'forward'" not in repr(p) and "peak=" in repr(p) and "stored=(0," in repr(p)
+    with pytest.raises(AttributeError):
+        p.peak_bytes = 0
+
+
+def test_simulate_rejects_illegal_schedules():
+    widths = [2, 3, 4]
+    good = [("forward", 0), ("forward", 1), ("backward", 1), ("backward", 0)]
+    assert simulate(good, widths, 1) == 9 * 4
+    cases = {
+        "needs a_1 held": [("forward", 1)],
+        "expected backward 1": [("forward", 0), ("forward", 1), ("backward", 0)],
+        "needs a_1 and a_2 held": [("forward", 0), ("forward", 1), ("free", 1), ("backward", 1)],
+        "a_2 is not held": good[:3] + [("free", 2), ("backward", 0)],
+        "held for the whole schedule": [("free", 0)],
+        "ends before backward 0": good[:3],
+        "unknown kind": [("recompute", 0)],
+        "outside a chain": [("forward", 2)],
+        "after backward 1": good[:3] + [("forward", 1)],
+        "not a (kind, index) pair": ["forward"],
+    }
+    for message, ops in cases.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            simulate(ops, widths, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes and bad inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_parse_size():
+    assert parse_size("4MiB") == 4 * 2**20
+    assert parse_size("4 mib") == parse_size("4MIB") == 4 * 2**20
+    assert parse_size("1.5GB") == 1_500_000_000
+    assert parse_size("0.5 KiB") == 512 and parse_size("2kb") == 2000
+    assert parse_size("4096") == parse_size("4096B") == parse_size(4096) == 4096
+    assert parse_size("1.7B") == 1 and parse_size(".5 GiB") == 2**29
+    for bad in ("", "MiB", "4 MiBs", "-1MB", "4 TB", "1e3", "4,5MB", "four"):
+        with pytest.raises(ValueError, match="cannot parse size"):
+            parse_size(bad)
+    with pytest.raises(TypeError):
+        parse_size(4.0)
+    with pytest.raises(ValueError):
+        parse_size(-1)
+
+
+def test_format_size():
+    assert format_size(0) == "0 B" and format_size(1023) == "1023 B"
+    assert format_size(1536) == "1.5 KiB" and format_size(4 * 2**20) == "4 MiB"
+    assert format_size(int(12.25 * 2**20)) == "12.25 MiB" and format_size(3 * 2**30) == "3 GiB"
+    for n in (1, 999, 2**20 + 1, 5 * 2**40 + 3):
+        assert parse_size(format_size(n).replace(" ", "")) == pytest.approx(n, rel=0.01)
+
+
+@pytest.mark.parametrize("args, error, message", [
+    (([], 1, 100), ValueError, "empty"),
+    (([5], 1, 100), ValueError, "N\\+1 >= 2"),
+    (([5, 0, 3], 1, 100), ValueError, "width 1 must be positive, got 0"),
+    (([5, -2], 1, 100), ValueError, "width 1 must be positive, got -2"),
+    (([5, 2.0], 1, 100), TypeError, "chain item 1 is a float"),
+    (([5, True], 1, 100), TypeError, "chain item 1 is a bool"),
+    (("abc", 1, 100), TypeError, "chain must be"),
+    ((5, 1, 100), TypeError, "chain must be"),
+    (([LayerLike(3, 4), LayerLike(5, 6)], 1, 100), ValueError,
+     "layers 0 and 1 do not connect: layer 0 has out_features=4, layer 1 has in_features=5"),
+    (([LayerLike(3, 4.0)], 1, 100), TypeError, "layer 0: out_features must be an int"),
+    (([LayerLike(0, 4)], 1, 100), ValueError, "layer 0: in_features must be positive"),
+    (([LayerLike(3, 4), 4], 1, 100), TypeError, "chain item 1"),
+    (([3, 4], 0, 100), ValueError, "batch_size must be positive, got 0"),
+    (([3, 4], 2.0, 100), TypeError, "batch_size must be an int"),
+    (([3, 4], 1, -1), ValueError, "budget_bytes must be >= 0, got -1"),
+    (([3, 4], 1, 100.0), TypeError, "budget_bytes must be an int"),
+    (([3, 4], 1, "4MiB"), TypeError, "parse_size"),
+    (([3, 4], 1, 100, np.float16), ValueError, "float32 or float64, got float16"),
+    (([3, 4], 1, 100, np.int32), ValueError, "float32 or float64, got int32"),
+    (([3, 4], 1, 100, None), TypeError, "float32 or float64, got None"),
+    (([3, 4], 1, 100, "nonsense"), TypeError, "float32 or float64"),
+])
+def test_bad_inputs(args, error, message):
+    with pytest.raises(error, match=message):
+        plan(*args)
+
+
+def test_bad_method_and_uniform_arguments():
+    with pytest.raises(ValueError, match="method must be one of"):
+        plan([3, 4], 1, 100, method="rotor")
+    with pytest.raises(ValueError, match="checkpoint_every must be >= 0, got -1"):
+        uniform_plan([3, 4], 1, -1)
+    with pytest.raises(TypeError, match="checkpoint_every must be an int"):
+        uniform_plan([3, 4], 1, 1.5)
