@@ -93,9 +93,9 @@ class Worker:
 
 
 def worker_env(threads: int, unset_blas_env: bool) -> dict:
+    # The workers import the ckpt this interpreter imports (the installed package; set
+    # PYTHONPATH=src to measure an in-place build).
     env = dict(os.environ)
-    src = str(ROOT / "src")
-    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if unset_blas_env:
         env.pop("OPENBLAS_CORETYPE", None)
         env.pop("OPENBLAS_L2_SIZE", None)

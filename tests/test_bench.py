@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import ckpt
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
@@ -25,7 +27,9 @@ def quick_run(tmp_path_factory):
     if not HAVE_TORCH:
         cmd.append("--no-torch")
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    # The workers must import the ckpt under test (installed in CI, src/ in a dev tree).
+    env["PYTHONPATH"] = str(Path(ckpt.__file__).resolve().parent.parent) + os.pathsep + \
+        env.get("PYTHONPATH", "")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out, json.loads((out / "results.json").read_text())
