@@ -128,6 +128,8 @@ from numbers import Integral
 
 import numpy as np
 
+from ckpt.schedule import uniform_ops
+
 try:  # the compiled twin of _Recursion; absent until the package is built
     from ckpt import _planner
 except ImportError:
@@ -859,18 +861,7 @@ def uniform_plan(chain: object, batch_size: int, checkpoint_every: int,
         raise TypeError(f"checkpoint_every must be an int, got {checkpoint_every!r}")
     if checkpoint_every < 0:
         raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
-    n = c.n
-    k = n if checkpoint_every == 0 or checkpoint_every > n else int(checkpoint_every)
-    table = _OpTable(n)
-    ops: list = []
-    for i in range(n):
-        ops.append(table.forward[i])
-        if i % k:
-            ops.append(table.free[i])
-    for start in reversed(range(0, n, k)):
-        end = min(start + k, n)
-        ops += table.forward[start:end - 1]
-        ops += reversed(table.backward[start:end])
+    ops = uniform_ops(c.n, int(checkpoint_every))
     peak = _run(ops, c.sizes)[0]
     return _make_plan(c, peak, ops, f"uniform(k={checkpoint_every})")
 
