@@ -169,7 +169,11 @@ class SegmentCheckpointer:
 
     ``forward`` returns a read-only array (it is kept for backward); ``backward`` accumulates
     the parameter gradients and returns the gradient of the input, then releases every stored
-    activation. The instance is not safe to use from two threads at once.
+    activation. In steady state a step allocates three arrays and nothing else: the arena of
+    stored activations (one block, freed when backward ends — that is what lets checkpointing
+    give memory back), the output and the input gradient (both handed to the caller). The two
+    gradient buffers and the compiled schedule are kept across steps. The instance is not safe
+    to use from two threads at once.
     """
 
     def __init__(self, layers: Iterable[Layer] = (), checkpoint_every: Optional[int] = None, *,
