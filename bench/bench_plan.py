@@ -1,8 +1,8 @@
 """Time ckpt.plan: how long planning takes for long equal chains and for uneven ones.
 
-    python bench/bench_plan.py            # the quick cases (about half a minute)
-    python bench/bench_plan.py --slow     # also the optimal planner on 100-200 uneven layers
-    python bench/bench_plan.py --python   # force the pure-Python recursion (no ckpt._planner)
+    python bench/bench_plan.py            # the quick cases (about 15 s)
+    python bench/bench_plan.py --slow     # also 100-200 uneven layers the slow way (~15 min)
+    python bench/bench_plan.py --python   # the pure-Python recursion instead (much slower)
 
 Prints one line per case: the chain, the budget (as a fraction of the way from the smallest
 feasible budget to the plain-backprop peak), the method, the seconds, and the extra compute of

@@ -2,12 +2,14 @@
 """Compiled twin of ``ckpt.plan._Recursion``: the recursion Z / C on exact byte counts.
 
 The maths, the decision codes and the tie-breaking are those of ``ckpt.plan`` (module docstring
-and ``_Recursion``), line by line, so both return the same schedules. Memo entries live in one
-pool; each state keeps a linked list of intervals [peak, m] over which its optimum holds. The
-list heads of the states (y, p, ., .) are allocated when (y, p) is first reached.
+and ``_Recursion``), line by line, so both return the same schedules. Each state keeps its optima
+as disjoint intervals [peak, m] sorted by peak, plus the largest m known to be infeasible; a
+lookup tries the interval that answered last (budgets come back in bursts), then bisects. The
+states (y, p, ., .) get their memo when (y, p) is first reached.
 """
 from libc.stdint cimport int32_t, int64_t
-from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.stdlib cimport calloc, free, realloc
+from libc.string cimport memmove
 
 import numpy as np
 
@@ -18,7 +20,13 @@ cdef int32_t TERMINAL = 0, FREE_END = -1  # a push to r2 is r2 >= 1, a slide to 
 
 cdef struct Entry:
     int64_t lo, hi, cost, peak
-    int32_t dec, next
+    int32_t dec
+
+
+cdef struct Memo:
+    Entry* items            # sorted by lo
+    int32_t size, cap, last # last: the entry that answered the previous lookup
+    int64_t dead            # no schedule for any m <= dead
 
 
 cdef struct Res:
@@ -36,6 +44,18 @@ cdef inline int64_t max64(int64_t a, int64_t b) noexcept:
     return a if a > b else b
 
 
+cdef inline int32_t covering(Entry* items, int32_t size, int64_t m) noexcept:
+    """How many entries start at or below m (the last of them is the only one that can hold m)."""
+    cdef int32_t low = 0, high = size, mid
+    while low < high:
+        mid = (low + high) >> 1
+        if items[mid].lo <= m:
+            low = mid + 1
+        else:
+            high = mid
+    return low
+
+
 cdef class Recursion:
     """Z and C for one chain (sizes in bytes, per-layer FLOPs), memoised across budgets.
 
@@ -46,23 +66,20 @@ cdef class Recursion:
     cdef bint slides, out_of_memory
     cdef int64_t[::1] w, pre
     cdef int64_t[:, ::1] keep, drop
-    cdef int32_t** heads_z
-    cdef int32_t** heads_c
-    cdef int row_length
-    cdef Entry* pool
-    cdef Py_ssize_t pool_size, pool_cap
+    cdef Memo** rows_z
+    cdef Memo** rows_c
     cdef list forward_ops, backward_ops, free_ops
 
     def __cinit__(self):
-        self.heads_z = self.heads_c = NULL
-        self.pool = NULL
+        self.rows_z = self.rows_c = NULL
 
     def __init__(self, const int64_t[::1] sizes, const int64_t[::1] flops, bint slides):
         cdef int n = sizes.shape[0] - 1
         cdef int x, j
         cdef int64_t a, b, pair
         if n < 1 or flops.shape[0] != n:
-            raise ValueError(f"need N+1 sizes and N flops, got {sizes.shape[0]} and {flops.shape[0]}")
+            raise ValueError(
+                f"need N+1 sizes and N flops, got {sizes.shape[0]} and {flops.shape[0]}")
         self.n, self.slides = n, slides
         self.w = np.array(sizes, dtype=np.int64)
         self.pre = np.zeros(n + 1, dtype=np.int64)
@@ -80,100 +97,105 @@ cdef class Recursion:
                 b = max64(b, pair)
                 self.keep[x, j] = a
                 self.drop[x, j] = b
-        # State (y, p, r, e) -> heads[y, p][(r - y) * 2 + e]; with slides r runs over [y, p),
+        # State (y, p, r, e) -> rows[y, p][(r - y) * 2 + e]; with slides r runs over [y, p),
         # and a child (y, p, r2, e) has the same place with r2 in (y, p). Without slides r = y.
-        self.row_length = 2 * n if slides else 2
-        self.heads_z = <int32_t**> calloc((n + 1) * (n + 1), sizeof(int32_t*))
+        self.rows_z = <Memo**> calloc((n + 1) * (n + 1), sizeof(Memo*))
         if slides:
-            self.heads_c = <int32_t**> calloc((n + 1) * (n + 1), sizeof(int32_t*))
-        self.pool_cap = 1024
-        self.pool = <Entry*> malloc(self.pool_cap * sizeof(Entry))
-        if self.heads_z == NULL or self.pool == NULL or (slides and self.heads_c == NULL):
+            self.rows_c = <Memo**> calloc((n + 1) * (n + 1), sizeof(Memo*))
+        if self.rows_z == NULL or (slides and self.rows_c == NULL):
             raise MemoryError(f"no room for the memo of a {n}-layer chain")
-        self.pool_size = 0
         self.out_of_memory = False
         self.forward_ops = [("forward", i) for i in range(n)]
         self.backward_ops = [("backward", i) for i in range(n)]
         self.free_ops = [("free", i) for i in range(n + 1)]
 
     def __dealloc__(self):
-        cdef Py_ssize_t k
-        for k in range((self.n + 1) * (self.n + 1)):
-            if self.heads_z != NULL:
-                free(self.heads_z[k])
-            if self.heads_c != NULL:
-                free(self.heads_c[k])
-        free(self.heads_z)
-        free(self.heads_c)
-        free(self.pool)
+        self.free_rows(self.rows_z)
+        self.free_rows(self.rows_c)
 
-    cdef int32_t* heads(self, int32_t** table, int y, int p) noexcept:
-        """The list heads of the states (y, p, ., .), created empty on first use (NULL if out
-        of memory)."""
+    cdef void free_rows(self, Memo** table) noexcept:
+        cdef int y, p, i
+        cdef Memo* row
+        if table == NULL:
+            return
+        for p in range(1, self.n + 1):
+            for y in range(p):
+                row = table[y * (self.n + 1) + p]
+                if row != NULL:
+                    for i in range(self.length(y, p)):
+                        free(row[i].items)
+                    free(row)
+        free(table)
+
+    cdef inline int length(self, int y, int p) noexcept:
+        """States per (y, p): r (or r2) in [y, p) and e in {0, 1}; just r = y without slides."""
+        return 2 * (p - y) if self.slides else 2
+
+    cdef Memo* memo(self, Memo** table, int y, int p, int slot) noexcept:
+        """The memo of one state of (y, p), created empty with its row (NULL if out of memory)."""
         cdef Py_ssize_t k = y * (self.n + 1) + p
-        cdef int length = min(self.row_length, 2 * (p - y))
         cdef int i
         if table[k] == NULL:
-            table[k] = <int32_t*> malloc(length * sizeof(int32_t))
+            table[k] = <Memo*> calloc(self.length(y, p), sizeof(Memo))
             if table[k] == NULL:
                 self.out_of_memory = True
                 return NULL
-            for i in range(length):
-                table[k][i] = -1
-        return table[k]
+            for i in range(self.length(y, p)):
+                table[k][i].dead = NEG
+        return &table[k][slot]
 
-    cdef inline bint recall(self, int32_t* heads, int slot, int64_t m, Res* out) noexcept:
-        cdef int32_t k = heads[slot], before = -1
-        cdef Entry* entry
-        while k >= 0:
-            entry = &self.pool[k]
-            if entry.lo <= m <= entry.hi:
-                out[0] = res_of(entry.cost, entry.peak, entry.dec)
-                if before >= 0:  # move to the front: the same budgets come back in bursts
-                    self.pool[before].next = entry.next
-                    entry.next = heads[slot]
-                    heads[slot] = k
-                return True
-            before, k = k, entry.next
-        return False
+    cdef inline bint recall(self, Memo* memo, int64_t m, Res* out) noexcept:
+        cdef Entry* items = memo.items
+        cdef int32_t k = memo.last
+        if m <= memo.dead:
+            out[0] = res_of(INF, INF, 0)
+            return True
+        if not (k < memo.size and items[k].lo <= m <= items[k].hi):
+            k = covering(items, memo.size, m) - 1
+            if k < 0 or m > items[k].hi:
+                return False
+            memo.last = k
+        out[0] = res_of(items[k].cost, items[k].peak, items[k].dec)
+        return True
 
-    cdef void remember(self, int32_t* heads, int slot, int64_t m, Res res) noexcept:
-        cdef int32_t k = heads[slot]
-        cdef Entry* entry
+    cdef void remember(self, Memo* memo, int64_t m, Res res) noexcept:
         cdef Entry* grown
-        while k >= 0:
-            entry = &self.pool[k]
-            if entry.cost == res.cost and entry.peak == res.peak:  # same optimum up to m too
-                if entry.hi < m:
-                    entry.hi = m
-                return
-            k = entry.next
-        if self.pool_size == self.pool_cap:
-            grown = <Entry*> realloc(self.pool, 2 * self.pool_cap * sizeof(Entry))
-            if grown == NULL:  # keep going without memo; value() raises MemoryError after
+        cdef int32_t k
+        if res.cost == INF:
+            if memo.dead < m:
+                memo.dead = m
+            return
+        k = covering(memo.items, memo.size, m)
+        # Optima only improve with m, so an equal one can only be the entry just below.
+        if k > 0 and memo.items[k - 1].cost == res.cost and memo.items[k - 1].peak == res.peak:
+            if memo.items[k - 1].hi < m:
+                memo.items[k - 1].hi = m
+            return
+        if memo.size == memo.cap:
+            grown = <Entry*> realloc(memo.items, (2 * memo.cap + 2) * sizeof(Entry))
+            if grown == NULL:  # go on without this entry; value() raises MemoryError after
                 self.out_of_memory = True
                 return
-            self.pool, self.pool_cap = grown, 2 * self.pool_cap
-        entry = &self.pool[self.pool_size]
-        entry.lo = res.peak if res.cost != INF else NEG  # infeasible: for every m' <= m
-        entry.hi, entry.cost, entry.peak, entry.dec = m, res.cost, res.peak, res.dec
-        entry.next = heads[slot]
-        heads[slot] = <int32_t> self.pool_size
-        self.pool_size += 1
+            memo.items, memo.cap = grown, 2 * memo.cap + 2
+        memmove(&memo.items[k + 1], &memo.items[k], (memo.size - k) * sizeof(Entry))
+        memo.items[k].lo, memo.items[k].hi, memo.items[k].cost = res.peak, m, res.cost
+        memo.items[k].peak, memo.items[k].dec = res.peak, res.dec
+        memo.size += 1
+        memo.last = k
 
     cdef Res z(self, int y, int p, int r, int e, int64_t m) noexcept:
         cdef int64_t own = self.w[y] + (self.w[p] if e else 0)
         cdef int64_t best, best_peak, cost, peak, sweep, extra, floor
         cdef int32_t best_dec
-        cdef int32_t* heads
-        cdef int r2, y2, last, slot = (r - y) * 2 + e
+        cdef Memo* memo
+        cdef int r2, y2, last
         cdef Res res, c1, c2
         if own > m:
             return res_of(INF, INF, 0)
-        heads = self.heads(self.heads_z, y, p)
-        if heads == NULL:
+        memo = self.memo(self.rows_z, y, p, (r - y) * 2 + e)
+        if memo == NULL:
             return res_of(INF, INF, 0)
-        if self.recall(heads, slot, m, &res):
+        if self.recall(memo, m, &res):
             return res
         if y == p - 1:
             if r != y:
@@ -218,7 +240,7 @@ cdef class Recursion:
                     if cost < best or (cost == best and peak < best_peak):
                         best, best_peak, best_dec = cost, peak, -y2
             res = res_of(best, best_peak, best_dec)
-        self.remember(heads, slot, m, res)
+        self.remember(memo, m, res)
         return res
 
     cdef Res child(self, int y, int p, int r2, int e, int64_t m) noexcept:
@@ -226,14 +248,14 @@ cdef class Recursion:
         cdef int64_t wy = self.w[y]
         cdef int64_t best = INF, best_peak = INF, cost, peak, sweep
         cdef int32_t best_b = 0
-        cdef int32_t* heads = NULL
-        cdef int b, slot = (r2 - y) * 2 + e
+        cdef Memo* memo = NULL
+        cdef int b
         cdef Res res, c2
         if self.slides:
-            heads = self.heads(self.heads_c, y, p)
-            if heads == NULL:
+            memo = self.memo(self.rows_c, y, p, (r2 - y) * 2 + e)
+            if memo == NULL:
                 return res_of(INF, INF, 0)
-            if self.recall(heads, slot, m, &res):
+            if self.recall(memo, m, &res):
                 return res
         for b in range(y + 1 if self.slides else r2, r2 + 1):
             sweep = self.keep[y, b] + extra
@@ -248,7 +270,7 @@ cdef class Recursion:
                 best, best_peak, best_b = cost, peak, b
         res = res_of(best, best_peak, best_b)
         if self.slides:
-            self.remember(heads, slot, m, res)
+            self.remember(memo, m, res)
         return res
 
     cdef Res top(self, int64_t budget) except *:

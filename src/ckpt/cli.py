@@ -436,6 +436,10 @@ def add_plan_command(subparsers: argparse._SubParsersAction) -> None:
                         "floor(sqrt(depth)) uniform segments need)")
     p.add_argument("--dtype", choices=["float32", "float64"], default=DEFAULTS["dtype"],
                    help="default %(default)s")
+    p.add_argument("--method", choices=["optimal", "persistent"], default="optimal",
+                   help="optimal: least recomputation over all schedules (default; can take "
+                        "minutes on long uneven chains); persistent: over schedules that keep a "
+                        "checkpoint until its backward (rotor), much faster")
     p.add_argument("--points", type=_positive_int, default=8,
                    help="rows of the trade-off table (default %(default)s)")
     p.add_argument("--plot", metavar="FILE.png", help="draw the trade-off curve (needs matplotlib)")
@@ -453,9 +457,9 @@ def run_plan(args: argparse.Namespace) -> int:
     budget = args.budget
     if budget is None:
         budget = uniform_plan(widths, args.batch_size, max(1, math.isqrt(depth)), dtype).peak_bytes
-    chosen = plan(widths, args.batch_size, budget, dtype)
+    chosen = plan(widths, args.batch_size, budget, dtype, method=args.method)
     print(chosen.explain())
-    curve = tradeoff(widths, args.batch_size, dtype, points=args.points)
+    curve = tradeoff(widths, args.batch_size, dtype, points=args.points, method=args.method)
     step_flops = 3 * chosen.plain_forward_flops
     print()
     print("memory versus compute (the least recomputation for each budget):")

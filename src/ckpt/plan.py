@@ -1,4 +1,4 @@
-"""Optimal checkpointing plans for a chain of Dense layers: least recomputation under a memory budget.
+"""Optimal checkpointing plans for a chain of Dense layers: least recomputation within a budget.
 
 Model
 -----
@@ -47,8 +47,8 @@ byte counts m (the argument is a sketch; the tests check it against exhaustive s
 C is a *child*: sweep from a_y to a_b keeping a_y, and let the child (which may slide from b to
 r2) back-propagate down to r2. F(i, j) = f_i + ... + f_{j-1}. Sweeps are checked against m at
 each transient moment: keeping a_y, the forward of a_k holds a_y, a_k, a_{k+1} (and a_p if e).
-The whole plan is Z(0, N, 0, 0, budget). Ties in FLOPs are broken by the lower peak, so the
-returned peak is also the least one among the cheapest plans.
+The whole plan is Z(0, N, 0, 0, budget). Ties in FLOPs go to the lower peak, so a generous
+budget does not inflate the peak of the plan.
 
 Without slides (b = r2 and y2 never taken) this is the recursion of Revolve / rotor
 (Griewank & Walther 2000; Beaumont et al. 2019), extended by the right-end choice e (keep the
@@ -58,9 +58,9 @@ For heterogeneous widths it is not optimal under this model: widths (2, 1, 2, 4,
 1 in float32 within 60 bytes need 174 forward FLOPs, every persistent schedule at least 178.
 The best one keeps a_1 (cheap to hold while a_4 and a_5 are live), later slides it to a_2 and
 recomputes a_1 from a_0 at the end. The tests compare Z against an exhaustive search over all
-legal schedules on random small chains (and a longer offline run found no difference in
-260,000 chains of up to 9 layers). ``method="persistent"`` keeps the rotor recursion: O(N^2)
-states instead of O(N^3), much faster on long uneven chains.
+legal schedules on random small chains (a longer offline run found no difference in 260,000
+chain-and-budget pairs of up to 9 layers). ``method="persistent"`` keeps the rotor recursion:
+O(N^2) states instead of O(N^3), much faster on long uneven chains.
 
 Equal layers
 ------------
@@ -92,19 +92,25 @@ Memory is never discretised: Z and C are memoised on exact byte values. A result
 with peak P is the answer for every m' in [P, m] (the same schedule fits, and less memory never
 makes a plan cheaper), so each state keeps a list of intervals [P, m] instead of one entry per
 byte value. The number of intervals is the number of distinct optima a state meets over the
-budgets that reach it: small when the chain has few distinct widths, up to O(N) when every
-width differs, which is what makes irregular chains slow.
+budgets that reach it: a few when the chain has few distinct widths, dozens (growing with N)
+when every width differs, which is what makes irregular chains slow.
 
 Cost and timings
 ----------------
-Z has O(N^3) states of O(N) choices each, times the number of distinct optima per state (a few;
-more for irregular widths); the persistent recursion O(N^2) states. Measured by
-``python bench/bench_plan.py`` (one core, compiled ``ckpt._planner``; the pure-Python fallback is
-~30-50x slower):
+The persistent recursion has O(N^2) states, Z O(N^3), each with O(N) choices, times the number
+of distinct optima a state meets (see above). ``python bench/bench_plan.py [--slow]`` prints
+these (one core, compiled ``ckpt._planner``, budgets at 5/20/50/80% of the way from the
+smallest feasible one to the plain peak; the pure-Python fallback is 100-400x slower):
 
-    1,000 equal layers, any budget ............................... 0.002-0.03 s
-    200 uneven layers (widths 256-4096), persistent, 5 budgets ... see bench/bench_plan.py
-    uneven layers, optimal (with slides) ......................... see bench/bench_plan.py
+    1,000 equal layers, 4 to 1,001 slots ................ 0.005-0.06 s (3 slots: 0.7 s, 1M ops)
+    1,000 equal layers, tradeoff() at 17 budgets ........ 0.002 s
+    tapered MLP 784-2048-1024-512-256-10, persistent .... 50 layers <= 0.003 s, 100 <= 0.05 s,
+                                                          200: 0.1-0.9 s
+    the same, optimal ................................... 50 layers <= 0.07 s, 100: 0.2-3 s,
+                                                          200: 8-100 s
+    random widths 256-4096, persistent .................. 50 layers <= 0.14 s, 100: 0.03-16 s,
+                                                          200 at 5%: over 10 min
+    the same, optimal ................................... 50 layers: 0.01-4 s
 
 References
 ----------
@@ -157,13 +163,14 @@ def _is_int(x: object) -> bool:
 def _chain_widths(chain: object) -> tuple[int, ...]:
     """Widths a_0 .. a_N from N+1 ints or from N layer-like objects (in_features, out_features)."""
     if isinstance(chain, (str, bytes)) or not isinstance(chain, Iterable):
-        raise TypeError(f"chain must be a list of N+1 widths or of N layers, got {type(chain).__name__}")
+        raise TypeError("chain must be a list of N+1 widths or of N layers, got "
+                        f"{type(chain).__name__}")
     items = list(chain)
     if not items:
         raise ValueError("chain is empty: give N+1 >= 2 widths or N >= 1 layers")
     if _is_int(items[0]):
         if len(items) < 2:
-            raise ValueError(f"a chain of widths needs N+1 >= 2 entries (N >= 1 layer), got {items}")
+            raise ValueError(f"a chain of widths needs N+1 >= 2 entries (N >= 1), got {items}")
         for i, x in enumerate(items):
             if not _is_int(x):
                 raise TypeError(f"chain item {i} is a {type(x).__name__}: widths must be ints")
@@ -352,7 +359,8 @@ def _run(ops: Iterable[Op], sizes: Sequence[int]) -> tuple[int, tuple[int, ...],
             raise ValueError(f"operation {step}: {kind} {i!r} is outside a chain of {n} layers")
         if kind == FORWARD:
             if not held[i] or held[i + 1]:
-                raise ValueError(f"operation {step}: forward {i} needs a_{i} held and a_{i + 1} not")
+                raise ValueError(
+                    f"operation {step}: forward {i} needs a_{i} held and a_{i + 1} not")
             if i > next_backward:
                 raise ValueError(f"operation {step}: forward {i} after backward {i}")
             held[i + 1] = True
@@ -361,7 +369,8 @@ def _run(ops: Iterable[Op], sizes: Sequence[int]) -> tuple[int, tuple[int, ...],
             counts[i] += 1
         elif kind == BACKWARD:
             if i != next_backward:
-                raise ValueError(f"operation {step}: backward {i}, expected backward {next_backward}")
+                raise ValueError(
+                    f"operation {step}: backward {i}, expected backward {next_backward}")
             if not (held[i] and held[i + 1]):
                 raise ValueError(f"operation {step}: backward {i} needs a_{i} and a_{i + 1} held")
             held[i + 1] = False
