@@ -8,6 +8,7 @@ one fused Cython kernel per parameter; the moment buffers are allocated once, up
 from __future__ import annotations
 
 import numbers
+from abc import ABC, abstractmethod
 from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -59,7 +60,7 @@ def _number(value: object, name: str, low: float, high: float = np.inf, *,
     return value
 
 
-class Optimizer:
+class Optimizer(ABC):
     """Common machinery: parameter lists, flat views, named state buffers, state dicts."""
 
     _buffer_names: Tuple[str, ...] = ()
@@ -78,9 +79,9 @@ class Optimizer:
         }
         self.step_count = 0
 
+    @abstractmethod
     def step(self) -> None:
         """Update every parameter from its gradient."""
-        raise NotImplementedError
 
     def zero_grad(self) -> None:
         """Set every gradient to zero."""
@@ -93,8 +94,9 @@ class Optimizer:
         return sum(b.nbytes for bufs in self._buffers.values() for b in bufs)
 
     @property
+    @abstractmethod
     def hyperparameters(self) -> Dict[str, Any]:
-        raise NotImplementedError
+        """The optimizer's hyper-parameters, by name."""
 
     def state_dict(self) -> Dict[str, Any]:
         """A copy of the state: type, hyper-parameters, step count and buffers."""
@@ -157,8 +159,9 @@ class Optimizer:
             setattr(self, key, value)
 
     @staticmethod
+    @abstractmethod
     def _validated(**hyper: Any) -> Dict[str, Any]:
-        raise NotImplementedError
+        """The hyper-parameters, checked (ValueError/TypeError naming the bad one)."""
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters.items())
