@@ -25,6 +25,7 @@ import sys
 import time
 import tracemalloc
 import traceback
+from abc import ABC, abstractmethod
 
 import numpy as np
 
@@ -39,7 +40,7 @@ def _median(xs):
 
 
 # ------------------------------------------------------------------------------------ contenders
-class Contender:
+class Contender(ABC):
     name = "?"
 
     def __init__(self, threads: int) -> None:
@@ -54,15 +55,17 @@ class Contender:
     x: np.ndarray
     t: np.ndarray
 
+    @abstractmethod
     def prepare(self, w: wl.Workload, k: int, variant: str) -> dict:
-        raise NotImplementedError
+        """Build the network for workload w at checkpoint_every k; returns notes for the row."""
 
+    @abstractmethod
     def step(self) -> None:
-        raise NotImplementedError
+        """One training step: forward, loss gradient, backward, SGD update."""
 
+    @abstractmethod
     def loss_and_grads(self):
         """One forward + backward without update: (loss, [arrays to check for subnormals])."""
-        raise NotImplementedError
 
     def memory(self) -> dict:
         """Peak bytes over one step, buffers kept across steps counted (after the first step)."""
