@@ -98,10 +98,12 @@ def test_predict_stores_nothing_and_matches_the_layers():
     out = predict(model, X, batch_size=7)           # float64 X is cast to the model's dtype
     assert out.shape == (50, 3) and out.dtype == np.float32
     assert model.memory_tracker.stored_activation_bytes == 0
-    expected = X.astype(np.float32)
-    for layer in layers:
-        expected = layer.forward(expected)
-    np.testing.assert_array_equal(out, expected)
+    # Same slices as predict: BLAS may sum in another order for another number of rows.
+    for start in range(0, 50, 7):
+        expected = X[start:start + 7].astype(np.float32)
+        for layer in layers:
+            expected = layer.forward(expected)
+        np.testing.assert_array_equal(out[start:start + 7], expected)
     assert predict(model, X[:0]).shape == (0, 3)
 
 
