@@ -1,41 +1,57 @@
 """Checkpointing schedules: which activations to keep, what to recompute, and where it lives.
 
-A schedule is a sequence of operations on the activations a_0 ... a_N of a chain of N layers
-(a_i is the input of layer i, a_N the output):
+A schedule is a sequence of operations on the activations a_0 ... a_N of a chain of N elements
+(a_i is the input of element i, a_N the output):
 
-- ``("forward", i)``: compute a_{i+1} from a_i (which must be held);
-- ``("backward", i)``: back-propagate through layer i (needs a_i and a_{i+1}); frees a_{i+1};
-- ``("free", i)``: a_i is no longer needed.
+- ``("forward", i)``: compute a_{i+1} from a_i (which must be held, a_{i+1} not, and backward i
+  not yet done);
+- ``("backward", i)``: back-propagate through element i, in the order N-1 .. 0, once a_N has
+  been computed; needs a_i and a_{i+1} held and frees a_{i+1};
+- ``("free", i)``: a_i (held, i > 0) is no longer needed. a_0 is held for the whole schedule.
 
-Only a_0 is held at the start. The *forward phase* runs up to the first computation of a_N;
-the *backward phase* is the rest. :func:`compile_schedule` checks a schedule, places every
-activation in one arena with static offsets (so a step allocates one block, not one per
-activation), and emits the integer rows that ckpt's typed executor runs.
+Only a_0 is held at the start; whatever is held at the end is released then. The *forward
+phase* runs up to the first computation of a_N and the frees right after it; the *backward
+phase* is the rest.
+
+:func:`replay` is the one checker of these rules: it raises ValueError naming the first illegal
+operation and measures a schedule from the elements' descriptions (:mod:`ckpt.costs`): its peak,
+how often each element runs, what the forward phase leaves held. The planner, the checkpointer
+and the reports all use it. :func:`compile_schedule` then places every activation, and every
+operation's scratch, in one arena with static offsets (so a step allocates one block, not one per
+activation) and emits the integer rows that ckpt's typed executor runs.
+
+With ``keep_internals`` (plain backprop) each forward also keeps its element's internals (its
+tape, see :mod:`ckpt.costs`) beside the output, and the backward reuses them; otherwise a
+backward recomputes them in its scratch.
 """
 from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Iterable, Sequence, Tuple
+from numbers import Integral
+from typing import Iterable, Sequence, Tuple, Union
 
 import numpy as np
 
 from ckpt._core import OP_CODES
+from ckpt.costs import ChainCosts
 
 Op = Tuple[str, int]
+FORWARD, BACKWARD, FREE = "forward", "backward", "free"
 
-# Column meaning of a compiled row: kind, layer or activation index, arena offset, recompute flag.
-_OUTPUT = -1  # offset of a_N, which is written to the caller's output array instead
+# Columns of a compiled row. Offsets are in units of one batch row (rows_for_batch scales them).
+ROW_KIND, ROW_INDEX, ROW_OUTPUT, ROW_RECOMPUTE, ROW_TAPE, ROW_SCRATCH = range(6)
+_NONE = -1  # no block: a_N goes to the caller's output array; no tape; no scratch
 
 
 def uniform_ops(n_layers: int, checkpoint_every: int) -> list:
     """The classic schedule of segment checkpointing (Chen et al. 2016, "Training deep nets with
-    sublinear memory cost"): keep the inputs of layers 0, k, 2k, ...; in backward, recompute each
-    segment once from its start, then back-propagate through it.
+    sublinear memory cost"): keep the inputs of elements 0, k, 2k, ...; in backward, recompute
+    each segment once from its start, then back-propagate through it.
 
     k = 1 keeps everything (plain backprop); k = 0 (or k >= N) keeps only a_0. A segment of S
-    layers recomputes S - 1 of them: its last layer's output is the next segment's start or the
-    network output, both held. Total recomputation: N - ceil(N / k) layer forwards.
+    elements recomputes S - 1 of them: its last element's output is the next segment's start or
+    the network output, both held. Total recomputation: N - ceil(N / k) element forwards.
     """
     n, k = n_layers, checkpoint_every
     if k <= 0 or k > n:
@@ -43,17 +59,138 @@ def uniform_ops(n_layers: int, checkpoint_every: int) -> list:
     starts = list(range(0, n, k))
     ops: list = []
     for i in range(n):
-        ops.append(("forward", i))
+        ops.append((FORWARD, i))
         if i > 0 and i % k != 0:
-            ops.append(("free", i))
+            ops.append((FREE, i))
     for start in reversed(starts):
         end = min(start + k, n)
         for i in range(start, end - 1):
-            ops.append(("forward", i))
-        # Each backward frees its layer's output; the segment start goes with the next one.
+            ops.append((FORWARD, i))
+        # Each backward frees its element's output; the segment start goes with the next one.
         for i in reversed(range(start, end)):
-            ops.append(("backward", i))
+            ops.append((BACKWARD, i))
     return ops
+
+
+def as_costs(chain: Union[ChainCosts, Sequence[int]]) -> ChainCosts:
+    """ChainCosts as given, or those of a Dense chain with these activation widths."""
+    return chain if isinstance(chain, ChainCosts) else ChainCosts.from_widths(list(chain))
+
+
+@dataclass(frozen=True)
+class Trace:
+    """A checked schedule and what it costs, in elements per batch row.
+
+    ``events`` has one (kind, index, recompute, released) entry per operation, ``released``
+    being the activations that operation lets go (a backward's output, a free's target);
+    the releases at the end are in ``final_released``.
+    """
+
+    ops: Tuple[Op, ...]
+    events: Tuple[tuple, ...]
+    final_released: Tuple[int, ...]
+    peak_units: int
+    forward_counts: Tuple[int, ...]
+    forward_length: int                 # operations in the forward phase
+    stored_by_first_sweep: Tuple[int, ...]   # held after the forward phase, a_N aside
+    held_after_forward_units: int       # elements per row the forward phase leaves held
+    recomputed: Tuple[int, ...]         # elements forwarded again, in order
+    keep_internals: bool
+
+
+def replay(ops: Iterable[Op], chain: Union[ChainCosts, Sequence[int]],
+           keep_internals: bool = False) -> Trace:
+    """Check a schedule against the rules of the module docstring and measure it.
+
+    The peak counts what is held plus the scratch of the operation running (forward scratch,
+    backward scratch, and a backward's internals when they were not kept).
+    """
+    costs = as_costs(chain)
+    n = costs.n
+    held_units = costs.held(keep_internals)
+    fwd_scratch = costs.forward_scratch
+    bwd_scratch = costs.backward_scratch(keep_internals)
+    held = [False] * (n + 1)
+    held[0] = True
+    current = peak = held_units[0]
+    counts = [0] * n
+    next_backward = n - 1
+    full: list = []
+    events: list = []
+    recomputed: list = []
+    forward_length = None
+    for step, op in enumerate(ops):
+        try:
+            kind, i = op
+        except (TypeError, ValueError):
+            raise ValueError(f"operation {step}: {op!r} is not a (kind, index) pair") from None
+        if kind not in OP_CODES:
+            raise ValueError(f"operation {step}: unknown kind {kind!r}")
+        if forward_length is None and counts[n - 1] and kind != FREE:
+            forward_length = len(full)
+        top = n if kind == FREE else n - 1
+        if not isinstance(i, Integral) or isinstance(i, bool) or not 0 <= i <= top:
+            raise ValueError(f"operation {step}: {kind} {i!r} is outside a chain of {n} layers")
+        i = int(i)
+        if kind == FORWARD:
+            if i > next_backward:
+                raise ValueError(f"operation {step}: forward {i} after its backward "
+                                 f"(it comes after backward {i})")
+            if not held[i] or held[i + 1]:
+                raise ValueError(f"operation {step}: forward {i} needs a_{i} held and "
+                                 f"a_{i + 1} not")
+            held[i + 1] = True
+            current += held_units[i + 1]
+            peak = max(peak, current + fwd_scratch[i])
+            if counts[i]:
+                recomputed.append(i)
+            events.append((FORWARD, i, bool(counts[i]), ()))
+            counts[i] += 1
+        elif kind == BACKWARD:
+            if not counts[n - 1]:
+                raise ValueError(f"operation {step}: backward {i} before the output is computed")
+            if i != next_backward:
+                raise ValueError(f"operation {step}: backward {i}, expected backward "
+                                 f"{next_backward}")
+            if not (held[i] and held[i + 1]):
+                raise ValueError(f"operation {step}: backward {i} needs a_{i} and a_{i + 1} held")
+            peak = max(peak, current + bwd_scratch[i])
+            held[i + 1] = False
+            current -= held_units[i + 1]
+            next_backward -= 1
+            events.append((BACKWARD, i, False, (i + 1,)))
+        else:
+            if i == 0:
+                raise ValueError(f"operation {step}: a_0 is held for the whole schedule")
+            if not held[i]:
+                raise ValueError(f"operation {step}: free {i} but a_{i} is not held")
+            held[i] = False
+            current -= held_units[i]
+            events.append((FREE, i, False, (i,)))
+        full.append((kind, i))
+    if next_backward >= 0:
+        raise ValueError(f"the schedule ends before backward {next_backward}")
+    assert forward_length is not None  # backward N-1 came after the output
+    after_forward = _held_after(full[:forward_length], n)
+    final = tuple(j for j in range(n + 1) if held[j])
+    return Trace(
+        ops=tuple(full), events=tuple(events), final_released=final, peak_units=peak,
+        forward_counts=tuple(counts), forward_length=forward_length,
+        stored_by_first_sweep=tuple(j for j in sorted(after_forward) if j < n),
+        held_after_forward_units=sum(held_units[j] for j in after_forward),
+        recomputed=tuple(recomputed), keep_internals=keep_internals)
+
+
+def _held_after(ops: Sequence[Op], n: int) -> set:
+    held = {0}
+    for kind, i in ops:
+        if kind == FORWARD:
+            held.add(i + 1)
+        elif kind == BACKWARD:
+            held.discard(i + 1)
+        else:
+            held.discard(i)
+    return held
 
 
 class _Arena:
@@ -64,6 +201,8 @@ class _Arena:
         self.size = 0
 
     def allocate(self, length: int) -> int:
+        if length == 0:
+            return _NONE
         start = 0
         for lo, hi in self.blocks:
             if lo - start >= length:
@@ -74,6 +213,8 @@ class _Arena:
         return start
 
     def release(self, start: int) -> None:
+        if start == _NONE:
+            return
         index = next(i for i, (lo, _) in enumerate(self.blocks) if lo == start)
         del self.blocks[index]
 
@@ -82,110 +223,100 @@ class _Arena:
 class CompiledSchedule:
     """A checked schedule with static arena offsets, in units of one batch row."""
 
-    widths: Tuple[int, ...]
-    forward_rows: np.ndarray   # int64 (rows, 4), offsets per batch row
+    costs: ChainCosts
+    trace: Trace
+    forward_rows: np.ndarray   # int64 (rows, 6): see the ROW_* columns
     backward_rows: np.ndarray
     arena_units: int           # arena size per batch row, in elements
-    peak_units: int            # most activation elements held at once per batch row (a_0 included)
-    recomputed_layers: Tuple[int, ...]  # layers forwarded again in the backward phase, in order
-    ops: Tuple[Op, ...]        # the full schedule, frees made explicit
+
+    @property
+    def widths(self) -> Tuple[int, ...]:
+        return self.costs.widths
+
+    @property
+    def ops(self) -> Tuple[Op, ...]:
+        """The full schedule, with the final releases as explicit frees."""
+        return self.trace.ops + tuple((FREE, i) for i in self.trace.final_released)
+
+    @property
+    def peak_units(self) -> int:
+        """Most elements per batch row held at once, a_0 and scratch included."""
+        return self.trace.peak_units
+
+    @property
+    def keep_internals(self) -> bool:
+        return self.trace.keep_internals
+
+    @property
+    def recomputed_layers(self) -> Tuple[int, ...]:
+        """Elements forwarded again in the backward phase, in order."""
+        return self.trace.recomputed
 
     @property
     def recomputed_units(self) -> int:
         """Activation elements recomputed per batch row."""
-        return sum(self.widths[i + 1] for i in self.recomputed_layers)
+        return sum(self.costs.elements[i].stored for i in self.trace.recomputed)
 
     def rows_for_batch(self, batch: int) -> Tuple[np.ndarray, np.ndarray]:
         """The forward and backward rows with offsets scaled to a batch size."""
         out = []
         for rows in (self.forward_rows, self.backward_rows):
             scaled = rows.copy()
-            placed = scaled[:, 2] >= 0
-            scaled[placed, 2] *= batch
+            for column in (ROW_OUTPUT, ROW_TAPE, ROW_SCRATCH):
+                placed = scaled[:, column] >= 0
+                scaled[placed, column] *= batch
             out.append(scaled)
         return out[0], out[1]
 
 
-def compile_schedule(ops: Iterable[Op], widths: Sequence[int]) -> CompiledSchedule:
-    """Check a schedule against the rules above and place its activations in an arena.
+def compile_schedule(ops: Iterable[Op], chain: Union[ChainCosts, Sequence[int]],
+                     keep_internals: bool = False) -> CompiledSchedule:
+    """Check a schedule (:func:`replay`) and place its activations and scratch in an arena.
 
-    Raises ValueError naming the first illegal operation. Frees of activations that are not held
-    are ignored (a backward frees its output already); at the end every activation still held,
-    a_0 included, is freed.
+    ``chain`` is the elements' ChainCosts, or the activation widths of a Dense chain.
     """
-    widths = tuple(int(w) for w in widths)
-    n = len(widths) - 1
-    held = {0: None}          # activation -> arena offset (None for a_0, _OUTPUT for a_N)
-    ran = [0] * n             # forwards per layer
-    next_backward = n - 1
+    costs = as_costs(chain)
+    trace = replay(ops, costs, keep_internals)
+    n = costs.n
+    elements = costs.elements
+    fwd_scratch = costs.forward_scratch
+    bwd_scratch = costs.backward_scratch(keep_internals)
     arena = _Arena()
+    blocks = {0: (_NONE, _NONE)}   # activation -> (output offset, tape offset)
     rows: list = []
-    full: list = []
-    recomputed: list = []
-    forward_phase_end = None
-    current = peak = widths[0]
 
-    def release(i: int) -> None:
-        nonlocal current
-        offset = held.pop(i)
-        current -= widths[i]
-        if offset is not None and offset != _OUTPUT:
-            arena.release(offset)
+    def release(j: int) -> None:
+        out, tape = blocks.pop(j)
+        arena.release(out)
+        arena.release(tape)
 
-    for step, (kind, i) in enumerate(ops):
-        if kind not in OP_CODES:
-            raise ValueError(f"operation {step}: unknown kind {kind!r}")
-        bound = n if kind == "free" else n - 1
-        if not 0 <= i <= bound:
-            raise ValueError(f"operation {step}: {kind} {i} is outside a chain of {n} layers")
-        if kind == "forward":
-            if i not in held or i + 1 in held:
-                raise ValueError(f"operation {step}: forward {i} needs a_{i} held and a_{i + 1} not")
-            if next_backward < i:
-                raise ValueError(f"operation {step}: forward {i} after its backward")
-            offset = _OUTPUT if i == n - 1 else arena.allocate(widths[i + 1])
-            held[i + 1] = offset
-            current += widths[i + 1]
-            peak = max(peak, current)
-            if ran[i]:
-                recomputed.append(i)
-            rows.append((OP_CODES[kind], i, offset, 1 if ran[i] else 0))
-            ran[i] += 1
-            if i == n - 1 and forward_phase_end is None:
-                forward_phase_end = len(rows)
-        elif kind == "backward":
-            if forward_phase_end is None:
-                raise ValueError(f"operation {step}: backward {i} before the output is computed")
-            if i != next_backward:
-                raise ValueError(f"operation {step}: backward {i}, expected backward {next_backward}")
-            if i not in held or i + 1 not in held:
-                raise ValueError(f"operation {step}: backward {i} needs a_{i} and a_{i + 1} held")
-            rows.append((OP_CODES[kind], i, 0, 0))
-            release(i + 1)
-            next_backward -= 1
+    for kind, i, recompute, released in trace.events:
+        if kind == FORWARD:
+            e = elements[i]
+            tape_units = e.tape if keep_internals else 0
+            if i == n - 1:        # the output goes to the caller's array
+                out, tape = _NONE, arena.allocate(tape_units)
+            else:                 # output and tape in one block
+                out = arena.allocate(e.stored + tape_units)
+                tape = out + e.stored if tape_units else _NONE
+            blocks[i + 1] = (out, tape)
+            scratch = arena.allocate(fwd_scratch[i])
+            arena.release(scratch)
+            rows.append((OP_CODES[FORWARD], i, out, int(recompute), tape, scratch))
+        elif kind == BACKWARD:
+            scratch = arena.allocate(bwd_scratch[i])
+            arena.release(scratch)
+            rows.append((OP_CODES[BACKWARD], i, _NONE, 0, blocks[i + 1][1], scratch))
         else:
-            if i not in held:
-                continue
-            if i == 0 and next_backward >= 0:
-                raise ValueError(f"operation {step}: a_0 is freed before backward 0")
-            rows.append((OP_CODES[kind], i, 0, 0))
-            release(i)
-        full.append((kind, i))
-    if next_backward >= 0:
-        raise ValueError(f"the schedule ends before backward {next_backward}")
-    # Frees right after the output belong to the forward phase: nothing waits for backward then.
-    while rows[forward_phase_end][0] == OP_CODES["free"]:
-        forward_phase_end += 1
-    for i in sorted(held):
-        rows.append((OP_CODES["free"], i, 0, 0))
-        full.append(("free", i))
-    table = np.array(rows, dtype=np.int64).reshape(-1, 4)
+            rows.append((OP_CODES[FREE], i, _NONE, 0, _NONE, _NONE))
+        for j in released:
+            release(j)
+    for j in trace.final_released:
+        rows.append((OP_CODES[FREE], j, _NONE, 0, _NONE, _NONE))
+    table = np.array(rows, dtype=np.int64).reshape(-1, 6)
+    split = trace.forward_length
     return CompiledSchedule(
-        widths=widths,
-        forward_rows=np.ascontiguousarray(table[:forward_phase_end]),
-        backward_rows=np.ascontiguousarray(table[forward_phase_end:]),
-        arena_units=arena.size,
-        peak_units=peak,
-        recomputed_layers=tuple(recomputed),
-        ops=tuple(full),
-    )
+        costs=costs, trace=trace,
+        forward_rows=np.ascontiguousarray(table[:split]),
+        backward_rows=np.ascontiguousarray(table[split:]),
+        arena_units=arena.size)
