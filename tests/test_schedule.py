@@ -31,7 +31,9 @@ def simulate(compiled: CompiledSchedule):
     widths = compiled.widths
     n = len(widths) - 1
     rows = np.concatenate([compiled.forward_rows, compiled.backward_rows])
-    assert rows.dtype == np.int64 and rows.shape[1] == 4
+    assert rows.dtype == np.int64 and rows.shape[1] == 6
+    assert (rows[:, 4] == -1).all() and (rows[:, 5] == -1).all()   # Dense: no tape, no scratch
+    rows = rows[:, :4]
     live = {0: None}                       # activation -> (lo, hi) in the arena, or None
     ran = [0] * n
     recomputed = []
@@ -210,27 +212,13 @@ def test_arena_sizes():
         assert compiled.arena_units == simulate.arena_peak
 
 
-def test_rows_for_batch_scales_offsets_only():
-    compiled = compile_schedule(uniform_ops(6, 2), [3, 4, 5, 6, 5, 4, 3])
-    fwd, bwd = compiled.rows_for_batch(7)
-    for base, scaled in ((compiled.forward_rows, fwd), (compiled.backward_rows, bwd)):
-        assert scaled.shape == base.shape and scaled.dtype == np.int64
-        assert np.array_equal(scaled[:, [0, 1, 3]], base[:, [0, 1, 3]])
-        placed = base[:, 2] >= 0
-        assert np.array_equal(scaled[placed, 2], 7 * base[placed, 2])
-        assert np.array_equal(scaled[~placed, 2], base[~placed, 2])
-        assert scaled.flags.c_contiguous
-    # the compiled schedule itself is unchanged
-    assert compiled.rows_for_batch(1)[0].tolist() == compiled.forward_rows.tolist()
-
-
-def test_frees_of_non_held_activations_are_ignored():
-    ops = [("forward", 0), ("free", 2), ("forward", 1), ("free", 1), ("free", 1),
-           ("forward", 0), ("backward", 1), ("free", 2), ("backward", 0)]
-    compiled = compile_schedule(ops, [2, 2, 2])
-    assert ("free", 2) not in compiled.ops
-    assert compiled.ops.count(("free", 1)) == 1
-    simulate(compiled)
+def test_frees_follow_the_one_rule_of_replay():
+    # free of what is not held, or of a_0, is an error (the planner's rule, now the only one)
+    with pytest.raises(ValueError, match=r"operation 1: free 2 but a_2 is not held"):
+        compile_schedule([("forward", 0), ("free", 2)], [2, 2, 2])
+    with pytest.raises(ValueError, match=r"a_0 is held for the whole schedule"):
+        compile_schedule([("forward", 0), ("forward", 1), ("backward", 1), ("backward", 0),
+                          ("free", 0)], [2, 2, 2])
 
 
 def test_schedule_of_a_segment_checkpointer():
@@ -274,7 +262,7 @@ ILLEGAL = [
     ("empty schedule", 1, [], r"ends before backward 0"),
     ("a_0 freed before backward 0", 2,
      [("forward", 0), ("forward", 1), ("free", 0), ("backward", 1)],
-     r"operation 2: a_0 is freed before backward 0"),
+     r"operation 2: a_0 is held for the whole schedule"),
     ("forward after its backward", 2,
      [("forward", 0), ("forward", 1), ("backward", 1), ("free", 1), ("forward", 1)],
      r"forward 1 (needs|after)"),
@@ -317,7 +305,7 @@ def test_random_legal_schedules_compile_and_never_overlap(n, seed, width_seed):
     assert compiled.recomputed_layers == tuple(recomputed)
     n_forward = sum(1 for kind, _ in ops if kind == "forward")
     assert len(recomputed) == n_forward - n
-    # compiled ops are the input minus the ignored frees plus trailing frees
+    # compiled ops are the input plus the trailing frees
     assert [op for op in compiled.ops if op[0] != "free"] == \
         [op for op in ops if op[0] != "free"]
 

@@ -9,7 +9,8 @@ import scipy_openblas32  # noqa: F401
 from ckpt._core import get_num_threads, set_num_threads
 from ckpt.checkpoint import CheckpointedLayer, CheckpointStateError, SegmentCheckpointer
 from ckpt.io import load, save
-from ckpt.layers import Dense, Layer
+from ckpt.costs import ChainCosts, ElementCost
+from ckpt.layers import Dense, Dropout, Layer, LayerNorm, Residual
 from ckpt.losses import mse_loss, softmax_cross_entropy
 from ckpt.optim import SGD, Adam, AdamW
 from ckpt.tracker import MemoryUsageTracker
@@ -22,10 +23,15 @@ __all__ = [
     "Adam",
     "AdamW",
     "CheckpointStateError",
+    "ChainCosts",
     "CheckpointedLayer",
     "Dense",
+    "Dropout",
+    "ElementCost",
     "Layer",
+    "LayerNorm",
     "MemoryUsageTracker",
+    "Residual",
     "SegmentCheckpointer",
     "build_mlp",
     "evaluate",

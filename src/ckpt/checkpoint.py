@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Iterable, List, Optional, Sequence
+import threading
+from collections import OrderedDict
+from typing import Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 
-from ckpt import _core
-from ckpt.layers import Dense, Layer, _check_learning_rate, as_batch
+from ckpt.costs import ChainCosts, ElementCost, describe_chain
+from ckpt.executor import build_chain
+from ckpt.layers import (Layer, Step, _as_generator, _check_learning_rate, as_batch,
+                         dropout_streams, new_step, walk)
 from ckpt.schedule import CompiledSchedule, compile_schedule, uniform_ops
 from ckpt.tracker import MemoryUsageTracker
 
@@ -43,15 +47,20 @@ class CheckpointedLayer(Layer):
     """Wraps one layer: forward keeps only its input; backward recomputes the layer from it.
 
     The input is kept by reference, not copied: do not modify it in place between forward and
-    backward. A new forward replaces (and releases) the input kept by the previous one.
+    backward. A new forward replaces (and releases) the input kept by the previous one. The
+    recomputation replays the forward's step, so Dropout masks inside are the same (PyTorch's
+    ``preserve_rng_state``); on its own, each forward draws a step seed from ``seed``.
     """
 
-    def __init__(self, layer: Layer, tracker: Optional[MemoryUsageTracker] = None) -> None:
+    def __init__(self, layer: Layer, tracker: Optional[MemoryUsageTracker] = None, *,
+                 seed: Union[None, int, np.random.Generator] = None) -> None:
         self.inner = _check_layer(layer, "the wrapped layer")
         if isinstance(layer, CheckpointedLayer):
             raise TypeError("a CheckpointedLayer cannot wrap another CheckpointedLayer")
         self.memory_tracker = _check_tracker(tracker)
+        self._rng = _as_generator(seed)
         self._stored: Optional[np.ndarray] = None
+        self._step: Optional[Step] = None
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """The inner layer's output; in training mode the input is kept for backward.
@@ -59,11 +68,14 @@ class CheckpointedLayer(Layer):
         In evaluation mode nothing is kept, and an input kept by an earlier training forward
         stays for its backward.
         """
-        y = self.inner.forward(x)
+        return self.forward_step(x, new_step(self._rng, [self.inner]))
+
+    def forward_step(self, x: np.ndarray, step: Step) -> np.ndarray:
+        y = self.inner.forward_step(x, step)
         if not self.is_training:
             return y
         self._drop_stored()
-        self._stored = x
+        self._stored, self._step = x, step
         self.memory_tracker.record_stored_activation(x.nbytes)
         return y
 
@@ -82,11 +94,16 @@ class CheckpointedLayer(Layer):
             raise ValueError(f"{self.layer_type}: backward got an input of shape "
                              f"{getattr(x, 'shape', None)}, but forward kept one of shape "
                              f"{stored.shape}")
-        recomputed = self.inner.forward(stored)
-        grad_input = self.inner.backward(stored, grad_output, output=recomputed)
+        recomputed = self.inner.forward_step(stored, self._step)
+        grad_input = self.inner.backward_step(stored, grad_output, self._step,
+                                              output=recomputed)
         self.memory_tracker.record_recomputed(recomputed.nbytes)
         self._drop_stored()
         return grad_input
+
+    def backward_step(self, x: np.ndarray, grad_output: np.ndarray, step: Step, *,
+                      output: Optional[np.ndarray] = None) -> np.ndarray:
+        return self.backward(x, grad_output)
 
     def _drop_stored(self) -> None:
         if self._stored is not None:
@@ -96,6 +113,12 @@ class CheckpointedLayer(Layer):
     @property
     def has_stored_input(self) -> bool:
         return self._stored is not None
+
+    def children(self) -> list:
+        return [self.inner]
+
+    def describe(self, in_width: Optional[int] = None):
+        return self.inner.describe(in_width)
 
     # Everything else is the inner layer's.
     def params(self) -> list:
@@ -128,6 +151,10 @@ class CheckpointedLayer(Layer):
         return self.inner.parameter_count
 
     @property
+    def preserves_width(self) -> bool:
+        return self.inner.preserves_width
+
+    @property
     def layer_type(self) -> str:
         return "CheckpointedLayer"
 
@@ -138,7 +165,7 @@ class CheckpointedLayer(Layer):
     def __getattr__(self, name: str):
         # Shape facts (in_features, out_features, dtype) come from the inner layer.
         if name in ("in_features", "out_features", "dtype"):
-            return getattr(self.inner, name)
+            return getattr(self.__dict__["inner"], name)
         raise AttributeError(name)
 
 
@@ -155,30 +182,47 @@ def _check_interval(checkpoint_every: object) -> int:
 class SegmentCheckpointer:
     """Runs a chain of layers keeping only some activations, recomputing the rest in backward.
 
-    ``checkpoint_every=k`` keeps the inputs of layers 0, k, 2k, ...: k=1 is plain backprop,
-    k=0 keeps only the network input; the default is floor(sqrt(N)), which brings activation
-    memory from O(N) to O(sqrt(N)) for about one extra forward pass. Instead of k, give a
-    ``plan`` from :func:`ckpt.plan.plan` (its peak counts activations; the two gradient buffers,
-    :meth:`gradient_workspace_bytes`, come on top), or ``budget_bytes`` (an int or a string such
-    as "4MiB"): the least recomputation whose activations *and* gradient buffers fit, planned
-    for each batch size.
+    ``checkpoint_every=k`` keeps the inputs of elements 0, k, 2k, ...: k=1 is plain backprop
+    (every activation kept, the internals of Residual blocks included; nothing recomputed),
+    k=0 keeps only the network input; the default is floor(sqrt(N)) for N elements (a Residual
+    block is one element), which brings activation memory from O(N) to O(sqrt(N)) for about
+    one extra forward pass. Instead of k, give a ``plan`` from :func:`ckpt.plan.plan` (its peak
+    counts activations and scratch; the two gradient buffers, :meth:`gradient_workspace_bytes`,
+    come on top), or ``budget_bytes`` (an int or a string such as "4MiB"): the least
+    recomputation whose activations *and* gradient buffers fit, planned for each batch size.
 
-    A chain of Dense layers of one dtype runs in ckpt's typed executor: one compiled call for the
-    forward pass and one for the whole backward pass, GIL released, workspaces reused across
-    steps. Any other chain runs the same schedule through the layers' Python methods.
+    A chain of ckpt's own layers (Dense, LayerNorm, Dropout, Residual) of one dtype runs in the
+    compiled executor (``executor == "compiled"``): one compiled call for the forward pass and
+    one for the whole backward pass, GIL released, workspaces reused across steps. Any other
+    chain runs the same schedule through the layers' Python methods (``"python"``).
+
+    ``seed`` seeds the Generator that draws each training step's seed, which keys the Dropout
+    masks: a run is reproducible, and every recomputation replays the forward's masks.
 
     ``forward`` returns a read-only array (it is kept for backward); ``backward`` accumulates
     the parameter gradients and returns the gradient of the input, then releases every stored
     activation. In steady state a step allocates three arrays and nothing else: the arena of
-    stored activations (one block, freed when backward ends — that is what lets checkpointing
-    give memory back), the output and the input gradient (both handed to the caller). The two
-    gradient buffers and the compiled schedule are kept across steps. The instance is not safe
-    to use from two threads at once.
+    stored activations and scratch (one block, freed when backward ends -- that is what lets
+    checkpointing give memory back), the output and the input gradient (both handed to the
+    caller). The two gradient buffers and the compiled schedule are kept across steps.
+
+    Kept inputs are referenced, not copied: do not modify the input in place between forward
+    and backward (backward would recompute from the changed values).
+
+    Threads: a step begun by one thread belongs to it until its backward; a forward or backward
+    from another thread meanwhile raises CheckpointStateError. Separate checkpointers run in
+    parallel threads freely.
     """
+
+    _CACHED_SCHEDULES = 8   # batch sizes whose compiled schedules are kept (least recent out)
 
     def __init__(self, layers: Iterable[Layer] = (), checkpoint_every: Optional[int] = None, *,
                  tracker: Optional[MemoryUsageTracker] = None, plan=None,
-                 budget_bytes: Optional[int] = None) -> None:
+                 budget_bytes: Optional[int] = None,
+                 seed: Union[None, int, np.random.Generator] = None) -> None:
+        if layers is None or isinstance(layers, (Layer, str, bytes)) \
+                or not isinstance(layers, Iterable):
+            raise TypeError(f"layers must be a list of ckpt Layers, got {type(layers).__name__}")
         given = [name for name, value in (("checkpoint_every", checkpoint_every), ("plan", plan),
                                           ("budget_bytes", budget_bytes)) if value is not None]
         if len(given) > 1:
@@ -194,10 +238,11 @@ class SegmentCheckpointer:
                     or self._budget <= 0:
                 raise ValueError(f"budget_bytes must be a positive integer, got {budget_bytes!r}")
         self.memory_tracker = _check_tracker(tracker)
+        self._rng = _as_generator(seed)
+        self._lock = threading.Lock()
+        self._owner: Optional[int] = None   # the thread whose step is pending
         self._layers: List[Layer] = []
-        self._chain = None
-        self._schedules: dict = {}
-        self._row_cache: dict = {}
+        self._invalidate()
         for layer in layers:
             self._append(layer)
         if plan is not None:
@@ -207,9 +252,17 @@ class SegmentCheckpointer:
         self._grad_buffers: Optional[np.ndarray] = None
 
     # ---------------------------------------------------------------- the chain
+    def _invalidate(self) -> None:
+        self._costs: object = _UNKNOWN
+        self._chain = _UNKNOWN
+        self._schedules: "OrderedDict" = OrderedDict()
+
     def _append(self, layer: Layer) -> None:
         index = len(self._layers)
         _check_layer(layer, f"layer {index}")
+        inside = {id(other) for other in walk(self._layers)}
+        if any(id(part) in inside for part in walk([layer])):
+            raise ValueError(f"layer {index} ({layer.layer_description}) is already in the chain")
         if self._layers:
             prev = self._layers[-1]
             produced = getattr(prev, "out_features", None)
@@ -218,22 +271,21 @@ class SegmentCheckpointer:
                 raise ValueError(f"layer {index - 1} ({prev.layer_description}) produces "
                                  f"{produced} features but layer {index} "
                                  f"({layer.layer_description}) expects {expected}")
-            dt_prev, dt = getattr(prev, "dtype", None), getattr(layer, "dtype", None)
-            if dt_prev is not None and dt is not None and np.dtype(dt_prev) != np.dtype(dt):
-                raise TypeError(f"layer {index - 1} is {np.dtype(dt_prev)} but layer {index} "
-                                f"is {np.dtype(dt)}")
+            dt_prev, dt = self.dtype, _declared_dtype([layer])
+            if dt_prev is not None and dt is not None and dt_prev != dt:
+                raise TypeError(f"the chain is {dt_prev} but layer {index} is {dt}")
         self._layers.append(layer)
-        self._chain = None
-        self._schedules: dict = {}
-        self._row_cache: dict = {}
+        self._invalidate()
 
     def push(self, layer: Layer) -> None:
         """Append a layer at the end of the chain."""
-        if self._state is not None:
-            raise CheckpointStateError("cannot add a layer between forward and backward")
-        if self._plan is not None:
-            raise ValueError("cannot add a layer to a checkpointer that runs a fixed plan")
-        self._append(layer)
+        with self._lock:
+            self._check_owner()
+            if self._state is not None:
+                raise CheckpointStateError("cannot add a layer between forward and backward")
+            if self._plan is not None:
+                raise ValueError("cannot add a layer to a checkpointer that runs a fixed plan")
+            self._append(layer)
 
     @property
     def layers(self) -> List[Layer]:
@@ -260,101 +312,135 @@ class SegmentCheckpointer:
         return self._budget
 
     @property
+    def costs(self) -> Optional[ChainCosts]:
+        """The elements' descriptions (ckpt.costs), or None when a layer cannot describe itself."""
+        if self._costs is _UNKNOWN:
+            self._costs = describe_chain(self._layers) if self._layers else None
+        return self._costs
+
+    @property
     def widths(self) -> Optional[tuple]:
-        """Activation widths a_0 ... a_N, when every layer declares its features."""
-        if not self._layers:
-            return None
-        ins = [getattr(layer, "in_features", None) for layer in self._layers]
-        out = getattr(self._layers[-1], "out_features", None)
-        if None in ins or out is None:
-            return None
-        return tuple(ins) + (out,)
+        """Activation widths a_0 ... a_N, when every layer can describe itself."""
+        costs = self.costs
+        return None if costs is None else costs.widths
 
     @property
     def dtype(self) -> Optional[np.dtype]:
-        dt = getattr(self._layers[0], "dtype", None) if self._layers else None
-        return None if dt is None else np.dtype(dt)
+        return _declared_dtype(self._layers)
+
+    @property
+    def executor(self) -> str:
+        """"compiled" when the chain runs in the compiled executor, else "python"."""
+        return "compiled" if self._typed_chain() is not None else "python"
 
     def _check_plan(self, plan) -> None:
         widths = self.widths
         if widths is None or tuple(plan.widths) != widths:
             raise ValueError(f"the plan is for widths {tuple(plan.widths)}, "
                              f"but the layers have widths {widths}")
+        plan_costs = getattr(plan, "costs", None)
+        if isinstance(plan_costs, ChainCosts) and plan_costs != self.costs:
+            raise ValueError("the plan was made for elements with other costs than these layers")
 
     def _typed_chain(self):
-        """The typed executor for an all-Dense chain, built once."""
-        if self._chain is None and self._layers and all(type(layer) is Dense
-                                                        for layer in self._layers):
-            layers = self._layers
-            self._chain = _core.DenseChain(
-                [l.W for l in layers], [l.b for l in layers], [l.grad_W for l in layers],
-                [l.grad_b for l in layers], [l._act_code for l in layers],
-                [l.negative_slope for l in layers])
+        """The compiled executor of the chain, built once (None for the Python path)."""
+        if self._chain is _UNKNOWN:
+            costs = self.costs
+            self._chain = None
+            if costs is not None and self.dtype is not None:
+                self._chain = build_chain(self._layers, costs)
         return self._chain
 
     def schedule(self, batch_size: int) -> CompiledSchedule:
         """The compiled schedule used for a batch size (budgets are planned per batch size)."""
         key = batch_size if self._budget is not None else None
         compiled = self._schedules.get(key)
-        if compiled is None:
-            n = len(self._layers)
-            widths = self.widths or (0,) * (n + 1)
-            if self._plan is not None:
-                ops = self._plan.ops
-            elif self._budget is not None:
-                ops = self._plan_for_budget(batch_size).ops
-            else:
-                ops = uniform_ops(n, self.checkpoint_every)
-            compiled = self._schedules[key] = compile_schedule(ops, widths)
+        if compiled is not None:
+            self._schedules.move_to_end(key)
+            return compiled
+        n = len(self._layers)
+        costs = self.costs if self.costs is not None else _unknown_costs(n)
+        compiled_path = self._typed_chain() is not None
+        if self._plan is not None:
+            ops, keep = self._plan.ops, getattr(self._plan, "keep_internals", False)
+        elif self._budget is not None:
+            chosen = self._plan_for_budget(batch_size)
+            ops, keep = chosen.ops, getattr(chosen, "keep_internals", False)
+        else:
+            ops, keep = uniform_ops(n, self.checkpoint_every), self.checkpoint_every == 1
+        # Only the compiled executor keeps internals; a layer's own backward recomputes them.
+        compiled = compile_schedule(ops, costs, keep and compiled_path)
+        self._schedules[key] = compiled
+        if len(self._schedules) > self._CACHED_SCHEDULES:
+            self._schedules.popitem(last=False)
         return compiled
 
     def _plan_for_budget(self, batch_size: int):
         """The least-recomputation plan whose activations and gradient buffers fit the budget."""
         from ckpt.plan import format_size, plan as make_plan
-        if self.widths is None or self.dtype is None:
-            raise ValueError("budget_bytes needs layers that declare in_features, out_features "
-                             "and dtype (Dense layers do)")
+        if self.costs is None or self.dtype is None:
+            raise ValueError("budget_bytes needs layers that describe their costs and a dtype "
+                             "(ckpt's own layers do)")
         workspace = self.gradient_workspace_bytes(batch_size)
         try:
-            return make_plan(list(self.widths), batch_size, max(0, self._budget - workspace),
+            return make_plan(self.costs, batch_size, max(0, self._budget - workspace),
                              dtype=self.dtype)
         except ValueError as exc:
             raise ValueError(f"budget {format_size(self._budget)} at batch {batch_size}, less "
                              f"{format_size(workspace)} of gradient buffers: {exc}") from None
 
     def gradient_workspace_bytes(self, batch_size: int) -> int:
-        """Bytes of the two gradient buffers a Dense chain keeps (outside a plan's peak)."""
-        return 2 * batch_size * max(self.widths) * self.dtype.itemsize
+        """Bytes of the two gradient buffers the compiled executor keeps (outside a plan's peak)."""
+        return 2 * batch_size * self.costs.gradient_width() * self.dtype.itemsize
 
     # ---------------------------------------------------------------- training
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        """Run the chain; in training mode keep what the schedule stores for backward."""
+    def _check_owner(self) -> None:
+        if self._state is not None and self._owner != threading.get_ident():
+            raise CheckpointStateError(
+                "another thread's step is pending on this checkpointer (its forward ran, its "
+                "backward has not): a step belongs to the thread that began it")
+
+    def forward(self, x: np.ndarray, *, row_offset: int = 0) -> np.ndarray:
+        """Run the chain; in training mode keep what the schedule stores for backward.
+
+        ``row_offset`` is the global index of x's first row within the step's batch (when a
+        batch is split across threads or processes), so that Dropout masks do not depend on
+        the split.
+        """
+        if isinstance(row_offset, bool) or not isinstance(row_offset, numbers.Integral) \
+                or row_offset < 0:
+            raise ValueError(f"row_offset must be a non-negative integer, got {row_offset!r}")
+        with self._lock:
+            self._check_owner()
+            return self._forward(x, int(row_offset))
+
+    def _forward(self, x: np.ndarray, row_offset: int) -> np.ndarray:
         if not self._layers:
             return x
         chain = self._typed_chain()
-        if chain is not None:
-            x = as_batch(x, self.widths[0], chain.dtype, "the input", "SegmentCheckpointer")
-        elif self.dtype is not None and self.widths is not None:
-            # Check what the first layer declares before anything is recorded.
-            x = as_batch(x, self.widths[0], self.dtype, "the input", "SegmentCheckpointer")
+        width, dtype = (self.widths[0] if self.widths else None), self.dtype
+        if width is not None and dtype is not None:
+            x = as_batch(x, width, dtype, "the input", "SegmentCheckpointer")
         elif not isinstance(x, np.ndarray) or x.ndim < 1:
             raise TypeError(f"SegmentCheckpointer: the input must be a numpy array with a batch "
                             f"dimension, got {type(x).__name__}")
         compiled = self.schedule(x.shape[0])
+        step = (new_step(self._rng, self._layers, row_offset) if self._training
+                else Step(0, row_offset, dropout_streams(self._layers)))
         if chain is not None:
             if self._state is not None:  # the executor holds one step's activations at a time
                 self._release()
-            forward_rows, backward_rows = self._rows(compiled, x.shape[0])
             arena = np.empty(compiled.arena_units * x.shape[0], chain.dtype)
             y = np.empty((x.shape[0], self.widths[-1]), chain.dtype)
-            chain.run_forward(forward_rows, x, y, arena, self.memory_tracker)
-            state = ("typed", x, y, arena, backward_rows)
+            chain.run_forward(compiled.forward_rows, x, y, arena, self.memory_tracker,
+                              step.seed, row_offset, self._training)
+            state = ("typed", x, y, arena, compiled.backward_rows, compiled)
         else:
             acts = {0: x}
             self.memory_tracker.record_stored_activation(x.nbytes)
             try:
-                _python_run(self._layers, compiled.ops[:_forward_length(compiled)], acts, None,
-                            self.memory_tracker)
+                _python_run(self._layers, compiled, compiled.ops[:_forward_length(compiled)],
+                            acts, None, step, self.memory_tracker)
             except Exception:
                 # A layer refused: release what this forward held, keep the previous forward.
                 _release_all(acts, self.memory_tracker)
@@ -362,27 +448,25 @@ class SegmentCheckpointer:
             if self._state is not None:
                 self._release()
             y = acts[len(self._layers)]
-            state = ("python", acts, compiled)
+            state = ("python", acts, compiled, step)
         y.flags.writeable = False
         self._state = state
+        self._owner = threading.get_ident()
         if not self._training:
             self._release()
         return y
 
-    def _rows(self, compiled: CompiledSchedule, batch: int):
-        """The executor's rows for a batch size, cached."""
-        key = (id(compiled), batch)
-        rows = self._row_cache.get(key)
-        if rows is None:
-            rows = self._row_cache[key] = compiled.rows_for_batch(batch)
-        return rows
-
     def backward(self, grad_output: np.ndarray, *, input_grad: bool = True) -> Optional[np.ndarray]:
         """Back-propagate from the gradient of the output; returns the gradient of the input.
 
-        With ``input_grad=False`` a Dense chain skips the first layer's input-gradient product
-        (training rarely needs it) and None is returned.
+        With ``input_grad=False`` the compiled executor skips the first element's input
+        gradient (training rarely needs it) and None is returned.
         """
+        with self._lock:
+            self._check_owner()
+            return self._backward(grad_output, input_grad)
+
+    def _backward(self, grad_output: np.ndarray, input_grad: bool) -> Optional[np.ndarray]:
         if not self._layers:
             return grad_output if input_grad else None
         state = self._state
@@ -391,7 +475,7 @@ class SegmentCheckpointer:
                 "backward needs a forward first: nothing is stored (backward before forward, "
                 "a second backward, or a forward in evaluation mode)")
         if state[0] == "typed":
-            _, x, y, arena, backward_rows = state
+            _, x, y, arena, backward_rows, _ = state
             g = as_batch(grad_output, y.shape[1], y.dtype, "grad_output", "SegmentCheckpointer")
             if g.shape[0] != y.shape[0]:
                 raise ValueError(f"SegmentCheckpointer: grad_output has {g.shape[0]} rows but the "
@@ -402,7 +486,7 @@ class SegmentCheckpointer:
                                              self._gradient_workspace(x.shape[0], x.dtype),
                                              grad_input, self.memory_tracker)
             return grad_input
-        _, acts, compiled = state
+        _, acts, compiled, step = state
         y = acts[len(self._layers)]
         if self.dtype is not None and self.widths is not None:
             grad_output = as_batch(grad_output, self.widths[-1], self.dtype, "grad_output",
@@ -412,8 +496,9 @@ class SegmentCheckpointer:
                              f"shape {y.shape}, got {getattr(grad_output, 'shape', type(grad_output))}")
         self._state = None
         try:
-            grad_input = _python_run(self._layers, compiled.ops[_forward_length(compiled):], acts,
-                                     grad_output, self.memory_tracker)
+            grad_input = _python_run(self._layers, compiled,
+                                     compiled.ops[_forward_length(compiled):], acts, grad_output,
+                                     step, self.memory_tracker)
             return grad_input if input_grad else None
         except Exception:
             _release_all(acts, self.memory_tracker)
@@ -421,32 +506,32 @@ class SegmentCheckpointer:
 
     def _gradient_workspace(self, batch: int, dtype: np.dtype) -> np.ndarray:
         """Two gradient buffers of the widest activation, kept across steps."""
-        size = 2 * batch * max(self.widths)
+        size = 2 * batch * self.costs.gradient_width()
         buf = self._grad_buffers
         if buf is None or buf.size < size or buf.dtype != dtype:
             buf = self._grad_buffers = np.empty(size, dtype)
         return buf
 
+    def discard(self) -> None:
+        """Drop a pending forward without back-propagating it (the tracker goes back too)."""
+        with self._lock:
+            self._check_owner()
+            if self._state is not None:
+                self._release()
+
     def _release(self) -> None:
         """Drop what a forward stored without back-propagating (tracker included)."""
         state, self._state = self._state, None
         if state[0] == "typed":
-            _, x, y, arena, backward_rows = state
-            kept = self._held_after_forward(x.shape[0])
+            x, compiled = state[1], state[5]
+            kept = compiled.trace.held_after_forward_units * x.shape[0]
             self.memory_tracker.release_stored_activation(kept * x.itemsize)
         else:
             _release_all(state[1], self.memory_tracker)
 
     def _held_after_forward(self, batch: int) -> int:
         """Elements the forward phase leaves held (a_0 and a_N included)."""
-        compiled = self.schedule(batch)
-        held = {0}
-        for kind, i in compiled.ops[:_forward_length(compiled)]:
-            if kind == "forward":
-                held.add(i + 1)
-            else:
-                held.discard(i)
-        return batch * sum(compiled.widths[i] for i in held)
+        return self.schedule(batch).trace.held_after_forward_units * batch
 
     def zero_grad(self) -> None:
         """Set every parameter gradient to zero."""
@@ -458,18 +543,21 @@ class SegmentCheckpointer:
             layer.zero_grad()
 
     def update(self, learning_rate: float) -> None:
-        """One plain SGD step on every layer (one compiled call for a Dense chain)."""
+        """One plain SGD step on every layer (one compiled call for a compiled chain)."""
         lr = _check_learning_rate(learning_rate)
-        if self._state is not None:
-            # Backward would recompute with the new weights: wrong gradients, silently.
-            raise CheckpointStateError("update between forward and backward would make backward "
-                                       "recompute with changed weights; call backward first")
-        chain = self._typed_chain()
-        if chain is not None:
-            chain.sgd_update(lr)
-            return
-        for layer in self._layers:
-            layer.update(lr)
+        with self._lock:
+            self._check_owner()
+            if self._state is not None:
+                # Backward would recompute with the new weights: wrong gradients, silently.
+                raise CheckpointStateError("update between forward and backward would make "
+                                           "backward recompute with changed weights; call "
+                                           "backward first")
+            chain = self._typed_chain()
+            if chain is not None:
+                chain.sgd_update(lr)
+                return
+            for layer in self._layers:
+                layer.update(lr)
 
     def params(self) -> list:
         return [p for layer in self._layers for p in layer.params()]
@@ -478,7 +566,8 @@ class SegmentCheckpointer:
         return [g for layer in self._layers for g in layer.gradients()]
 
     def set_training(self, training: bool) -> None:
-        """In evaluation mode forward stores nothing (and a backward after it is refused).
+        """In evaluation mode forward stores nothing (and a backward after it is refused), and
+        Dropout is the identity.
 
         As in PyTorch, a forward run in training mode can still be back-propagated after
         switching to evaluation mode.
@@ -511,9 +600,28 @@ class SegmentCheckpointer:
                 f"parameters={self.parameter_count})")
 
 
+_UNKNOWN = object()   # a cached value not computed yet
+
+
+def _declared_dtype(layers: Sequence[Layer]) -> Optional[np.dtype]:
+    """The dtype of the first layer (blocks' insides included) that declares one."""
+    for layer in walk(layers):
+        dt = getattr(layer, "dtype", None)
+        if dt is not None:
+            return np.dtype(dt)
+    return None
+
+
+def _unknown_costs(n: int) -> ChainCosts:
+    """Placeholder descriptions for a chain whose layers cannot describe themselves: the
+    schedule is still checked, its sizes mean nothing."""
+    return ChainCosts(tuple(ElementCost("unknown", 1, 1, stored=0, forward_flops=0,
+                                        backward_flops=0) for _ in range(n)))
+
+
 def _forward_length(compiled: CompiledSchedule) -> int:
     """How many of the schedule's operations make up its forward phase."""
-    return len(compiled.forward_rows)
+    return compiled.trace.forward_length
 
 
 def _release_all(acts: dict, tracker: MemoryUsageTracker) -> None:
@@ -522,26 +630,40 @@ def _release_all(acts: dict, tracker: MemoryUsageTracker) -> None:
     acts.clear()
 
 
-def _python_run(layers: Sequence[Layer], ops, acts: dict, grad, tracker: MemoryUsageTracker):
+def _python_run(layers: Sequence[Layer], compiled: CompiledSchedule, ops, acts: dict, grad,
+                step: Step, tracker: MemoryUsageTracker):
     """Run schedule operations through the layers' own methods (any Layer works).
 
     ``acts`` (activation index -> array) is updated in place. A forward phase (grad None)
-    returns None; a backward phase returns the input gradient.
+    returns None; a backward phase returns the input gradient. The scratch the elements'
+    descriptions declare is recorded in the tracker while each operation runs.
     """
     # In the forward phase every layer runs for the first time; in backward, again.
     ran = set() if grad is None else set(range(len(layers)))
     held_grad = 0  # bytes of the gradient ckpt holds between two layers (not the caller's)
+    fwd_scratch = compiled.costs.forward_scratch
+    bwd_scratch = compiled.costs.backward_scratch(False)
     try:
         for kind, i in ops:
             if kind == "forward":
-                y = layers[i].forward(acts[i])
+                transient = fwd_scratch[i] * acts[i].shape[0] * acts[i].itemsize
+                tracker.record_stored_activation(transient)
+                try:
+                    y = layers[i].forward_step(acts[i], step)
+                finally:
+                    tracker.release_stored_activation(transient)
                 acts[i + 1] = y
                 tracker.record_stored_activation(y.nbytes)
                 if i in ran:
                     tracker.record_recomputed(y.nbytes)
                 ran.add(i)
             elif kind == "backward":
-                grad = layers[i].backward(acts[i], grad, output=acts[i + 1])
+                transient = bwd_scratch[i] * acts[i].shape[0] * acts[i].itemsize
+                tracker.record_stored_activation(transient)
+                try:
+                    grad = layers[i].backward_step(acts[i], grad, step, output=acts[i + 1])
+                finally:
+                    tracker.release_stored_activation(transient)
                 tracker.record_gradient(grad.nbytes)
                 tracker.release_gradient(held_grad)
                 held_grad = grad.nbytes

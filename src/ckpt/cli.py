@@ -213,24 +213,19 @@ def measure_step(layers: Sequence, xb: np.ndarray, yb: np.ndarray, **schedule) -
 
 
 def recompute_cost(model: SegmentCheckpointer, batch: int) -> Tuple[int, float]:
-    """(recomputed layer forwards per step, their FLOPs as a fraction of a plain step).
+    """(recomputed element forwards per step, the FLOPs they and the recomputed internals of
+    compound elements cost, as a fraction of a plain step), from the elements' descriptions.
 
-    A plain step costs one forward (2 m k n per layer) and a backward of two matrix products per
-    layer (the first layer's input gradient aside).
+    A plain step is every element's forward and backward (the first element's input gradient
+    aside).
     """
-    widths = model.widths
-    flops = [2 * batch * widths[i] * widths[i + 1] for i in range(len(widths) - 1)]
-    plain = sum(flops) * 3 - flops[0]
-    ran: set = set()
-    recomputed = 0
-    extra = 0
-    for kind, i in model.schedule(batch).ops:
-        if kind == "forward":
-            if i in ran:
-                recomputed += 1
-                extra += flops[i]
-            ran.add(i)
-    return recomputed, extra / plain
+    costs = model.costs
+    compiled = model.schedule(batch)
+    flops = costs.forward_flops
+    extra = sum(flops[i] for i in compiled.recomputed_layers)
+    if not compiled.keep_internals:
+        extra += sum(e.internal_flops for e in costs.elements)
+    return len(compiled.recomputed_layers), extra / costs.step_flops()
 
 
 def _kib(nbytes: float) -> str:

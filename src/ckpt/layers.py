@@ -1,18 +1,26 @@
-"""The Layer protocol and the Dense layer.
+"""The Layer protocol and ckpt's layers: Dense, LayerNorm, Dropout and Residual blocks.
 
 A layer keeps no copy of its activations: ``backward`` takes the input again, so whoever stores
 activations (a checkpointer, or plain backprop) decides what is held, and can really free it.
+Every layer describes its costs once (``describe``, see :mod:`ckpt.costs`).
+
+Stochastic layers (Dropout) draw their masks from a counter-based generator keyed by a
+:class:`Step`: a per-step seed, the layer's stream id in its chain, and the global row index.
+The first forward, every recomputation and the backward of one step share the Step, so they
+see the same mask, and nothing is stored.
 """
 from __future__ import annotations
 
 import numbers
 import threading
 from abc import ABC, abstractmethod
-from typing import Optional, Sequence, Union
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
 from ckpt import _core
+from ckpt.costs import ElementCost, _Undescribable, dense_cost
 
 ActivationName = Optional[str]
 DTypeLike = Union[type, np.dtype, str]
@@ -81,6 +89,42 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
+@dataclass(frozen=True)
+class Step:
+    """What the forward, the recomputations and the backward of one training step share.
+
+    ``seed`` keys the step's Dropout masks; ``row0`` is the global index of the batch's first
+    row (a slice of a larger batch, on another thread or MPI rank, passes its offset, so masks
+    do not depend on how a batch is split); ``streams`` maps each Dropout layer (by id) to its
+    stream, its rank among the chain's Dropout layers.
+    """
+
+    seed: int
+    row0: int = 0
+    streams: Dict[int, int] = field(default_factory=dict)
+
+    def stream(self, layer: "Layer") -> int:
+        return self.streams.get(id(layer), 0)
+
+
+def walk(layers: Sequence["Layer"]) -> Iterator["Layer"]:
+    """Every layer of a chain, depth first, blocks before their insides."""
+    for layer in layers:
+        yield layer
+        yield from walk(layer.children())
+
+
+def dropout_streams(layers: Sequence["Layer"]) -> Dict[int, int]:
+    """Stream ids of a chain's Dropout layers: their rank in depth-first order."""
+    drops = [layer for layer in walk(layers) if isinstance(layer, Dropout)]
+    return {id(layer): index for index, layer in enumerate(drops)}
+
+
+def new_step(rng: np.random.Generator, layers: Sequence["Layer"], row0: int = 0) -> Step:
+    """A Step with a fresh 64-bit seed drawn from ``rng``."""
+    return Step(int(rng.integers(0, 2**64, dtype=np.uint64)), row0, dropout_streams(layers))
+
+
 class Layer(ABC):
     """What every ckpt layer implements.
 
@@ -90,6 +134,11 @@ class Layer(ABC):
     """
 
     _training = True
+    # Attributes holding parameter or gradient arrays: assigning to one copies into the array
+    # (so optimizers and compiled chains keep valid references) instead of rebinding it.
+    _array_attributes: tuple = ()
+    # Whether the layer's output always has its input's width (it then needs no width of its own).
+    preserves_width = False
 
     @abstractmethod
     def forward(self, x: np.ndarray) -> np.ndarray:
@@ -99,6 +148,44 @@ class Layer(ABC):
     def backward(self, x: np.ndarray, grad_output: np.ndarray, *,
                  output: Optional[np.ndarray] = None) -> np.ndarray:
         """Gradient of the input; parameter gradients are accumulated."""
+
+    def forward_step(self, x: np.ndarray, step: Step) -> np.ndarray:
+        """forward within a training step (stochastic layers key their randomness on it)."""
+        return self.forward(x)
+
+    def backward_step(self, x: np.ndarray, grad_output: np.ndarray, step: Step, *,
+                      output: Optional[np.ndarray] = None) -> np.ndarray:
+        """backward within the step whose forward_step produced ``output``."""
+        return self.backward(x, grad_output, output=output)
+
+    def children(self) -> list:
+        """Layers inside this one (a block's body), in order."""
+        return []
+
+    def describe(self, in_width: Optional[int] = None) -> ElementCost:
+        """This layer's costs as a chain element (see ckpt.costs), given its input width.
+
+        The default suits a layer with ``in_features`` and ``out_features``: it stores its
+        output, needs no scratch, and is assumed to do two FLOPs per parameter per row forward
+        and four backward. Override it when that is wrong.
+        """
+        n_in = getattr(self, "in_features", None) or in_width
+        n_out = getattr(self, "out_features", None)
+        if n_out is None and self.preserves_width:
+            n_out = n_in
+        if n_in is None or n_out is None:
+            raise _Undescribable(self.layer_type)
+        count = self.parameter_count
+        return ElementCost(self.layer_type, int(n_in), int(n_out), stored=int(n_out),
+                           forward_flops=2 * count, backward_flops=4 * count,
+                           parameter_count=count, params=tuple(self.params()),
+                           gradients=tuple(self.gradients()))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in self._array_attributes and name in self.__dict__:
+            _assign_into(self.__dict__[name], value, f"{self.layer_type}.{name}")
+        else:
+            object.__setattr__(self, name, value)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.forward(x)
@@ -173,6 +260,21 @@ def _check_learning_rate(learning_rate: object) -> float:
     return float(learning_rate)
 
 
+def _assign_into(target: np.ndarray, value: object, name: str) -> None:
+    """``layer.W = value`` copies value into the existing array: same shape and dtype."""
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"{name} must be assigned a numpy array of shape {target.shape} and "
+                        f"dtype {target.dtype}, got {type(value).__name__}")
+    if value.dtype != target.dtype:
+        raise TypeError(f"{name} has dtype {target.dtype}; cannot assign an array of dtype "
+                        f"{value.dtype} (convert with .astype(np.{target.dtype.name}))")
+    if value.shape != target.shape:
+        raise ValueError(f"{name} has shape {target.shape}; cannot assign an array of shape "
+                         f"{value.shape}")
+    if value is not target:
+        np.copyto(target, value)
+
+
 def _copy_into(targets: list, values: Sequence[np.ndarray], what: str, owner: str) -> None:
     """Check every value first, then copy: a bad list changes nothing."""
     values = list(values)
@@ -227,6 +329,13 @@ class Dense(Layer):
         self.b = np.zeros(self.out_features, self.dtype)
         self.grad_W = np.zeros_like(self.W)
         self.grad_b = np.zeros_like(self.b)
+
+    _array_attributes = ("W", "b", "grad_W", "grad_b")
+
+    def describe(self, in_width: Optional[int] = None) -> ElementCost:
+        _check_in_width(self, in_width, self.in_features)
+        return dense_cost(self.in_features, self.out_features, gelu=self.activation == "gelu",
+                          params=self.params(), gradients=self.gradients())
 
     def _initial_weights(self, rng: np.random.Generator) -> np.ndarray:
         shape = (self.in_features, self.out_features)
@@ -300,3 +409,311 @@ def _as_generator(rng: object) -> np.random.Generator:
             raise ValueError(f"the seed must be non-negative, got {rng}")
         return np.random.default_rng(int(rng))
     raise TypeError(f"rng must be a numpy Generator, an int seed or None, got {type(rng).__name__}")
+
+
+def _check_in_width(layer: Layer, in_width: Optional[int], expected: Optional[int]) -> None:
+    if in_width is not None and expected is not None and in_width != expected:
+        raise ValueError(f"{layer.layer_type} expects {expected} input features, got {in_width}")
+
+
+def _check_eps(eps: object) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not np.isfinite(eps) \
+            or not eps > 0:
+        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    return float(eps)
+
+
+class LayerNorm(Layer):
+    """Normalises each row to zero mean and unit variance, then scales and shifts it:
+    y = (x - mean) / sqrt(var + eps) * weight + bias, as PyTorch's ``nn.LayerNorm`` (biased
+    variance, eps inside the square root). ``weight`` starts at ones, ``bias`` at zeros.
+
+    Its backward recomputes the row statistics from the input, so it stores nothing beyond its
+    output and needs no scratch.
+    """
+
+    preserves_width = True
+    _array_attributes = ("weight", "bias", "grad_weight", "grad_bias")
+
+    def __init__(self, features: int, eps: float = 1e-5, *,
+                 dtype: DTypeLike = np.float32) -> None:
+        self.features = check_size(features, "features")
+        self.eps = _check_eps(eps)
+        self.dtype = check_float_dtype(dtype)
+        self.weight = np.ones(self.features, self.dtype)
+        self.bias = np.zeros(self.features, self.dtype)
+        self.grad_weight = np.zeros_like(self.weight)
+        self.grad_bias = np.zeros_like(self.bias)
+
+    @property
+    def in_features(self) -> int:
+        return self.features
+
+    @property
+    def out_features(self) -> int:
+        return self.features
+
+    def describe(self, in_width: Optional[int] = None) -> ElementCost:
+        _check_in_width(self, in_width, self.features)
+        n = self.features
+        return ElementCost("layernorm", n, n, stored=n, forward_flops=8 * n,
+                           backward_flops=14 * n, parameter_count=2 * n,
+                           params=tuple(self.params()), gradients=tuple(self.gradients()))
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        x = as_batch(x, self.features, self.dtype, "the input", self._name)
+        y = np.empty_like(x)
+        _core.layernorm_forward(x, self.weight, self.bias, y, self.eps)
+        return y
+
+    def backward(self, x: np.ndarray, grad_output: np.ndarray, *,
+                 output: Optional[np.ndarray] = None) -> np.ndarray:
+        x = as_batch(x, self.features, self.dtype, "the input", self._name)
+        g = as_batch(grad_output, self.features, self.dtype, "grad_output", self._name)
+        if g.shape[0] != x.shape[0]:
+            raise ValueError(f"{self._name}: grad_output has {g.shape[0]} rows but the input "
+                             f"has {x.shape[0]}")
+        grad_input = np.empty_like(x)
+        _core.layernorm_backward(x, self.weight, g, grad_input, self.grad_weight,
+                                 self.grad_bias, self.eps)
+        return grad_input
+
+    def params(self) -> list:
+        return [self.weight, self.bias]
+
+    def gradients(self) -> list:
+        return [self.grad_weight, self.grad_bias]
+
+    @property
+    def _name(self) -> str:
+        return f"LayerNorm({self.features})"
+
+    @property
+    def layer_description(self) -> str:
+        return f"LayerNorm({self.features}, eps={self.eps:g}, dtype={self.dtype.name})"
+
+
+class Dropout(Layer):
+    """Inverted dropout: in training, each value is zeroed with probability ``p`` and the kept
+    ones are scaled by 1 / (1 - p); in evaluation mode it is the identity.
+
+    No mask is stored: it is a pure function of (the step's seed, this layer's stream id in its
+    chain, the global row, the column), from a counter-based generator (ckpt/_rng.h), so every
+    recomputation and the backward replay it exactly. Inside a checkpointer the checkpointer's
+    seed governs; used on its own, each ``forward`` draws a new step seed from ``seed`` (an int
+    or a Generator; None: unpredictable) and ``backward`` reuses the last one.
+
+    It has no width or dtype of its own: it takes its input's.
+    """
+
+    preserves_width = True
+
+    def __init__(self, p: float = 0.5, *,
+                 seed: Union[None, int, np.random.Generator] = None) -> None:
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p < 1:
+            raise ValueError(f"the dropout probability p must be a number in [0, 1), got {p!r}")
+        self.p = float(p)
+        self._rng = _as_generator(seed)
+        self._last_step: Optional[Step] = None
+
+    def describe(self, in_width: Optional[int] = None) -> ElementCost:
+        if in_width is None:
+            raise _Undescribable(self.layer_type)
+        return ElementCost("dropout", in_width, in_width, stored=in_width,
+                           forward_flops=in_width, backward_flops=in_width)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        self._last_step = new_step(self._rng, [])
+        return self.forward_step(x, self._last_step)
+
+    def backward(self, x: np.ndarray, grad_output: np.ndarray, *,
+                 output: Optional[np.ndarray] = None) -> np.ndarray:
+        if self._last_step is None:
+            raise ValueError("Dropout.backward needs a forward first (its mask is keyed by the "
+                             "forward's step)")
+        return self.backward_step(x, grad_output, self._last_step)
+
+    def forward_step(self, x: np.ndarray, step: Step) -> np.ndarray:
+        x = _float_batch(x, "the input", self.layer_type)
+        return self._apply(x, step)
+
+    def backward_step(self, x: np.ndarray, grad_output: np.ndarray, step: Step, *,
+                      output: Optional[np.ndarray] = None) -> np.ndarray:
+        g = _float_batch(grad_output, "grad_output", self.layer_type)
+        if isinstance(x, np.ndarray) and x.shape != g.shape:
+            raise ValueError(f"Dropout: grad_output has shape {g.shape} but the input "
+                             f"{x.shape}")
+        return self._apply(g, step)
+
+    def _apply(self, a: np.ndarray, step: Step) -> np.ndarray:
+        out = np.empty_like(a)
+        if not self.is_training or self.p == 0:
+            np.copyto(out, a)
+        else:
+            _core.dropout_apply(a, out, self.p, step.seed, step.stream(self), step.row0)
+        return out
+
+    @property
+    def layer_description(self) -> str:
+        return f"Dropout(p={self.p:g})"
+
+
+def _float_batch(x: object, name: str, owner: str) -> np.ndarray:
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{owner}: {name} must be a numpy array, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{owner}: {name} must be float32 or float64, got {x.dtype}")
+    if x.ndim != 2:
+        raise ValueError(f"{owner}: {name} must be 2-D (batch, features), got shape {x.shape}")
+    return np.ascontiguousarray(x)
+
+
+class Residual(Layer):
+    """A residual block, y = x + f(x), f being the chain of ``layers`` (its output width must
+    equal its input width).
+
+    Inside a checkpointer the block is one element: it stores at most its output, and its
+    backward recomputes f's internals from its input (they count as the element's backward
+    scratch); plain backprop (``checkpoint_every=1``) keeps them instead. ``params()`` are the
+    inner layers' parameters in order.
+
+    Initialisation is the inner layers' own; :func:`ckpt.build_mlp` scales the last Dense of
+    each branch down (see there) so that deep stacks start close to the identity.
+    Used on its own, ``forward`` draws a step seed for inner Dropout layers from ``seed``.
+    """
+
+    preserves_width = True
+
+    def __init__(self, *layers: Layer,
+                 seed: Union[None, int, np.random.Generator] = None) -> None:
+        if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
+            layers = tuple(layers[0])
+        if not layers:
+            raise ValueError("a Residual block needs at least one layer")
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Layer):
+                raise TypeError(f"Residual layer {i} must be a ckpt Layer, got "
+                                f"{type(layer).__name__}")
+        inside = list(walk(layers))
+        if len({id(layer) for layer in inside}) != len(inside):
+            raise ValueError("a layer appears twice in the Residual block")
+        self.layers = list(layers)
+        self._rng = _as_generator(seed)
+        self._last_step: Optional[Step] = None
+        width = self.in_features
+        if width is not None:
+            self._body_costs(width)   # the widths must connect and come back to the input's
+
+    def children(self) -> list:
+        return list(self.layers)
+
+    @property
+    def in_features(self) -> Optional[int]:
+        from ckpt.costs import infer_input_width
+        return infer_input_width(self.layers)
+
+    @property
+    def out_features(self) -> Optional[int]:
+        return self.in_features
+
+    @property
+    def dtype(self) -> Optional[np.dtype]:
+        for layer in walk(self.layers):
+            dt = getattr(layer, "dtype", None)
+            if dt is not None:
+                return np.dtype(dt)
+        return None
+
+    def _body_costs(self, width: int) -> List[ElementCost]:
+        costs = []
+        for i, layer in enumerate(self.layers):
+            cost = layer.describe(width)
+            if cost.in_width != width:
+                raise ValueError(f"Residual layer {i} ({layer.layer_type}) expects "
+                                 f"{cost.in_width} input features, but gets {width}")
+            costs.append(cost)
+            width = cost.out_width
+        if width != costs[0].in_width:
+            raise ValueError(f"a Residual block must keep its width: its layers map "
+                             f"{costs[0].in_width} features to {width}")
+        return costs
+
+    def layout(self, in_width: Optional[int] = None) -> tuple:
+        """(body costs, inner width, ping-pong buffers): how the executor lays out the body."""
+        width = in_width if in_width is not None else self.in_features
+        if width is None:
+            raise _Undescribable(self.layer_type)
+        body = self._body_costs(width)
+        return body, max(c.out_width for c in body), min(len(body) - 1, 2)
+
+    def describe(self, in_width: Optional[int] = None) -> ElementCost:
+        _check_in_width(self, in_width, self.in_features)
+        body, inner, pingpong = self.layout(in_width)
+        n = body[0].in_width
+        fwd = max(c.forward_scratch for c in body)
+        bwd = max(c.backward_scratch for c in body)
+        return ElementCost(
+            "residual", n, n, stored=n,
+            tape=sum(c.out_width + c.tape for c in body),
+            forward_scratch=pingpong * inner + fwd,
+            backward_scratch=max(fwd, pingpong * inner + bwd),
+            forward_flops=sum(c.forward_flops for c in body) + n,
+            backward_flops=sum(c.backward_flops for c in body) + n,
+            internal_flops=sum(c.forward_flops for c in body),
+            parameter_count=sum(c.parameter_count for c in body),
+            params=tuple(p for c in body for p in c.params),
+            gradients=tuple(g for c in body for g in c.gradients))
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        self._last_step = new_step(self._rng, self.layers)
+        return self.forward_step(x, self._last_step)
+
+    def backward(self, x: np.ndarray, grad_output: np.ndarray, *,
+                 output: Optional[np.ndarray] = None) -> np.ndarray:
+        if self._last_step is None:
+            raise ValueError("Residual.backward needs a forward first")
+        return self.backward_step(x, grad_output, self._last_step)
+
+    def forward_step(self, x: np.ndarray, step: Step) -> np.ndarray:
+        x = _float_batch(x, "the input", "Residual")
+        h = x
+        for layer in self.layers:
+            h = layer.forward_step(h, step)
+        if h.shape != x.shape:
+            raise ValueError(f"a Residual block must keep its shape: {x.shape} became {h.shape}")
+        return x + h
+
+    def backward_step(self, x: np.ndarray, grad_output: np.ndarray, step: Step, *,
+                      output: Optional[np.ndarray] = None) -> np.ndarray:
+        """Recompute f's internals from x, back-propagate through them, add the skip path."""
+        x = _float_batch(x, "the input", "Residual")
+        g = _float_batch(grad_output, "grad_output", "Residual")
+        if g.shape != x.shape:
+            raise ValueError(f"Residual: grad_output has shape {g.shape} but the input {x.shape}")
+        inside = [x]
+        for layer in self.layers:
+            inside.append(layer.forward_step(inside[-1], step))
+        grad = g
+        for j in reversed(range(len(self.layers))):
+            grad = self.layers[j].backward_step(inside[j], grad, step, output=inside[j + 1])
+        return grad + g
+
+    def params(self) -> list:
+        return [p for layer in self.layers for p in layer.params()]
+
+    def gradients(self) -> list:
+        return [g for layer in self.layers for g in layer.gradients()]
+
+    def zero_grad(self) -> None:
+        for layer in self.layers:
+            layer.zero_grad()
+
+    def set_training(self, training: bool) -> None:
+        super().set_training(training)
+        for layer in self.layers:
+            layer.set_training(training)
+
+    @property
+    def layer_description(self) -> str:
+        inner = ", ".join(layer.layer_description for layer in self.layers)
+        return f"Residual({inner})"

@@ -162,6 +162,9 @@ def _is_int(x: object) -> bool:
 
 def _chain_widths(chain: object) -> tuple[int, ...]:
     """Widths a_0 .. a_N from N+1 ints or from N layer-like objects (in_features, out_features)."""
+    from ckpt.costs import ChainCosts
+    if isinstance(chain, ChainCosts):
+        return chain.widths
     if isinstance(chain, (str, bytes)) or not isinstance(chain, Iterable):
         raise TypeError("chain must be a list of N+1 widths or of N layers, got "
                         f"{type(chain).__name__}")

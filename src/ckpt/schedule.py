@@ -27,6 +27,7 @@ backward recomputes them in its scratch.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 from dataclasses import dataclass
 from numbers import Integral
 from typing import Iterable, Sequence, Tuple, Union
@@ -39,9 +40,10 @@ from ckpt.costs import ChainCosts
 Op = Tuple[str, int]
 FORWARD, BACKWARD, FREE = "forward", "backward", "free"
 
-# Columns of a compiled row. Offsets are in units of one batch row (rows_for_batch scales them).
+# Columns of a compiled row. Offsets are in elements per batch row: the executor scales them.
 ROW_KIND, ROW_INDEX, ROW_OUTPUT, ROW_RECOMPUTE, ROW_TAPE, ROW_SCRATCH = range(6)
 _NONE = -1  # no block: a_N goes to the caller's output array; no tape; no scratch
+_KIND_NAMES = {code: name for name, code in OP_CODES.items()}
 
 
 def uniform_ops(n_layers: int, checkpoint_every: int) -> list:
@@ -83,7 +85,8 @@ class Trace:
 
     ``events`` has one (kind, index, recompute, released) entry per operation, ``released``
     being the activations that operation lets go (a backward's output, a free's target);
-    the releases at the end are in ``final_released``.
+    the releases at the end are in ``final_released``. (A compiled schedule keeps its trace
+    without the ops and events: its rows hold them.)
     """
 
     ops: Tuple[Op, ...]
@@ -225,7 +228,7 @@ class CompiledSchedule:
 
     costs: ChainCosts
     trace: Trace
-    forward_rows: np.ndarray   # int64 (rows, 6): see the ROW_* columns
+    forward_rows: np.ndarray   # int64 (rows, 6): see the ROW_* columns; offsets per batch row
     backward_rows: np.ndarray
     arena_units: int           # arena size per batch row, in elements
 
@@ -235,8 +238,9 @@ class CompiledSchedule:
 
     @property
     def ops(self) -> Tuple[Op, ...]:
-        """The full schedule, with the final releases as explicit frees."""
-        return self.trace.ops + tuple((FREE, i) for i in self.trace.final_released)
+        """The full schedule, with the final releases as explicit frees (read off the rows)."""
+        rows = np.concatenate([self.forward_rows, self.backward_rows])
+        return tuple((_KIND_NAMES[kind], i) for kind, i in rows[:, :2].tolist())
 
     @property
     def peak_units(self) -> int:
@@ -256,17 +260,6 @@ class CompiledSchedule:
     def recomputed_units(self) -> int:
         """Activation elements recomputed per batch row."""
         return sum(self.costs.elements[i].stored for i in self.trace.recomputed)
-
-    def rows_for_batch(self, batch: int) -> Tuple[np.ndarray, np.ndarray]:
-        """The forward and backward rows with offsets scaled to a batch size."""
-        out = []
-        for rows in (self.forward_rows, self.backward_rows):
-            scaled = rows.copy()
-            for column in (ROW_OUTPUT, ROW_TAPE, ROW_SCRATCH):
-                placed = scaled[:, column] >= 0
-                scaled[placed, column] *= batch
-            out.append(scaled)
-        return out[0], out[1]
 
 
 def compile_schedule(ops: Iterable[Op], chain: Union[ChainCosts, Sequence[int]],
@@ -316,7 +309,8 @@ def compile_schedule(ops: Iterable[Op], chain: Union[ChainCosts, Sequence[int]],
     table = np.array(rows, dtype=np.int64).reshape(-1, 6)
     split = trace.forward_length
     return CompiledSchedule(
-        costs=costs, trace=trace,
-        forward_rows=np.ascontiguousarray(table[:split]),
-        backward_rows=np.ascontiguousarray(table[split:]),
+        # The rows say what the ops and events said: keep the trace without them.
+        costs=costs, trace=dataclasses.replace(trace, ops=(), events=()),
+        forward_rows=table[:split].copy(),
+        backward_rows=table[split:].copy(),
         arena_units=arena.size)

@@ -1,0 +1,601 @@
+# The chain executor (included into _core.pyx): runs a compiled checkpointing schedule over a
+# chain of elements -- Dense, LayerNorm, Dropout, Residual blocks -- one compiled call per phase,
+# GIL released, dispatching on each element's kind.
+#
+# Python (ckpt.executor) builds the element table from the layers' descriptions (ckpt.costs):
+# every size here -- tapes, scratch, widths -- is the description's, checked once at
+# construction against what these loops need. ckpt.schedule builds the rows.
+
+from libc.stdint cimport uint64_t
+
+# A compiled row: (op, element, output offset, recompute flag, tape offset, scratch offset);
+# offsets in elements per batch row (-1: none), multiplied by the batch size here.
+cdef enum:
+    OP_FORWARD = 0   # a[i+1] = element i (a[i]), written at the output offset (-1: the output)
+    OP_BACKWARD = 1  # back-propagate through element i; a[i+1] is freed
+    OP_FREE = 2      # a[i] is no longer held
+
+OP_CODES = {"forward": OP_FORWARD, "backward": OP_BACKWARD, "free": OP_FREE}
+
+cdef enum:
+    KIND_DENSE = 0
+    KIND_LAYERNORM = 1
+    KIND_DROPOUT = 2
+    KIND_RESIDUAL = 3
+    KIND_COUNT = 4    # sentinel: kinds are 0 .. KIND_COUNT - 1
+
+ELEMENT_KINDS = {"dense": KIND_DENSE, "layernorm": KIND_LAYERNORM, "dropout": KIND_DROPOUT,
+                 "residual": KIND_RESIDUAL}
+
+# Columns of the integer element table built by ckpt.executor.
+ELEMENT_COLUMNS = ("kind", "act", "n_in", "n_out", "param", "body", "body_len", "tape",
+                   "forward_scratch", "backward_scratch", "inner_width", "stream")
+# Columns of the real-valued table.
+ELEMENT_REALS = ("alpha", "eps", "p")
+
+
+cdef struct Element:
+    int kind, act
+    Py_ssize_t n_in, n_out
+    double alpha            # Dense: leaky_relu slope
+    double eps              # LayerNorm
+    double p                # Dropout probability
+    uint64_t stream         # Dropout stream id (its rank among the chain's Dropout layers)
+    uint64_t threshold      # Dropout: floor(p * 2^32)
+    Py_ssize_t param        # first parameter in the chain's flat list (W or gamma), -1: none
+    Py_ssize_t body, body_len   # Residual: its body, elements body .. body + body_len - 1
+    Py_ssize_t tape, fwd_scratch, bwd_scratch   # per batch row, in elements
+    Py_ssize_t inner_width  # Residual: each of its ping-pong buffers, per row
+
+
+# What one step's phases share: rows, dropout key, mode and parameter tables.
+cdef struct Step:
+    Py_ssize_t m
+    int64_t row0
+    uint64_t seed
+    bint training
+    void **params
+    void **grads
+
+
+cdef inline Py_ssize_t _pingpong(const Element *e) noexcept nogil:
+    """Ping-pong buffers a Residual body of k elements needs: min(k - 1, 2)."""
+    return e.body_len - 1 if e.body_len < 3 else 2
+
+
+cdef void _forward(const Element *table, const Element *e, Step *s, const floating *x,
+                   floating *y, floating *scratch, floating *tape) noexcept nogil:
+    """y = element(x). scratch holds e.fwd_scratch elements per row; tape, if not NULL,
+    receives the element's internals (e.tape per row) for its backward."""
+    cdef Py_ssize_t m = s.m
+    if e.kind == KIND_DENSE:
+        dense_forward_ptr(x, <floating *>s.params[e.param], <floating *>s.params[e.param + 1],
+                          y, m, e.n_in, e.n_out, e.act, <floating>e.alpha)
+    elif e.kind == KIND_LAYERNORM:
+        layernorm_forward_ptr(x, <floating *>s.params[e.param],
+                              <floating *>s.params[e.param + 1], y, m, e.n_in, e.eps)
+    elif e.kind == KIND_DROPOUT:
+        if s.training and e.p > 0:
+            dropout_ptr(x, y, m, e.n_in, ckpt_dropout_key(s.seed, e.stream), s.row0,
+                        e.threshold, <floating>(1.0 / (1.0 - e.p)))
+        elif m:
+            memcpy(y, x, m * e.n_in * sizeof(floating))
+    else:
+        _residual_forward(table, e, s, x, y, scratch, tape)
+
+
+cdef void _residual_forward(const Element *table, const Element *e, Step *s,
+                            const floating *x, floating *y, floating *scratch,
+                            floating *tape) noexcept nogil:
+    """y = x + f(x). With a tape, each body output t_j and its own tape are laid out in order
+    (y may then be NULL: only the internals are wanted); without, the body ping-pongs between
+    two buffers and its last output goes straight to y."""
+    cdef Py_ssize_t m = s.m, j, k = e.body_len, i, size = m * e.n_out
+    cdef const Element *b
+    cdef const floating *src = x
+    cdef floating *dst
+    cdef floating *nested = scratch + m * e.inner_width * _pingpong(e)
+    cdef floating *place = tape
+    for j in range(k):
+        b = table + e.body + j
+        if tape != NULL:
+            dst = place
+            _forward(table, b, s, src, dst, scratch, place + m * b.n_out if b.tape else NULL)
+            place += m * (b.n_out + b.tape)
+        else:
+            dst = y if j == k - 1 else scratch + m * e.inner_width * (j % 2)
+            _forward(table, b, s, src, dst, nested, NULL)
+        src = dst
+    if tape == NULL:
+        for i in range(size):
+            y[i] += x[i]
+    elif y != NULL:     # NULL when a backward only rebuilds the internals
+        for i in range(size):
+            y[i] = x[i] + src[i]
+
+
+cdef void _backward(const Element *table, const Element *e, Step *s, const floating *x,
+                    const floating *y, floating *d, const floating *g, floating *gx,
+                    floating *scratch, floating *tape) noexcept nogil:
+    """Accumulate the element's parameter gradients and write its input gradient to gx (NULL:
+    not wanted). y is its output, d a writable m x n_out buffer that may alias y (both dead
+    after). tape holds its internals if kept, else NULL and scratch has room for them."""
+    cdef Py_ssize_t m = s.m
+    cdef const floating *v = y
+    if e.kind == KIND_DENSE:
+        if e.act == ACT_GELU:   # its derivative needs the pre-activation: recompute it in d
+            dense_preactivation_ptr(x, <floating *>s.params[e.param],
+                                    <floating *>s.params[e.param + 1], d, m, e.n_in, e.n_out)
+            v = d
+        dense_backward_ptr(x, <floating *>s.params[e.param], g, v, d,
+                           <floating *>s.grads[e.param], <floating *>s.grads[e.param + 1], gx,
+                           m, e.n_in, e.n_out, e.act, <floating>e.alpha)
+    elif e.kind == KIND_LAYERNORM:
+        layernorm_backward_ptr(x, <floating *>s.params[e.param], g, gx,
+                               <floating *>s.grads[e.param], <floating *>s.grads[e.param + 1],
+                               m, e.n_in, e.eps)
+    elif e.kind == KIND_DROPOUT:
+        if gx == NULL:
+            return
+        if s.training and e.p > 0:
+            dropout_ptr(g, gx, m, e.n_in, ckpt_dropout_key(s.seed, e.stream), s.row0,
+                        e.threshold, <floating>(1.0 / (1.0 - e.p)))
+        elif m:
+            memcpy(gx, g, m * e.n_in * sizeof(floating))
+    else:
+        _residual_backward(table, e, s, x, g, gx, scratch, tape)
+
+
+cdef void _residual_backward(const Element *table, const Element *e, Step *s,
+                             const floating *x, const floating *g, floating *gx,
+                             floating *scratch, floating *tape) noexcept nogil:
+    """Back-propagate y = x + f(x): rebuild f's internals (unless taped), run f's backward
+    through ping-pong gradient buffers, then add the skip path's gradient g."""
+    cdef Py_ssize_t m = s.m, j, k = e.body_len, i, size = m * e.n_in
+    cdef const Element *b
+    cdef floating *rest = scratch
+    cdef floating *place
+    cdef floating *dst
+    cdef const floating *src
+    cdef const floating *grad = g
+    cdef floating *buffers
+    cdef floating *nested
+    if tape == NULL:            # recompute the internals into the front of the scratch
+        tape = scratch
+        rest = scratch + m * e.tape
+        _residual_forward(table, e, s, x, NULL, rest, tape)
+    buffers = rest
+    nested = rest + m * e.inner_width * _pingpong(e)
+    place = tape + m * e.tape   # body j's output and tape sit just below body j + 1's
+    for j in range(k - 1, -1, -1):
+        b = table + e.body + j
+        place -= m * (b.n_out + b.tape)
+        src = x if j == 0 else place - m * (table[e.body + j - 1].n_out
+                                            + table[e.body + j - 1].tape)
+        dst = gx if j == 0 else buffers + m * e.inner_width * ((k - 1 - j) % 2)
+        _backward(table, b, s, src, place, place, grad, dst, nested,
+                  place + m * b.n_out if b.tape else NULL)
+        grad = dst
+    if gx != NULL:
+        for i in range(size):
+            gx[i] += g[i]
+
+
+cdef class Chain:
+    """The compiled form of a chain: its element table, its flat parameter lists, and the
+    executor of compiled schedules.
+
+    Parameters are referenced, never copied: layers update them in place, so the pointers stay
+    valid for the chain's life. ``ints`` / ``reals`` are the element table (columns
+    ELEMENT_COLUMNS / ELEMENT_REALS); its first ``n_elements`` rows are the chain, the rest
+    the bodies of Residual blocks. Every size is checked here, with the GIL, so that the
+    executor can run without checks.
+    """
+    cdef readonly Py_ssize_t n_elements
+    cdef readonly Py_ssize_t n_params
+    cdef readonly Py_ssize_t max_width
+    cdef readonly object dtype
+    cdef bint is_double
+    cdef bint busy          # a phase is running (in some thread)
+    cdef Element *table
+    cdef Py_ssize_t n_table
+    cdef void **params
+    cdef void **grads
+    cdef Py_ssize_t *sizes
+    cdef void **a           # a[i]: where activation i lives this step, NULL when not held
+    cdef void **tapes       # tapes[i]: the internals kept beside a[i], or NULL
+    cdef void *output       # the caller's array for a[N]
+    cdef Step step
+    cdef list _keep
+
+    def __cinit__(self, const int64_t[:, ::1] ints, const double[:, ::1] reals,
+                  Py_ssize_t n_elements, list params, list grads):
+        cdef Py_ssize_t n = ints.shape[0], i
+        if ints.shape[1] != len(ELEMENT_COLUMNS) or reals.shape[1] != len(ELEMENT_REALS):
+            raise ValueError(f"the element table needs {len(ELEMENT_COLUMNS)} integer and "
+                             f"{len(ELEMENT_REALS)} real columns")
+        if reals.shape[0] != n or not 0 < n_elements <= n:
+            raise ValueError(f"{n} integer rows, {reals.shape[0]} real rows, {n_elements} "
+                             f"chain elements: inconsistent")
+        if len(params) != len(grads):
+            raise ValueError(f"{len(params)} parameters but {len(grads)} gradients")
+        self.dtype = np.dtype(params[0].dtype) if params else None
+        self.table = <Element *>PyMem_Malloc(n * sizeof(Element))
+        self.params = <void **>PyMem_Malloc((len(params) + 1) * sizeof(void *))
+        self.grads = <void **>PyMem_Malloc((len(params) + 1) * sizeof(void *))
+        self.sizes = <Py_ssize_t *>PyMem_Malloc((len(params) + 1) * sizeof(Py_ssize_t))
+        self.a = <void **>PyMem_Malloc((n_elements + 1) * sizeof(void *))
+        self.tapes = <void **>PyMem_Malloc((n_elements + 1) * sizeof(void *))
+        if (self.table == NULL or self.params == NULL or self.grads == NULL or self.sizes == NULL
+                or self.a == NULL or self.tapes == NULL):
+            raise MemoryError()
+        self.n_table = n
+        self.n_elements = n_elements
+        self.n_params = len(params)
+        for i in range(n):
+            self.table[i].kind = <int>ints[i, 0]
+            self.table[i].act = <int>ints[i, 1]
+            self.table[i].n_in = ints[i, 2]
+            self.table[i].n_out = ints[i, 3]
+            self.table[i].param = ints[i, 4]
+            self.table[i].body = ints[i, 5]
+            self.table[i].body_len = ints[i, 6]
+            self.table[i].tape = ints[i, 7]
+            self.table[i].fwd_scratch = ints[i, 8]
+            self.table[i].bwd_scratch = ints[i, 9]
+            self.table[i].inner_width = ints[i, 10]
+            self.table[i].stream = <uint64_t>ints[i, 11]
+            self.table[i].alpha = reals[i, 0]
+            self.table[i].eps = reals[i, 1]
+            self.table[i].p = reals[i, 2]
+            self.table[i].threshold = dropout_threshold(reals[i, 2]) if 0 <= reals[i, 2] < 1 else 0
+        self._check_params(params, grads)
+        self._check_table()
+        self.max_width = self.table[0].n_in
+        for i in range(n_elements):
+            self.max_width = max(self.max_width, self.table[i].n_out)
+        memset(self.a, 0, (n_elements + 1) * sizeof(void *))
+        memset(self.tapes, 0, (n_elements + 1) * sizeof(void *))
+        self.busy = False
+
+    def __dealloc__(self):
+        PyMem_Free(self.table)
+        PyMem_Free(self.params)
+        PyMem_Free(self.grads)
+        PyMem_Free(self.sizes)
+        PyMem_Free(self.a)
+        PyMem_Free(self.tapes)
+
+    cdef int _check_params(self, list params, list grads) except -1:
+        cdef Py_ssize_t i
+        for i in range(len(params)):
+            p, g = params[i], grads[i]
+            if not (isinstance(p, np.ndarray) and isinstance(g, np.ndarray)):
+                raise TypeError(f"parameter {i} and its gradient must be numpy arrays")
+            if p.dtype != self.dtype or g.dtype != self.dtype or p.dtype not in (np.float32,
+                                                                                 np.float64):
+                raise TypeError(f"parameter {i}: every parameter and gradient must be the same "
+                                f"float32 or float64, got {p.dtype} and {g.dtype}")
+            if p.shape != g.shape or not (p.flags.c_contiguous and g.flags.c_contiguous):
+                raise ValueError(f"parameter {i}: gradient shape {g.shape} differs from "
+                                 f"{p.shape}, or one is not C-contiguous")
+            if not p.flags.writeable or not g.flags.writeable:
+                raise ValueError(f"parameter {i} and its gradient must be writable")
+            self.params[i] = <void *><Py_ssize_t>p.ctypes.data
+            self.grads[i] = <void *><Py_ssize_t>g.ctypes.data
+            self.sizes[i] = p.size
+        self.is_double = self.dtype == np.float64
+        self._keep = [list(params), list(grads)]
+        return 0
+
+    cdef Py_ssize_t _param_size(self, const Element *e, Py_ssize_t j, Py_ssize_t expected,
+                                Py_ssize_t index) except -1:
+        if e.param < 0 or e.param + j >= self.n_params:
+            raise ValueError(f"element {index}: parameter {e.param + j} is not in the "
+                             f"{self.n_params} parameters")
+        if self.sizes[e.param + j] != expected:
+            raise ValueError(f"element {index}: parameter {j} has {self.sizes[e.param + j]} "
+                             f"values, expected {expected}")
+        return 0
+
+    cdef int _check_table(self) except -1:
+        cdef Py_ssize_t i, j, fwd, bwd, tape, width
+        cdef Element *e
+        cdef Element *b
+        owner = [-1] * self.n_table
+        for i in range(self.n_table):
+            e = &self.table[i]
+            if not 0 <= e.kind < KIND_COUNT:
+                raise ValueError(f"element {i}: unknown kind {e.kind}")
+            if e.n_in <= 0 or e.n_out <= 0:
+                raise ValueError(f"element {i}: widths must be positive, got {e.n_in} -> {e.n_out}")
+            _check_blas_dim(e.n_in, f"element {i} in_features")
+            _check_blas_dim(e.n_out, f"element {i} out_features")
+            if i < self.n_elements - 1 and e.n_out != self.table[i + 1].n_in:
+                raise ValueError(f"element {i + 1} expects {self.table[i + 1].n_in} input "
+                                 f"features, but element {i} produces {e.n_out}")
+            if e.tape < 0 or e.fwd_scratch < 0 or e.bwd_scratch < 0:
+                raise ValueError(f"element {i}: negative tape or scratch")
+            if e.kind == KIND_DENSE:
+                _check_act(e.act, e.alpha)
+                self._param_size(e, 0, e.n_in * e.n_out, i)
+                self._param_size(e, 1, e.n_out, i)
+            elif e.n_in != e.n_out:
+                raise ValueError(f"element {i}: a width-preserving element maps {e.n_in} to "
+                                 f"{e.n_out} features")
+            if e.kind == KIND_LAYERNORM:
+                if not e.eps > 0:
+                    raise ValueError(f"element {i}: eps must be positive, got {e.eps}")
+                self._param_size(e, 0, e.n_in, i)
+                self._param_size(e, 1, e.n_in, i)
+            if e.kind == KIND_DROPOUT:
+                _check_dropout(e.p)
+            if e.kind != KIND_RESIDUAL:
+                if e.tape != 0:
+                    raise ValueError(f"element {i}: only Residual blocks have a tape")
+                continue
+            if e.body <= i or e.body_len < 1 or e.body + e.body_len > self.n_table:
+                raise ValueError(f"element {i}: body {e.body}..{e.body + e.body_len - 1} is "
+                                 f"not a range after it in the table of {self.n_table}")
+            fwd = bwd = tape = width = 0
+            for j in range(e.body_len):
+                b = &self.table[e.body + j]
+                if owner[e.body + j] >= 0:
+                    raise ValueError(f"element {e.body + j} is in two bodies")
+                owner[e.body + j] = i
+                if b.n_in != (e.n_in if j == 0 else self.table[e.body + j - 1].n_out):
+                    raise ValueError(f"element {i}: body element {j} expects {b.n_in} input "
+                                     f"features, which its input does not have")
+                width = max(width, b.n_out)
+                tape += b.n_out + b.tape
+                fwd = max(fwd, b.fwd_scratch)
+                bwd = max(bwd, b.bwd_scratch)
+            if self.table[e.body + e.body_len - 1].n_out != e.n_out:
+                raise ValueError(f"element {i}: the body ends with "
+                                 f"{self.table[e.body + e.body_len - 1].n_out} features, the "
+                                 f"block's output has {e.n_out}")
+            if e.inner_width < width or e.tape != tape:
+                raise ValueError(f"element {i}: inner width {e.inner_width} / tape {e.tape} "
+                                 f"do not fit the body (needs >= {width} / == {tape})")
+            if (e.fwd_scratch < _pingpong(e) * e.inner_width + fwd
+                    or e.bwd_scratch < max(fwd, _pingpong(e) * e.inner_width + bwd)):
+                raise ValueError(f"element {i}: declared scratch {e.fwd_scratch} / "
+                                 f"{e.bwd_scratch} is less than the body needs")
+        for i in range(self.n_elements):
+            if owner[i] >= 0:
+                raise ValueError(f"chain element {i} is also in a body")
+        return 0
+
+    cdef int _check_rows(self, const int64_t[:, ::1] rows, Py_ssize_t m,
+                         Py_ssize_t arena_size) except -1:
+        """Refuse any row that would index outside the elements or the arena. Offsets are in
+        elements per batch row: the executor multiplies them by the batch size."""
+        cdef Py_ssize_t r, op, i, out, tape, scratch, need
+        cdef Py_ssize_t room = arena_size // m if m > 0 else 0   # arena size per batch row
+        cdef const Element *e
+        if rows.shape[1] != 6:
+            raise ValueError(f"a compiled schedule has 6 columns, got {rows.shape[1]}")
+        for r in range(rows.shape[0]):
+            op, i, out, tape, scratch = rows[r, 0], rows[r, 1], rows[r, 2], rows[r, 4], rows[r, 5]
+            if op == OP_FREE:
+                if not 0 <= i <= self.n_elements:
+                    raise ValueError(f"schedule row {r}: no activation {i}")
+                continue
+            if op != OP_FORWARD and op != OP_BACKWARD or not 0 <= i < self.n_elements:
+                raise ValueError(f"schedule row {r}: bad operation ({op}, {i})")
+            if m == 0:
+                continue        # nothing is read or written
+            e = &self.table[i]
+            if tape >= 0 and (e.tape == 0 or tape > room - e.tape):
+                raise ValueError(f"schedule row {r}: tape offset {tape} is outside the arena "
+                                 f"of {room} values per row")
+            if op == OP_FORWARD:
+                if out < 0 and i != self.n_elements - 1:
+                    raise ValueError(f"schedule row {r}: only the last element writes the output")
+                if out >= 0 and out > room - e.n_out:
+                    raise ValueError(f"schedule row {r}: offset {out} overruns the arena of "
+                                     f"{room} values per row")
+                need = e.fwd_scratch
+            else:
+                need = e.bwd_scratch + (e.tape if tape < 0 else 0)
+            if need and (scratch < 0 or scratch > room - need):
+                raise ValueError(f"schedule row {r}: scratch at {scratch} does not fit "
+                                 f"{need} values per row in the arena of {room}")
+        return 0
+
+    cdef int _enter(self) except -1:
+        if self.busy:
+            raise RuntimeError("this chain is running a phase in another thread")
+        self.busy = True
+        return 0
+
+    def run_forward(self, const int64_t[:, ::1] rows, x, y, arena,
+                    AtomicCounters counters=None, uint64_t seed=0, int64_t row0=0,
+                    bint training=True):
+        """Hold x as a[0], then run the forward phase of a schedule; a[N] is written into y.
+
+        ``seed`` keys the step's Dropout masks with ``row0``, the global index of x's first row.
+        """
+        cdef Py_ssize_t m = x.shape[0] if x.ndim == 2 else 0, status
+        cdef ckpt_counters *c = &counters.c if counters is not None else NULL
+        for arr, width, name in ((x, self.table[0].n_in, "x"),
+                                 (y, self.table[self.n_elements - 1].n_out, "y")):
+            if arr.dtype != self.dtype or not arr.flags.c_contiguous or arr.shape != (m, width):
+                raise ValueError(f"{name} must be a C-contiguous {self.dtype} array of shape "
+                                 f"({m}, {width}), got {arr.dtype} {arr.shape}")
+        if not y.flags.writeable:
+            raise ValueError("y must be writable")
+        self._check_arena(arena)
+        self._check_rows(rows, m, arena.shape[0])
+        _check_blas_dim(m, "batch size")
+        if row0 < 0:
+            raise ValueError(f"row0 must be non-negative, got {row0}")
+        self._enter()
+        memset(self.a, 0, (self.n_elements + 1) * sizeof(void *))
+        memset(self.tapes, 0, (self.n_elements + 1) * sizeof(void *))
+        self.step.m = m
+        self.step.row0 = row0
+        self.step.seed = seed
+        self.step.training = training
+        self.step.params = self.params
+        self.step.grads = self.grads
+        self.a[0] = <void *><Py_ssize_t>x.ctypes.data
+        self.output = <void *><Py_ssize_t>y.ctypes.data
+        cdef void *arena_ptr = <void *><Py_ssize_t>arena.ctypes.data
+        if c != NULL:
+            ckpt_record_stored(c, x.nbytes)
+        with nogil:
+            if self.is_double:
+                status = _run(self, rows, <double *>arena_ptr, <double *>NULL, <double *>NULL,
+                              <double *>NULL, <double *>NULL, c)
+            else:
+                status = _run(self, rows, <float *>arena_ptr, <float *>NULL, <float *>NULL,
+                              <float *>NULL, <float *>NULL, c)
+        self.busy = False
+        if status >= 0:
+            raise ValueError(f"schedule row {status} uses an activation that is not held")
+
+    def run_backward(self, const int64_t[:, ::1] rows, grad_output, arena, grad_buffers,
+                     grad_input, AtomicCounters counters=None):
+        """Run the backward phase of a schedule, from grad_output (of a[N]) to grad_input (of
+        a[0]; None when not wanted). grad_buffers holds at least 2 * batch * max_width values."""
+        cdef Py_ssize_t m = self.step.m, status
+        cdef Py_ssize_t n_out = self.table[self.n_elements - 1].n_out
+        cdef ckpt_counters *c = &counters.c if counters is not None else NULL
+        if (grad_output.dtype != self.dtype or not grad_output.flags.c_contiguous
+                or grad_output.shape != (m, n_out)):
+            raise ValueError(f"grad_output must be a C-contiguous {self.dtype} array of shape "
+                             f"({m}, {n_out}), got {grad_output.dtype} {grad_output.shape}")
+        if (grad_buffers.dtype != self.dtype or grad_buffers.ndim != 1
+                or not grad_buffers.flags.c_contiguous
+                or grad_buffers.shape[0] < 2 * m * self.max_width):
+            raise ValueError(f"grad_buffers must hold {2 * m * self.max_width} {self.dtype} values")
+        if grad_input is not None and (grad_input.dtype != self.dtype
+                                       or not grad_input.flags.c_contiguous
+                                       or grad_input.shape != (m, self.table[0].n_in)):
+            raise ValueError(f"grad_input must be a C-contiguous {self.dtype} array of shape "
+                             f"({m}, {self.table[0].n_in})")
+        self._check_arena(arena)
+        self._check_rows(rows, m, arena.shape[0])
+        self._enter()
+        cdef void *arena_ptr = <void *><Py_ssize_t>arena.ctypes.data
+        cdef void *g_ptr = <void *><Py_ssize_t>grad_output.ctypes.data
+        cdef void *buf0 = <void *><Py_ssize_t>grad_buffers.ctypes.data
+        cdef void *gin = NULL
+        cdef int64_t grad_bytes = 2 * m * self.max_width * grad_buffers.itemsize
+        if grad_input is not None:
+            gin = <void *><Py_ssize_t>grad_input.ctypes.data
+        if c != NULL:
+            ckpt_record_gradient(c, grad_bytes)
+        with nogil:
+            if self.is_double:
+                status = _run(self, rows, <double *>arena_ptr, <double *>g_ptr, <double *>buf0,
+                              <double *>buf0 + m * self.max_width, <double *>gin, c)
+            else:
+                status = _run(self, rows, <float *>arena_ptr, <float *>g_ptr, <float *>buf0,
+                              <float *>buf0 + m * self.max_width, <float *>gin, c)
+            if c != NULL:
+                ckpt_release_gradient(c, grad_bytes)
+        self.busy = False
+        if status >= 0:
+            raise ValueError(f"schedule row {status} uses an activation that is not held")
+
+    cdef int _check_arena(self, arena) except -1:
+        if (not isinstance(arena, np.ndarray) or arena.dtype != self.dtype or arena.ndim != 1
+                or not arena.flags.c_contiguous or not arena.flags.writeable):
+            raise ValueError(f"the arena must be a writable 1-D C-contiguous {self.dtype} array")
+        return 0
+
+    def sgd_update(self, double learning_rate):
+        """p -= lr * grad for every parameter of the chain, in one call."""
+        cdef Py_ssize_t i
+        with nogil:
+            for i in range(self.n_params):
+                if self.is_double:
+                    sgd_step_ptr(<double *>self.params[i], <double *>self.grads[i],
+                                 self.sizes[i], learning_rate)
+                else:
+                    sgd_step_ptr(<float *>self.params[i], <float *>self.grads[i],
+                                 self.sizes[i], <float>learning_rate)
+
+    def zero_grad(self):
+        """Set every gradient of the chain to zero, in one call."""
+        cdef Py_ssize_t i, itemsize = 8 if self.is_double else 4
+        with nogil:
+            for i in range(self.n_params):
+                memset(self.grads[i], 0, self.sizes[i] * itemsize)
+
+
+cdef Py_ssize_t _run(Chain chain, const int64_t[:, ::1] rows, floating *arena,
+                     const floating *grad_output, floating *buf0, floating *buf1,
+                     floating *grad_input, ckpt_counters *c) noexcept nogil:
+    """Run the rows of a compiled schedule; returns -1, or the first row that found an
+    activation it needs not held (the rows were bounds-checked, not replayed)."""
+    cdef Step *s = &chain.step
+    cdef Py_ssize_t r, op, i, m = s.m, last = chain.n_elements - 1
+    cdef const Element *e
+    cdef floating *dst
+    cdef floating *tape
+    cdef floating *scratch
+    cdef floating *d
+    cdef floating *gx
+    cdef floating *spare
+    cdef const floating *g = grad_output
+    cdef int64_t held, transient, unit = m * sizeof(floating)
+    for r in range(rows.shape[0]):
+        op, i = rows[r, 0], rows[r, 1]
+        if op == OP_FREE:
+            if chain.a[i] != NULL and c != NULL:
+                ckpt_release_stored(c, unit * _held_units(chain, i))
+            chain.a[i] = NULL
+            chain.tapes[i] = NULL
+            continue
+        e = chain.table + i
+        scratch = arena + m * rows[r, 5] if rows[r, 5] >= 0 else NULL
+        tape = arena + m * rows[r, 4] if rows[r, 4] >= 0 else NULL
+        if op == OP_FORWARD:
+            if chain.a[i] == NULL or chain.a[i + 1] != NULL:
+                return r
+            dst = <floating *>chain.output if rows[r, 2] < 0 else arena + m * rows[r, 2]
+            chain.a[i + 1] = dst
+            chain.tapes[i + 1] = tape
+            held = unit * (e.n_out + (e.tape if tape != NULL else 0))
+            transient = unit * e.fwd_scratch
+            if c != NULL:
+                ckpt_record_stored(c, held + transient)
+                if rows[r, 3]:
+                    ckpt_record_recomputed(c, held)
+            _forward(chain.table, e, s, <floating *>chain.a[i], dst, scratch, tape)
+            if c != NULL and transient:
+                ckpt_release_stored(c, transient)
+        else:
+            if (g == NULL or chain.a[i] == NULL or chain.a[i + 1] == NULL
+                    or (tape != NULL) != (chain.tapes[i + 1] != NULL)):
+                return r
+            spare = buf1 if g == buf0 else buf0
+            # Element i's output is dead after its backward: it becomes the delta, except the
+            # network output, which belongs to the caller: then the spare buffer serves.
+            if i == last:
+                d = spare
+                spare = buf1 if d == buf0 else buf0
+            else:
+                d = <floating *>chain.a[i + 1]
+            gx = grad_input if i == 0 else spare
+            transient = unit * (e.bwd_scratch + (0 if tape != NULL else e.tape))
+            if c != NULL and transient:
+                ckpt_record_stored(c, transient)
+            _backward(chain.table, e, s, <floating *>chain.a[i], <floating *>chain.a[i + 1], d,
+                      g, gx, scratch, <floating *>chain.tapes[i + 1])
+            if c != NULL:
+                ckpt_release_stored(c, transient + unit * _held_units(chain, i + 1))
+            g = gx
+            chain.a[i + 1] = NULL
+            chain.tapes[i + 1] = NULL
+    return -1
+
+
+cdef inline Py_ssize_t _held_units(Chain chain, Py_ssize_t i) noexcept nogil:
+    """Elements per row held for a[i]: its width, plus its element's tape when kept."""
+    if i == 0:
+        return chain.table[0].n_in
+    return chain.table[i - 1].n_out + (chain.table[i - 1].tape if chain.tapes[i] != NULL else 0)
