@@ -6,13 +6,15 @@ Data flows one way: fit -> loss and optimizer -> the model's forward and backwar
 """
 from __future__ import annotations
 
+import math
 import numbers
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ckpt.layers import Dense, DTypeLike, _as_generator, check_float_dtype, check_size
+from ckpt.layers import (Dense, Dropout, DTypeLike, Layer, LayerNorm, Residual, _as_generator,
+                         check_float_dtype, check_size, walk)
 from ckpt.losses import get_loss
 from ckpt.optim import Adam, Optimizer
 
@@ -21,18 +23,70 @@ History = Dict[str, List[float]]
 
 def build_mlp(n_in: int, depth: int, width: int, n_out: int, activation: Optional[str] = "relu",
               dtype: DTypeLike = np.float32,
-              seed: Union[None, int, np.random.Generator] = None) -> List[Dense]:
-    """``depth`` Dense layers: n_in -> width -> ... -> width -> n_out.
+              seed: Union[None, int, np.random.Generator] = None, *, residual: bool = False,
+              norm: Optional[str] = None, dropout: float = 0.0) -> List[Layer]:
+    """An MLP as a list of layers, ready for a SegmentCheckpointer.
 
-    The hidden layers use ``activation``, the last one is linear (its output are logits or
-    regression values). depth=1 is a single linear layer n_in -> n_out.
+    Plain (``residual=False``): ``depth`` Dense layers n_in -> width -> ... -> width -> n_out,
+    the hidden ones with ``activation``, the last one linear (logits or regression values);
+    depth=1 is a single linear layer. ``norm="layernorm"`` adds a LayerNorm after each hidden
+    layer, and ``dropout`` a Dropout after each hidden layer (and its norm).
+
+    Residual (``residual=True``), a pre-norm residual MLP: an input projection Dense(n_in ->
+    width), then ``depth`` blocks x + f(x) with f = [LayerNorm -> Dense(width -> width,
+    activation) -> Dropout(dropout) -> Dense(width -> width)] (no Dropout when dropout is 0),
+    then a LayerNorm and the output layer Dense(width -> n_out). The last Dense of every branch
+    starts with its weights scaled by 1 / sqrt(2 depth), so each block starts close to the
+    identity and the sum of ``depth`` branches keeps the skip path's scale: deep stacks (128
+    blocks) train as shallow ones do. ``norm`` is then always LayerNorm.
     """
     depth = check_size(depth, "depth")
     rng = _as_generator(seed)
+    if norm not in (None, "layernorm"):
+        raise ValueError(f"norm must be None or 'layernorm', got {norm!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+    if residual:
+        return _residual_mlp(n_in, depth, width, n_out, activation, dtype, rng, dropout)
     sizes = [n_in] + [width] * (depth - 1) + [n_out]
-    return [Dense(sizes[i], sizes[i + 1], activation if i < depth - 1 else None, dtype=dtype,
-                  rng=rng)
-            for i in range(depth)]
+    layers: List[Layer] = []
+    for i in range(depth):
+        hidden = i < depth - 1
+        layers.append(Dense(sizes[i], sizes[i + 1], activation if hidden else None, dtype=dtype,
+                            rng=rng))
+        if hidden and norm == "layernorm":
+            layers.append(LayerNorm(sizes[i + 1], dtype=dtype))
+        if hidden and dropout > 0:
+            layers.append(Dropout(dropout))
+    return layers
+
+
+def _residual_mlp(n_in: int, depth: int, width: int, n_out: int, activation: Optional[str],
+                  dtype: DTypeLike, rng: np.random.Generator, dropout: float) -> List[Layer]:
+    scale = 1.0 / math.sqrt(2 * depth)
+    layers: List[Layer] = [Dense(n_in, width, None, dtype=dtype, rng=rng)]
+    for _ in range(depth):
+        branch: List[Layer] = [LayerNorm(width, dtype=dtype),
+                               Dense(width, width, activation, dtype=dtype, rng=rng)]
+        if dropout > 0:
+            branch.append(Dropout(dropout))
+        last = Dense(width, width, None, dtype=dtype, rng=rng)
+        last.W *= scale
+        branch.append(last)
+        layers.append(Residual(*branch))
+    layers += [LayerNorm(width, dtype=dtype), Dense(width, n_out, None, dtype=dtype, rng=rng)]
+    return layers
+
+
+def describe_architecture(layers: Sequence[Layer]) -> str:
+    """A one-line name of a model's architecture, for summaries."""
+    blocks = sum(isinstance(layer, Residual) for layer in layers)
+    dense = sum(isinstance(layer, Dense) for layer in walk(layers))
+    if blocks:
+        drops = [layer.p for layer in walk(layers) if isinstance(layer, Dropout)]
+        tail = f", dropout {drops[0]:g}" if drops else ""
+        return f"pre-norm residual MLP, {blocks} blocks ({dense} Dense layers{tail})"
+    return f"{dense} Dense layers"
 
 
 def as_model(model: Any):
