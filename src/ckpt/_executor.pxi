@@ -584,6 +584,8 @@ cdef Py_ssize_t _run(Chain chain, const int64_t[:, ::1] rows, floating *arena,
             transient = unit * (e.bwd_scratch + (0 if tape != NULL else e.tape))
             if c != NULL and transient:
                 ckpt_record_stored(c, transient)
+                if tape == NULL and e.tape:     # the internals are rebuilt: recomputed too
+                    ckpt_record_recomputed(c, unit * e.tape)
             _backward(chain.table, e, s, <floating *>chain.a[i], <floating *>chain.a[i + 1], d,
                       g, gx, scratch, <floating *>chain.tapes[i + 1])
             if c != NULL:

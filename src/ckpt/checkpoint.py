@@ -658,8 +658,11 @@ def _python_run(layers: Sequence[Layer], compiled: CompiledSchedule, ops, acts: 
                     tracker.record_recomputed(y.nbytes)
                 ran.add(i)
             elif kind == "backward":
-                transient = bwd_scratch[i] * acts[i].shape[0] * acts[i].itemsize
+                row_bytes = acts[i].shape[0] * acts[i].itemsize
+                transient = bwd_scratch[i] * row_bytes
                 tracker.record_stored_activation(transient)
+                # A layer's own backward rebuilds its internals (a Residual's): recomputed too.
+                tracker.record_recomputed(compiled.costs.elements[i].tape * row_bytes)
                 try:
                     grad = layers[i].backward_step(acts[i], grad, step, output=acts[i + 1])
                 finally:

@@ -275,31 +275,32 @@ def compile_schedule(ops: Iterable[Op], chain: Union[ChainCosts, Sequence[int]],
     fwd_scratch = costs.forward_scratch
     bwd_scratch = costs.backward_scratch(keep_internals)
     arena = _Arena()
-    blocks = {0: (_NONE, _NONE)}   # activation -> (output offset, tape offset)
+    tapes = {0: _NONE}     # activation -> offset of its element's tape
+    owned = {0: _NONE}     # activation -> the arena block it owns (output and tape together)
     rows: list = []
 
     def release(j: int) -> None:
-        out, tape = blocks.pop(j)
-        arena.release(out)
-        arena.release(tape)
+        tapes.pop(j)
+        arena.release(owned.pop(j))
 
     for kind, i, recompute, released in trace.events:
         if kind == FORWARD:
             e = elements[i]
             tape_units = e.tape if keep_internals else 0
             if i == n - 1:        # the output goes to the caller's array
-                out, tape = _NONE, arena.allocate(tape_units)
+                out = _NONE
+                tape = owned[i + 1] = arena.allocate(tape_units)
             else:                 # output and tape in one block
-                out = arena.allocate(e.stored + tape_units)
+                out = owned[i + 1] = arena.allocate(e.stored + tape_units)
                 tape = out + e.stored if tape_units else _NONE
-            blocks[i + 1] = (out, tape)
+            tapes[i + 1] = tape
             scratch = arena.allocate(fwd_scratch[i])
             arena.release(scratch)
             rows.append((OP_CODES[FORWARD], i, out, int(recompute), tape, scratch))
         elif kind == BACKWARD:
             scratch = arena.allocate(bwd_scratch[i])
             arena.release(scratch)
-            rows.append((OP_CODES[BACKWARD], i, _NONE, 0, blocks[i + 1][1], scratch))
+            rows.append((OP_CODES[BACKWARD], i, _NONE, 0, tapes[i + 1], scratch))
         else:
             rows.append((OP_CODES[FREE], i, _NONE, 0, _NONE, _NONE))
         for j in released:
