@@ -255,6 +255,7 @@ class SegmentCheckpointer:
     def _invalidate(self) -> None:
         self._costs: object = _UNKNOWN
         self._chain = _UNKNOWN
+        self._streams = _UNKNOWN
         self._schedules: "OrderedDict" = OrderedDict()
 
     def _append(self, layer: Layer) -> None:
@@ -342,6 +343,12 @@ class SegmentCheckpointer:
         if isinstance(plan_costs, ChainCosts) and plan_costs != self.costs:
             raise ValueError("the plan was made for elements with other costs than these layers")
 
+    def _dropout_streams(self) -> dict:
+        """Stream ids of the chain's Dropout layers (ckpt.layers.dropout_streams), cached."""
+        if self._streams is _UNKNOWN:
+            self._streams = dropout_streams(self._layers)
+        return self._streams
+
     def _typed_chain(self):
         """The compiled executor of the chain, built once (None for the Python path)."""
         if self._chain is _UNKNOWN:
@@ -425,8 +432,11 @@ class SegmentCheckpointer:
             raise TypeError(f"SegmentCheckpointer: the input must be a numpy array with a batch "
                             f"dimension, got {type(x).__name__}")
         compiled = self.schedule(x.shape[0])
-        step = (new_step(self._rng, self._layers, row_offset) if self._training
-                else Step(0, row_offset, dropout_streams(self._layers)))
+        streams = self._dropout_streams()
+        # A fresh seed keys each training step's Dropout masks (none needed without Dropout).
+        seed = int(self._rng.integers(0, 2**64, dtype=np.uint64)) \
+            if streams and self._training else 0
+        step = Step(seed, row_offset, streams)
         if chain is not None:
             if self._state is not None:  # the executor holds one step's activations at a time
                 self._release()

@@ -627,7 +627,10 @@ class Residual(Layer):
     def _body_costs(self, width: int) -> List[ElementCost]:
         costs = []
         for i, layer in enumerate(self.layers):
-            cost = layer.describe(width)
+            try:
+                cost = layer.describe(width)
+            except ValueError as exc:
+                raise ValueError(f"Residual layer {i}: {exc}") from None
             if cost.in_width != width:
                 raise ValueError(f"Residual layer {i} ({layer.layer_type}) expects "
                                  f"{cost.in_width} input features, but gets {width}")
