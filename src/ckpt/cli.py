@@ -25,7 +25,8 @@ from ckpt.checkpoint import SegmentCheckpointer
 from ckpt.losses import softmax_cross_entropy
 from ckpt.optim import OPTIMIZERS
 from ckpt.plan import format_size, parse_size
-from ckpt.train import build_mlp, evaluate, fit
+from ckpt.costs import ChainCosts
+from ckpt.train import build_mlp, describe_architecture, evaluate, fit, mlp_costs
 
 DEFAULTS = {
     "depth": 8,
@@ -90,6 +91,16 @@ def _widths(text: str) -> List[int]:
     if len(widths) < 2 or min(widths) <= 0:
         raise argparse.ArgumentTypeError(f"expected at least two positive widths, got {text!r}")
     return widths
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {text}")
+    return value
 
 
 def _positive_float(text: str) -> float:
@@ -243,9 +254,16 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
                    help=".npz with arrays X and y, or .csv with the label in the last column "
                         "(default: the bundled 8x8 digits)")
     p.add_argument("--depth", type=_positive_int, default=DEFAULTS["depth"],
-                   help="number of Dense layers (default %(default)s)")
+                   help="number of Dense layers, or of residual blocks with --residual "
+                        "(default %(default)s)")
     p.add_argument("--width", type=_positive_int, default=DEFAULTS["width"],
                    help="hidden layer width (default %(default)s)")
+    p.add_argument("--residual", action="store_true",
+                   help="a pre-norm residual MLP: input projection, DEPTH blocks x + "
+                        "f(LayerNorm(x)), LayerNorm, output layer (see ckpt.build_mlp)")
+    p.add_argument("--dropout", type=_probability, default=0.0, metavar="P",
+                   help="dropout probability after each hidden layer (inside each block with "
+                        "--residual; default 0)")
     p.add_argument("--activation", default=DEFAULTS["activation"],
                    choices=[name for name in _core.ACTIVATION_CODES if name is not None],
                    help="hidden activation (default %(default)s)")
@@ -305,10 +323,10 @@ def _train(args: argparse.Namespace) -> int:
     X_train, y_train, X_test, y_test = X[train_idx], y[train_idx], X[test_idx], y[test_idx]
 
     layers = build_mlp(X.shape[1], args.depth, args.width, len(classes), args.activation,
-                       dtype, rng)
+                       dtype, rng, residual=args.residual, dropout=args.dropout)
     schedule = ({"budget_bytes": args.budget} if args.budget is not None
                 else {"checkpoint_every": args.checkpoint_every})
-    model = SegmentCheckpointer(layers, **schedule)
+    model = SegmentCheckpointer(layers, **schedule, seed=args.seed)
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
     optimizer = (OPTIMIZERS["sgd"](model, lr, momentum=0.9) if args.optimizer == "sgd"
                  else OPTIMIZERS[args.optimizer](model, lr))
@@ -317,7 +335,7 @@ def _train(args: argparse.Namespace) -> int:
 
     print(f"data: {source}: {len(train_idx)} train / {len(test_idx)} test rows, "
           f"{X.shape[1]} features, {len(classes)} classes")
-    print(f"model: {args.depth} Dense layers, width {args.width}, {args.activation}, "
+    print(f"model: {describe_architecture(layers)}, width {args.width}, {args.activation}, "
           f"{args.dtype}, {model.parameter_count:,} parameters; {how}; "
           f"{args.optimizer} lr {lr:g}")
     sys.stdout.flush()
@@ -348,6 +366,8 @@ def _train(args: argparse.Namespace) -> int:
         "seconds": seconds,
         "epochs": args.epochs,
         "steps": args.epochs * math.ceil(len(X_train) / args.batch_size),
+        "architecture": describe_architecture(layers),
+        "elements": len(model),
         "checkpoint_every": k,
         "budget_bytes": args.budget,
         "peak_activation_bytes": peak,
@@ -365,7 +385,7 @@ def _train(args: argparse.Namespace) -> int:
           f"{results['steps'] / seconds:,.0f} steps/s")
     print(f"peak activations  {_kib(peak)} with checkpointing ({how}), "
           f"{_kib(peak_plain)} without: {saving:.0%} less (batch {batch})")
-    print(f"recomputation     {recomputed} of {args.depth} layer forwards per step, "
+    print(f"recomputation     {recomputed} of {len(model)} element forwards per step, "
           f"+{extra:.1%} of a step's FLOPs")
     print(f"optimizer state   {_kib(optimizer.state_bytes)}")
     if args.save:
@@ -421,6 +441,11 @@ def add_plan_command(subparsers: argparse._SubParsersAction) -> None:
                    help="width of every activation, input and output included (default %(default)s)")
     p.add_argument("--widths", type=_widths, default=None, metavar="W0,W1,...",
                    help="the activation widths a_0..a_N instead of --depth/--width")
+    p.add_argument("--residual", action="store_true",
+                   help="plan the pre-norm residual MLP of `ckpt train --residual` (input and "
+                        "output of width --width; --depth counts blocks)")
+    p.add_argument("--dropout", type=_probability, default=0.0, metavar="P",
+                   help="with --residual: a Dropout inside each block (it costs one element)")
     p.add_argument("--batch-size", type=_positive_int, default=DEFAULTS["batch_size"],
                    help="default %(default)s")
     p.add_argument("--budget", type=_size, default=None, metavar="SIZE",
@@ -443,15 +468,23 @@ def add_plan_command(subparsers: argparse._SubParsersAction) -> None:
 def run_plan(args: argparse.Namespace) -> int:
     from ckpt.plan import plan, tradeoff, uniform_plan
 
-    widths = args.widths or [args.width] * (args.depth + 1)
-    depth = len(widths) - 1
+    if args.residual and args.widths:
+        raise UsageError("--residual plans build_mlp's residual network: give --depth and "
+                         "--width, not --widths")
+    if args.residual:
+        chain = mlp_costs(args.width, args.depth, args.width, args.width, residual=True,
+                          dropout=args.dropout)
+    else:
+        chain = ChainCosts.from_widths(args.widths or [args.width] * (args.depth + 1))
+    widths = list(chain.widths)
     dtype = np.dtype(args.dtype)
     budget = args.budget
     if budget is None:
-        budget = uniform_plan(widths, args.batch_size, max(1, math.isqrt(depth)), dtype).peak_bytes
-    chosen = plan(widths, args.batch_size, budget, dtype, method=args.method)
+        budget = uniform_plan(chain, args.batch_size, max(1, math.isqrt(len(chain))),
+                              dtype).peak_bytes
+    chosen = plan(chain, args.batch_size, budget, dtype, method=args.method)
     print(chosen.explain())
-    curve = tradeoff(widths, args.batch_size, dtype, points=args.points, method=args.method)
+    curve = tradeoff(chain, args.batch_size, dtype, points=args.points, method=args.method)
     step_flops = 3 * chosen.plain_forward_flops
     print()
     print("memory versus compute (the least recomputation for each budget):")

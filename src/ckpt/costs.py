@@ -91,6 +91,46 @@ def dense_cost(n_in: int, n_out: int, *, gelu: bool = False,
                        params=tuple(params), gradients=tuple(gradients))
 
 
+def layernorm_cost(n: int, *, params: Sequence[np.ndarray] = (),
+                   gradients: Sequence[np.ndarray] = ()) -> ElementCost:
+    """A LayerNorm: a few passes per row; its backward recomputes the row statistics."""
+    return ElementCost("layernorm", n, n, stored=n, forward_flops=8 * n, backward_flops=14 * n,
+                       parameter_count=2 * n, params=tuple(params), gradients=tuple(gradients))
+
+
+def dropout_cost(n: int) -> ElementCost:
+    """A Dropout: one multiply per value each way; its mask is recomputed, never stored."""
+    return ElementCost("dropout", n, n, stored=n, forward_flops=n, backward_flops=n)
+
+
+def residual_layout(body: Sequence[ElementCost]) -> Tuple[int, int]:
+    """(inner width, ping-pong buffers) of a Residual body: how the executor lays it out."""
+    return max(c.out_width for c in body), min(len(body) - 1, 2)
+
+
+def residual_cost(body: Sequence[ElementCost]) -> ElementCost:
+    """A Residual block y = x + f(x) over f's descriptions. Its tape is every body output and
+    the bodies' own tapes, in order; forward scratch is the ping-pong buffers (its last body
+    output goes straight to y) and the body's own; backward scratch is the larger of the
+    recompute's forward scratch and the ping-pong gradient buffers plus the body's backward
+    scratch (the tape itself comes on top when it was not kept)."""
+    inner, pingpong = residual_layout(body)
+    n = body[0].in_width
+    fwd = max(c.forward_scratch for c in body)
+    bwd = max(c.backward_scratch for c in body)
+    return ElementCost(
+        "residual", n, n, stored=n,
+        tape=sum(c.out_width + c.tape for c in body),
+        forward_scratch=pingpong * inner + fwd,
+        backward_scratch=max(fwd, pingpong * inner + bwd),
+        forward_flops=sum(c.forward_flops for c in body) + n,
+        backward_flops=sum(c.backward_flops for c in body) + n,
+        internal_flops=sum(c.forward_flops for c in body),
+        parameter_count=sum(c.parameter_count for c in body),
+        params=tuple(p for c in body for p in c.params),
+        gradients=tuple(g for c in body for g in c.gradients))
+
+
 @dataclass(frozen=True)
 class ChainCosts:
     """The descriptions of a chain's elements, checked to connect, and what follows from them.

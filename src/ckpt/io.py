@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from ckpt.layers import layer_config, layer_from_config
 from ckpt.optim import Optimizer, collect_parameters
 
 FORMAT_VERSION = 1
@@ -29,6 +30,7 @@ def save(path: "os.PathLike[str] | str", model: Any, optimizer: Optional[Optimiz
     params, _ = collect_parameters(model)
     arrays: Dict[str, np.ndarray] = {f"param_{i}": p for i, p in enumerate(params)}
     meta: Dict[str, Any] = {"format": FORMAT_VERSION, "params": len(params)}
+    meta.update(_architecture(model))
     if optimizer is not None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a ckpt optimizer, got {type(optimizer).__name__}")
@@ -112,3 +114,46 @@ def _check_values(params: List[np.ndarray], values: List[np.ndarray]) -> None:
                              f"in the file")
         if not np.issubdtype(value.dtype, np.floating):
             raise ValueError(f"parameter {i} in the file holds {value.dtype}, not floats")
+
+
+def _architecture(model: Any) -> Dict[str, Any]:
+    """The model's layers as configs (and its checkpoint interval), when they are all built-in:
+    what load_model needs to rebuild it. Empty for models of other layers."""
+    layers = model if isinstance(model, (list, tuple)) else getattr(model, "layers", None)
+    if not layers:
+        return {}
+    try:
+        configs = [layer_config(layer) for layer in layers]
+    except TypeError:
+        return {}
+    record: Dict[str, Any] = {"architecture": configs}
+    if getattr(model, "checkpoint_every", None) is not None:
+        record["checkpoint_every"] = model.checkpoint_every
+    return record
+
+
+def load_model(path: "os.PathLike[str] | str"):
+    """Rebuild a model saved by :func:`save` from its recorded architecture, without user code:
+    a SegmentCheckpointer of the built-in layers, with the saved parameters (and the saved
+    checkpoint interval). Raises ValueError when the file records no architecture (a model of
+    custom layers: build it in code and use :func:`load`).
+    """
+    from ckpt.checkpoint import SegmentCheckpointer
+    with np.load(os.fspath(path), allow_pickle=False) as data:
+        if _META not in data.files:
+            raise ValueError(f"{os.fspath(path)} is not a ckpt model file (no {_META})")
+        try:
+            meta = json.loads(str(data[_META]))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{os.fspath(path)}: corrupt metadata ({exc})") from None
+    configs = meta.get("architecture") if isinstance(meta, dict) else None
+    if not isinstance(configs, list) or not configs:
+        raise ValueError(f"{os.fspath(path)} records no architecture (a model of custom layers?): "
+                         "build the model in code and call ckpt.load(path, model)")
+    layers = [layer_from_config(c, f"{os.fspath(path)}: layer {i}") for i, c in enumerate(configs)]
+    every = meta.get("checkpoint_every")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        every = None
+    model = SegmentCheckpointer(layers, every)
+    load(path, model)
+    return model

@@ -20,7 +20,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Union
 import numpy as np
 
 from ckpt import _core
-from ckpt.costs import ElementCost, _Undescribable, dense_cost
+from ckpt.costs import (ElementCost, _Undescribable, dense_cost, dropout_cost, layernorm_cost,
+                        residual_cost, residual_layout)
 
 ActivationName = Optional[str]
 DTypeLike = Union[type, np.dtype, str]
@@ -332,6 +333,11 @@ class Dense(Layer):
 
     _array_attributes = ("W", "b", "grad_W", "grad_b")
 
+    def config(self) -> dict:
+        return {"kind": "Dense", "in_features": self.in_features,
+                "out_features": self.out_features, "activation": self.activation,
+                "negative_slope": self.negative_slope, "dtype": self.dtype.name}
+
     def describe(self, in_width: Optional[int] = None) -> ElementCost:
         _check_in_width(self, in_width, self.in_features)
         return dense_cost(self.in_features, self.out_features, gelu=self.activation == "gelu",
@@ -455,10 +461,11 @@ class LayerNorm(Layer):
 
     def describe(self, in_width: Optional[int] = None) -> ElementCost:
         _check_in_width(self, in_width, self.features)
-        n = self.features
-        return ElementCost("layernorm", n, n, stored=n, forward_flops=8 * n,
-                           backward_flops=14 * n, parameter_count=2 * n,
-                           params=tuple(self.params()), gradients=tuple(self.gradients()))
+        return layernorm_cost(self.features, params=self.params(), gradients=self.gradients())
+
+    def config(self) -> dict:
+        return {"kind": "LayerNorm", "features": self.features, "eps": self.eps,
+                "dtype": self.dtype.name}
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         x = as_batch(x, self.features, self.dtype, "the input", self._name)
@@ -519,8 +526,10 @@ class Dropout(Layer):
     def describe(self, in_width: Optional[int] = None) -> ElementCost:
         if in_width is None:
             raise _Undescribable(self.layer_type)
-        return ElementCost("dropout", in_width, in_width, stored=in_width,
-                           forward_flops=in_width, backward_flops=in_width)
+        return dropout_cost(in_width)
+
+    def config(self) -> dict:
+        return {"kind": "Dropout", "p": self.p}
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         self._last_step = new_step(self._rng, [])
@@ -647,25 +656,14 @@ class Residual(Layer):
         if width is None:
             raise _Undescribable(self.layer_type)
         body = self._body_costs(width)
-        return body, max(c.out_width for c in body), min(len(body) - 1, 2)
+        return (body,) + residual_layout(body)
 
     def describe(self, in_width: Optional[int] = None) -> ElementCost:
         _check_in_width(self, in_width, self.in_features)
-        body, inner, pingpong = self.layout(in_width)
-        n = body[0].in_width
-        fwd = max(c.forward_scratch for c in body)
-        bwd = max(c.backward_scratch for c in body)
-        return ElementCost(
-            "residual", n, n, stored=n,
-            tape=sum(c.out_width + c.tape for c in body),
-            forward_scratch=pingpong * inner + fwd,
-            backward_scratch=max(fwd, pingpong * inner + bwd),
-            forward_flops=sum(c.forward_flops for c in body) + n,
-            backward_flops=sum(c.backward_flops for c in body) + n,
-            internal_flops=sum(c.forward_flops for c in body),
-            parameter_count=sum(c.parameter_count for c in body),
-            params=tuple(p for c in body for p in c.params),
-            gradients=tuple(g for c in body for g in c.gradients))
+        return residual_cost(self.layout(in_width)[0])
+
+    def config(self) -> dict:
+        return {"kind": "Residual", "layers": [layer_config(layer) for layer in self.layers]}
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         self._last_step = new_step(self._rng, self.layers)
@@ -720,3 +718,38 @@ class Residual(Layer):
     def layer_description(self) -> str:
         inner = ", ".join(layer.layer_description for layer in self.layers)
         return f"Residual({inner})"
+
+
+# Built-in layers by the "kind" of their config(): what a saved architecture can rebuild.
+BUILTIN_LAYERS = {"Dense": Dense, "LayerNorm": LayerNorm, "Dropout": Dropout,
+                  "Residual": Residual}
+
+
+def layer_config(layer: Layer) -> dict:
+    """A built-in layer's kind and hyper-parameters (JSON-ready); TypeError for other layers."""
+    if type(layer) not in BUILTIN_LAYERS.values():
+        raise TypeError(f"{layer.layer_type} is not one of ckpt's built-in layers "
+                        f"({', '.join(BUILTIN_LAYERS)}): its architecture cannot be recorded")
+    return layer.config()
+
+
+def layer_from_config(config: object, where: str = "layer") -> Layer:
+    """A new built-in layer from ``layer_config``'s dict (fresh parameters); ValueError naming
+    ``where`` for anything malformed."""
+    if not isinstance(config, dict) or config.get("kind") not in BUILTIN_LAYERS:
+        kind = config.get("kind") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{where}: unknown layer kind {kind!r} (expected one of "
+                         f"{', '.join(BUILTIN_LAYERS)})")
+    args = {key: value for key, value in config.items() if key != "kind"}
+    try:
+        if config["kind"] == "Residual":
+            inner = args.pop("layers", None)
+            if not isinstance(inner, list) or args:
+                raise ValueError("a Residual needs exactly a list 'layers'")
+            return Residual(*[layer_from_config(c, f"{where}.layers[{i}]")
+                              for i, c in enumerate(inner)], seed=0)
+        if config["kind"] == "Dense":
+            args["rng"] = 0
+        return BUILTIN_LAYERS[config["kind"]](**args)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: cannot rebuild {config['kind']} from {args}: {exc}") from None

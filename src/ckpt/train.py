@@ -6,6 +6,7 @@ Data flows one way: fit -> loss and optimizer -> the model's forward and backwar
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import time
@@ -13,6 +14,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ckpt.costs import (ChainCosts, dense_cost, dropout_cost, layernorm_cost,
+                        residual_cost)
 from ckpt.layers import (Dense, Dropout, DTypeLike, Layer, LayerNorm, Residual, _as_generator,
                          check_float_dtype, check_size, walk)
 from ckpt.losses import get_loss
@@ -76,6 +79,32 @@ def _residual_mlp(n_in: int, depth: int, width: int, n_out: int, activation: Opt
         layers.append(Residual(*branch))
     layers += [LayerNorm(width, dtype=dtype), Dense(width, n_out, None, dtype=dtype, rng=rng)]
     return layers
+
+
+def mlp_costs(n_in: int, depth: int, width: int, n_out: int, activation: Optional[str] = "relu",
+              *, residual: bool = False, norm: Optional[str] = None,
+              dropout: float = 0.0) -> ChainCosts:
+    """The descriptions (ckpt.costs) of ``build_mlp``'s network with these arguments, without
+    allocating it: what ``ckpt plan`` plans for. The tests check it against the layers'."""
+    depth = check_size(depth, "depth")
+    gelu = activation == "gelu"
+    if residual:
+        body = [layernorm_cost(width), dense_cost(width, width, gelu=gelu)]
+        body += [dropout_cost(width)] if dropout > 0 else []
+        body.append(dense_cost(width, width))
+        block = residual_cost(body)
+        return ChainCosts((dense_cost(n_in, width),) + (block,) * depth
+                          + (layernorm_cost(width), dense_cost(width, n_out)))
+    sizes = [n_in] + [width] * (depth - 1) + [n_out]
+    elements = []
+    for i in range(depth):
+        hidden = i < depth - 1
+        elements.append(dense_cost(sizes[i], sizes[i + 1], gelu=gelu and hidden))
+        if hidden and norm == "layernorm":
+            elements.append(layernorm_cost(sizes[i + 1]))
+        if hidden and dropout > 0:
+            elements.append(dropout_cost(sizes[i + 1]))
+    return ChainCosts(tuple(elements))
 
 
 def describe_architecture(layers: Sequence[Layer]) -> str:
@@ -254,8 +283,24 @@ def _forward_layers(model: Any) -> Callable[[np.ndarray], np.ndarray]:
     return as_model(model).forward
 
 
+@contextlib.contextmanager
+def evaluation_mode(model: Any):
+    """Run the model in evaluation mode (Dropout off), then restore each part's previous mode."""
+    parts = list(model) if isinstance(model, (list, tuple)) else [model]
+    switchable = [part for part in parts if callable(getattr(part, "set_training", None))]
+    before = [bool(getattr(part, "is_training", True)) for part in switchable]
+    for part in switchable:
+        part.set_training(False)
+    try:
+        yield
+    finally:
+        for part, mode in zip(switchable, before):
+            part.set_training(mode)
+
+
 def predict(model: Any, X: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """The model's outputs for X (cast to the model's dtype), computed batch by batch."""
+    """The model's outputs for X (cast to the model's dtype), computed batch by batch in
+    evaluation mode (Dropout off); the model's mode is restored afterwards."""
     dtype = model_dtype(model)
     batch_size = check_size(batch_size, "batch_size")
     X = np.asarray(X)
@@ -265,12 +310,13 @@ def predict(model: Any, X: np.ndarray, batch_size: int = 256) -> np.ndarray:
     run = _forward_layers(model)
     # An empty X still runs one (empty) batch, so the result has the output's width.
     starts = range(0, max(len(X), 1), batch_size)
-    return np.concatenate([np.array(run(X[i:i + batch_size])) for i in starts])
+    with evaluation_mode(model):
+        return np.concatenate([np.array(run(X[i:i + batch_size])) for i in starts])
 
 
 def evaluate(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy",
              batch_size: int = 256) -> Dict[str, float]:
-    """Mean loss (and accuracy for cross_entropy) of the model on (X, y)."""
+    """Mean loss (and accuracy for cross_entropy) of the model on (X, y), in evaluation mode."""
     loss_fn = get_loss(loss)
     X, y = _check_inputs(X, y, model_dtype(model), loss)
     if len(X) == 0:
