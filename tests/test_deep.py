@@ -429,3 +429,85 @@ def test_parameter_assignment_copies_and_checks_shape_and_dtype():
     with pytest.raises(TypeError, match="LayerNorm.weight must be assigned a numpy array"):
         layers[1].weight = [1.0] * 4
     assert not W.any()
+
+
+# --------------------------------------------------------------------------------------------
+# Building, saving, the main job
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs", [dict(residual=True, dropout=0.1), dict(residual=True),
+                                    dict(norm="layernorm", dropout=0.2), {}])
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_mlp_costs_are_the_built_layers_descriptions(kwargs, activation):
+    from ckpt.costs import describe_chain
+    from ckpt.train import mlp_costs
+    built = describe_chain(build_mlp(10, 4, 16, 3, activation, seed=0, **kwargs))
+    assert [e.costs for e in mlp_costs(10, 4, 16, 3, activation, **kwargs).elements] == \
+        [e.costs for e in built.elements]
+
+
+def test_residual_mlp_structure_and_branch_scaling():
+    layers = build_mlp(64, 4, 32, 10, "relu", seed=0, residual=True, dropout=0.1)
+    assert [type(layer).__name__ for layer in layers] == \
+        ["Dense", "Residual", "Residual", "Residual", "Residual", "LayerNorm", "Dense"]
+    assert [type(layer).__name__ for layer in layers[1].layers] == \
+        ["LayerNorm", "Dense", "Dropout", "Dense"]
+    first, last = layers[1].layers[1], layers[1].layers[3]
+    # the branch's last Dense starts scaled down by 1 / sqrt(2 depth) from He-normal
+    assert np.std(last.W) < 0.5 * np.std(first.W)
+    s = SegmentCheckpointer(layers)
+    assert s.checkpoint_every == 2 and s.executor == "compiled"     # floor(sqrt(7))
+    with pytest.raises(ValueError, match="dropout must be a probability"):
+        build_mlp(4, 2, 8, 2, dropout=1.0)
+    with pytest.raises(ValueError, match="norm must be None or 'layernorm'"):
+        build_mlp(4, 2, 8, 2, norm="batchnorm")
+
+
+def test_load_model_rebuilds_every_layer_without_user_code(tmp_path):
+    layers = build_mlp(8, 3, 16, 4, "gelu", np.float64, seed=0, residual=True, dropout=0.2)
+    model = SegmentCheckpointer(layers, 2, seed=0)
+    X, y = batch(40, 8), np.arange(40) % 4
+    ckpt.fit(model, X, y, epochs=1, batch_size=8)
+    path = tmp_path / "model.npz"
+    ckpt.save(path, model)
+    again = ckpt.load_model(path)
+    assert again.checkpoint_every == 2 and again.dtype == np.float64
+    assert [layer.layer_description for layer in again.layers] == \
+        [layer.layer_description for layer in layers]
+    np.testing.assert_array_equal(ckpt.predict(again, X), ckpt.predict(model, X))
+    # load(path, model) still fills a model built in code
+    other = SegmentCheckpointer(build_mlp(8, 3, 16, 4, "gelu", np.float64, seed=1,
+                                          residual=True, dropout=0.2))
+    ckpt.load(path, other)
+    np.testing.assert_array_equal(ckpt.predict(other, X), ckpt.predict(model, X))
+    # a model of custom layers records no architecture
+    custom = tmp_path / "custom.npz"
+    ckpt.save(custom, [Hungry(4), Dense(4, 2, dtype=np.float64, rng=0)])
+    with pytest.raises(ValueError, match="records no architecture"):
+        ckpt.load_model(custom)
+
+
+def test_predict_and_evaluate_run_in_evaluation_mode_and_restore_it():
+    layers = build_mlp(8, 2, 32, 3, "relu", np.float64, seed=0, residual=True, dropout=0.5)
+    model = SegmentCheckpointer(layers, seed=0)
+    X = batch(20, 8)
+    first = ckpt.predict(model, X)
+    np.testing.assert_array_equal(ckpt.predict(model, X), first)      # no dropout: repeatable
+    assert model.is_training and layers[1].layers[2].is_training      # restored
+    model.set_training(False)
+    ckpt.evaluate(model, X, np.zeros(20, np.int64))
+    assert not model.is_training
+
+
+def test_cli_trains_a_residual_network(capsys):
+    import json
+    from ckpt.cli import main
+    assert main(["train", "--residual", "--depth", "3", "--width", "16", "--epochs", "2",
+                 "--dropout", "0.1", "--json"]) == 0
+    out = capsys.readouterr().out
+    results = json.loads(out.strip().splitlines()[-1])
+    assert results["architecture"] == "pre-norm residual MLP, 3 blocks (8 Dense layers, dropout 0.1)"
+    assert results["elements"] == 6 and results["checkpoint_every"] == 2
+    assert "model: pre-norm residual MLP, 3 blocks" in out
+    assert results["peak_activation_bytes"] < results["peak_activation_bytes_plain"]
+    assert results["test_accuracy"] > 0.5
