@@ -158,3 +158,123 @@ def test_public_names():
 def test_py_typed_is_shipped():
     marker = importlib.resources.files("ckpt").joinpath("py.typed")
     assert marker.is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# One checkpointer, several threads: a step belongs to the thread that began it
+# --------------------------------------------------------------------------------------------
+
+def _shared_model():
+    from ckpt.train import build_mlp
+    layers = build_mlp(16, 3, 32, 4, "relu", np.float64, seed=0, residual=True, dropout=0.2)
+    return ckpt.SegmentCheckpointer(layers, 2, seed=0)
+
+
+class _FixedSeed:
+    """Stands in for a checkpointer's Generator: every step draws the same seed."""
+
+    def __init__(self, seed):
+        self.seed = seed
+
+    def integers(self, *args, **kwargs):
+        return np.uint64(self.seed)
+
+
+@pytest.mark.parametrize("n_threads", [2, 4])
+def test_threads_sharing_a_checkpointer_get_errors_never_crashes_or_wrong_gradients(n_threads):
+    model = _shared_model()
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((12, 16))
+    g = rng.standard_normal((12, 4))
+    outcomes = []                    # (seed of the step, its input gradient) or None: refused
+
+    def work():
+        for _ in range(3000 // n_threads):
+            try:
+                model.forward(x)
+                seed = model._state[-1].seed      # our pending step: no one else can change it
+                outcomes.append((seed, model.backward(g)))
+            except ckpt.CheckpointStateError:
+                outcomes.append(None)
+
+    threads = [threading.Thread(target=work) for _ in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done = [o for o in outcomes if o is not None]
+    assert len(done) < len(outcomes) and done     # steps interleaved and were refused
+    assert model._state is None
+    # every completed step equals the single-threaded step with its seed
+    twin = _shared_model()
+    for seed, gx in done[:: max(1, len(done) // 40)]:
+        twin._rng = _FixedSeed(seed)
+        twin.forward(x)
+        np.testing.assert_array_equal(twin.backward(g), gx)
+
+
+def test_a_pending_step_belongs_to_its_thread():
+    model = _shared_model()
+    x, g = np.ones((3, 16)), np.ones((3, 4))
+    model.forward(x)
+    outcome = {}
+
+    def other():
+        for name, call in (("forward", lambda: model.forward(x)),
+                           ("backward", lambda: model.backward(g)),
+                           ("update", lambda: model.update(0.1))):
+            try:
+                call()
+            except ckpt.CheckpointStateError as exc:
+                outcome[name] = str(exc)
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert set(outcome) == {"forward", "backward", "update"}
+    assert "belongs to the thread that began it" in outcome["forward"]
+    model.backward(g)                 # the owner finishes its step
+    t = threading.Thread(target=lambda: (model.forward(x), model.backward(g)))
+    t.start()
+    t.join()                          # and then another thread may run steps
+
+
+def test_separate_checkpointers_run_in_parallel_threads():
+    models = [_shared_model() for _ in range(2)]
+    x, g = np.ones((8, 16)), np.ones((8, 4))
+    results = [None, None]
+
+    def work(i):
+        for _ in range(200):
+            models[i].zero_grad()
+            models[i].forward(x)
+            models[i].backward(g)
+        results[i] = [a.copy() for a in models[i].gradients()]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(np.array_equal(a, b) for a, b in zip(*results))   # same seed, same steps
+
+
+def test_schedule_caches_stay_bounded_across_batch_sizes():
+    layers = [Dense(8, 8, "relu", dtype=np.float64, rng=i) for i in range(6)]
+    model = ckpt.SegmentCheckpointer(layers, budget_bytes="1MiB")
+    for rows in range(1, 60):
+        model.forward(np.ones((rows, 8)))
+        model.backward(np.ones((rows, 8)))
+    assert len(model._schedules) <= model._CACHED_SCHEDULES
+
+
+def test_check_inputs_detects_an_input_edited_between_forward_and_backward():
+    model = ckpt.SegmentCheckpointer([Dense(4, 4, rng=0), Dense(4, 2, rng=1)], 0,
+                                     check_inputs=True)
+    x = np.ones((3, 4), np.float32)
+    model.forward(x)
+    model.backward(np.ones((3, 2), np.float32))          # untouched: fine
+    model.forward(x)
+    x[0, 0] = 5
+    with pytest.raises(ckpt.CheckpointStateError, match="modified in place"):
+        model.backward(np.ones((3, 2), np.float32))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import threading
+import zlib
 from collections import OrderedDict
 from typing import Iterable, List, Optional, Sequence, Union
 
@@ -207,7 +208,9 @@ class SegmentCheckpointer:
     caller). The two gradient buffers and the compiled schedule are kept across steps.
 
     Kept inputs are referenced, not copied: do not modify the input in place between forward
-    and backward (backward would recompute from the changed values).
+    and backward (backward would recompute from the changed values). ``check_inputs=True`` is a
+    debug mode that detects it: forward takes a checksum of the input, backward raises
+    CheckpointStateError if it changed (it costs a pass over the input twice a step).
 
     Threads: a step begun by one thread belongs to it until its backward; a forward or backward
     from another thread meanwhile raises CheckpointStateError. Separate checkpointers run in
@@ -219,7 +222,8 @@ class SegmentCheckpointer:
     def __init__(self, layers: Iterable[Layer] = (), checkpoint_every: Optional[int] = None, *,
                  tracker: Optional[MemoryUsageTracker] = None, plan=None,
                  budget_bytes: Optional[int] = None,
-                 seed: Union[None, int, np.random.Generator] = None) -> None:
+                 seed: Union[None, int, np.random.Generator] = None,
+                 check_inputs: bool = False) -> None:
         if layers is None or isinstance(layers, (Layer, str, bytes)) \
                 or not isinstance(layers, Iterable):
             raise TypeError(f"layers must be a list of ckpt Layers, got {type(layers).__name__}")
@@ -238,6 +242,10 @@ class SegmentCheckpointer:
                     or self._budget <= 0:
                 raise ValueError(f"budget_bytes must be a positive integer, got {budget_bytes!r}")
         self.memory_tracker = _check_tracker(tracker)
+        if not isinstance(check_inputs, (bool, np.bool_)):
+            raise TypeError(f"check_inputs must be a bool, got {type(check_inputs).__name__}")
+        self.check_inputs = bool(check_inputs)
+        self._input_checksum: Optional[int] = None
         self._rng = _as_generator(seed)
         self._lock = threading.Lock()
         self._owner: Optional[int] = None   # the thread whose step is pending
@@ -444,7 +452,7 @@ class SegmentCheckpointer:
             y = np.empty((x.shape[0], self.widths[-1]), chain.dtype)
             chain.run_forward(compiled.forward_rows, x, y, arena, self.memory_tracker,
                               step.seed, row_offset, self._training)
-            state = ("typed", x, y, arena, compiled.backward_rows, compiled)
+            state = ("typed", x, y, arena, compiled.backward_rows, compiled, step)
         else:
             acts = {0: x}
             self.memory_tracker.record_stored_activation(x.nbytes)
@@ -462,6 +470,8 @@ class SegmentCheckpointer:
         y.flags.writeable = False
         self._state = state
         self._owner = threading.get_ident()
+        if self.check_inputs:
+            self._input_checksum = _checksum(x)
         if not self._training:
             self._release()
         return y
@@ -484,8 +494,13 @@ class SegmentCheckpointer:
             raise CheckpointStateError(
                 "backward needs a forward first: nothing is stored (backward before forward, "
                 "a second backward, or a forward in evaluation mode)")
+        x = state[1] if state[0] == "typed" else state[1][0]
+        if self.check_inputs and _checksum(x) != self._input_checksum:
+            raise CheckpointStateError(
+                "the input was modified in place between forward and backward: the "
+                "recomputation would use the new values (check_inputs=True caught it)")
         if state[0] == "typed":
-            _, x, y, arena, backward_rows, _ = state
+            _, x, y, arena, backward_rows, _, _ = state
             g = as_batch(grad_output, y.shape[1], y.dtype, "grad_output", "SegmentCheckpointer")
             if g.shape[0] != y.shape[0]:
                 raise ValueError(f"SegmentCheckpointer: grad_output has {g.shape[0]} rows but the "
@@ -611,6 +626,11 @@ class SegmentCheckpointer:
 
 
 _UNKNOWN = object()   # a cached value not computed yet
+
+
+def _checksum(x: np.ndarray) -> int:
+    """CRC-32 of an array's bytes (check_inputs' guard against in-place edits)."""
+    return zlib.crc32(memoryview(np.ascontiguousarray(x)).cast("B"))
 
 
 def _declared_dtype(layers: Sequence[Layer]) -> Optional[np.dtype]:
