@@ -192,7 +192,7 @@ def test_threads_sharing_a_checkpointer_get_errors_never_crashes_or_wrong_gradie
         for _ in range(3000 // n_threads):
             try:
                 model.forward(x)
-                seed = model._state[-1].seed      # our pending step: no one else can change it
+                seed = model._state[-1]      # our pending step's seed: no one else can change it
                 outcomes.append((seed, model.backward(g)))
             except ckpt.CheckpointStateError:
                 outcomes.append(None)

@@ -444,16 +444,16 @@ class SegmentCheckpointer:
         # A fresh seed keys each training step's Dropout masks (none needed without Dropout).
         seed = int(self._rng.integers(0, 2**64, dtype=np.uint64)) \
             if streams and self._training else 0
-        step = Step(seed, row_offset, streams)
         if chain is not None:
             if self._state is not None:  # the executor holds one step's activations at a time
                 self._release()
             arena = np.empty(compiled.arena_units * x.shape[0], chain.dtype)
             y = np.empty((x.shape[0], self.widths[-1]), chain.dtype)
             chain.run_forward(compiled.forward_rows, x, y, arena, self.memory_tracker,
-                              step.seed, row_offset, self._training)
-            state = ("typed", x, y, arena, compiled.backward_rows, compiled, step)
+                              seed, row_offset, self._training)
+            state = ("typed", x, y, arena, compiled.backward_rows, compiled, seed)
         else:
+            step = Step(seed, row_offset, streams)
             acts = {0: x}
             self.memory_tracker.record_stored_activation(x.nbytes)
             try:
