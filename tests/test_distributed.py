@@ -237,3 +237,19 @@ def test_cli_error_on_every_rank_exits_with_status_2(tmp_path):
     assert done.returncode == 2
     assert "ckpt train: error on rank" in done.stderr and "missing.npz" in done.stderr
     assert seconds < 30
+
+
+def test_scaling_bench_runs(tmp_path):
+    _mpiexec()
+    out = tmp_path / "scaling.json"
+    done, _ = _run([str(Path(__file__).resolve().parent.parent / "bench" / "mpi_scaling.py"),
+                    "--quick", "--ranks", "1,2", "--seconds", "0.05", "--json", str(out)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "## Model at K machines on a 10 Gb/s network" in done.stdout
+    results = json.loads(out.read_text())
+    assert [(r["workload"], r["ranks"]) for r in results["runs"]] == \
+        [("small", 1), ("small", 2), ("deep", 1), ("deep", 2)]
+    assert [p["bytes"] for p in results["allreduce"]] == [1024, 4096, 16384, 65536]
+    assert results["fit"]["bandwidth_Bps"] > 0
+    for row in results["model"]:
+        assert row["best_k"] >= 1 and row["gradient_bytes"] > 0

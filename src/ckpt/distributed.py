@@ -290,6 +290,9 @@ class DataParallel:
         ``rows`` of the step's ``global_rows`` were this rank's, and its gradients are the mean
         over them (zero when it had none).
         """
+        self.steps += 1
+        if self.size == 1:
+            return loss_sum, correct
         buf = self._buffer
         weight = rows / global_rows
         for g, start, stop in zip(self._grads, self._offsets[:-1], self._offsets[1:]):
@@ -299,7 +302,6 @@ class DataParallel:
         self.comm.Allreduce(_in_place(), buf)
         for g, start, stop in zip(self._grads, self._offsets[:-1], self._offsets[1:]):
             g.reshape(-1)[...] = buf[start:stop]
-        self.steps += 1
         if self.steps % self.check_every == 0:
             self.check_replicas()
         return float(buf[-2]), int(round(float(buf[-1])))
