@@ -58,9 +58,16 @@ def main(argv=None):
     rank = comm.Get_rank() if comm is not None else 0
     model, opt = make_model(getattr(args, "optimizer", "adam"))
     if rank != 0:
-        # Different weights on the other ranks: the start-up broadcast must replace them.
+        # Other weights and optimizer state on the other ranks (as if only rank 0 had loaded a
+        # saved model): the start-up broadcast must replace them.
         for p in model.params():
             p += 1.0
+        state = opt.state_dict()
+        state["step"] = 5
+        for buffers in state["buffers"].values():
+            for b in buffers:
+                b += 1.0
+        opt.load_state_dict(state)
     if args.command == "train" and args.data:
         arrays = distributed.open_rows(args.data)
         X, y = arrays["X"], arrays["y"]

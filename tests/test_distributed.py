@@ -106,6 +106,24 @@ def test_fit_keeps_a_memory_map_of_the_model_dtype_unread(tmp_path):
     assert np.shares_memory(X, arrays["X"])
 
 
+def test_without_mpi4py_the_error_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    with pytest.raises(ImportError, match=r"pip install 'ckpt-cpu\[mpi\]'"):
+        distributed.import_mpi()
+
+
+def test_cli_under_a_launcher_without_mpi4py_is_a_usage_error(monkeypatch, capsys):
+    from ckpt.cli import main
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    monkeypatch.setenv("PMI_SIZE", "2")
+    monkeypatch.setenv("PMI_RANK", "0")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--epochs", "1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "rank 0 of 2" in err and "ckpt-cpu[mpi]" in err
+
+
 # ------------------------------------------------------------------------------------ one rank
 
 def _mpi():
@@ -203,6 +221,8 @@ def test_cli_under_mpiexec_prints_and_saves_on_rank_0_only(tmp_path):
     results = json.loads(lines[-1])
     assert results["ranks"] == 2 and results["global_batch_size"] == 32
     assert "data-parallel: 2 ranks x batch 16 = global batch 32" in two.stdout
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert f"BLAS threads per rank: {threads}" in two.stdout
     assert (tmp_path / "m.npz").exists()
     one, _ = _run(args[:-2] + ["--batch-size", "32"])
     single = json.loads(one.stdout.strip().splitlines()[-1])
