@@ -46,7 +46,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, required=True)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--data", help="an uncompressed .npz with X and y, memory-mapped")
-    p.add_argument("--check-every", type=int, default=None)
+    p.add_argument("--accumulation-steps", type=int, default=1)
     f = sub.add_parser("fail")
     f.add_argument("how", choices=["raise", "kill", "diverge"])
     f.add_argument("--rank", type=int, default=1)
@@ -77,6 +77,7 @@ def main(argv=None):
         if args.command == "train":
             history = fit(model, X, y, optimizer=opt, epochs=args.epochs,
                           batch_size=args.batch_size, seed=7, comm=comm,
+                          accumulation_steps=args.accumulation_steps,
                           validation_data=make_data(31))
             if rank == 0:
                 np.savez(args.out, *model.params(),

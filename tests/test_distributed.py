@@ -4,6 +4,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -180,14 +181,24 @@ def _env():
 
 
 def _run(args, ranks=None, timeout=TIMEOUT):
+    """Run (under mpiexec -n ranks); on timeout kill the launcher's whole process group."""
     command = ([_mpiexec(), "-n", str(ranks)] if ranks else []) + [sys.executable] + args
     start = time.monotonic()
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=_env())
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(), start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"{' '.join(command)} did not end within {timeout} s")
+    done = subprocess.CompletedProcess(command, proc.returncode, out, err)
     return done, time.monotonic() - start
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_two_ranks_train_as_one_process_at_twice_the_batch(tmp_path, optimizer):
+@pytest.mark.parametrize("optimizer, accumulation", [("sgd", 2), ("adam", 1)])
+def test_two_ranks_train_as_one_process_at_twice_the_batch(tmp_path, optimizer, accumulation):
+    """With SGD each rank also splits its rows in two micro-batches: the same step again."""
     from mpi_worker import ROWS, make_data, make_model
     X, y = make_data()
     np.savez(tmp_path / "data.npz", X=X, y=y)   # the 2-rank run memory-maps it
@@ -195,7 +206,8 @@ def test_two_ranks_train_as_one_process_at_twice_the_batch(tmp_path, optimizer):
                    "--batch-size", "16"])
     assert one.returncode == 0, one.stderr
     two, _ = _run([WORKER, "train", str(tmp_path / "two.npz"), "--optimizer", optimizer,
-                   "--batch-size", "8", "--data", str(tmp_path / "data.npz")], ranks=2)
+                   "--batch-size", "8", "--data", str(tmp_path / "data.npz"),
+                   "--accumulation-steps", str(accumulation)], ranks=2)
     assert two.returncode == 0, two.stderr
     a, b = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
     # 97 rows: 7 steps an epoch, the last one of a single row (rank 0 has none); 3 epochs.
