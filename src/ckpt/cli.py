@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ckpt import _core, get_num_threads, set_num_threads
+from ckpt import _core, distributed, get_num_threads, set_num_threads
 from ckpt.checkpoint import SegmentCheckpointer
 from ckpt.losses import softmax_cross_entropy
 from ckpt.optim import OPTIMIZERS
@@ -285,9 +285,7 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from ckpt.distributed import detect_world
-
-    world = detect_world()
+    world = distributed.detect_world()   # from the environment: mpi4py is not imported yet
     if world is not None and world.size > 1:
         return _run_train_data_parallel(args, world)
     threads = get_num_threads()
@@ -298,14 +296,12 @@ def run_train(args: argparse.Namespace) -> int:
         set_num_threads(threads)
 
 
-def _run_train_data_parallel(args: argparse.Namespace, world) -> int:
+def _run_train_data_parallel(args: argparse.Namespace, world: distributed.World) -> int:
     """``mpiexec -n K ckpt train``: train data-parallel over the launcher's K ranks.
 
     Rank 0 alone prints and saves; an error on any rank prints one line naming the rank and
     aborts the whole job (ckpt.distributed.abort_on_error).
     """
-    from ckpt import distributed
-
     try:
         comm = distributed.world_comm()
     except ImportError as exc:
@@ -313,12 +309,17 @@ def _run_train_data_parallel(args: argparse.Namespace, world) -> int:
             raise SystemExit(2) from None
         raise UsageError(f"launched as rank {world.rank} of {world.size} by an MPI launcher, "
                          f"but {exc}") from None
-    with distributed.abort_on_error(comm, "ckpt train"):
-        set_num_threads(args.threads or distributed.default_threads(world))
-        args.comm = comm
-        quiet = open(os.devnull, "w") if comm.Get_rank() != 0 else None
-        with quiet or contextlib.nullcontext(), contextlib.redirect_stdout(quiet or sys.stdout):
-            return _train(args)
+    threads = get_num_threads()
+    set_num_threads(args.threads or distributed.default_threads(world))
+    args.comm = comm
+    try:
+        with distributed.abort_on_error(comm, "ckpt train"):
+            if comm.Get_rank() == 0:
+                return _train(args)
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+                return _train(args)
+    finally:
+        set_num_threads(threads)
 
 
 def _train(args: argparse.Namespace) -> int:
