@@ -2,11 +2,11 @@
 
     python tests/mpi_worker.py train OUT.npz --optimizer adam --batch-size 16 [--data F.npz]
     mpiexec -n 2 python tests/mpi_worker.py train OUT.npz --optimizer adam --batch-size 8 ...
-    mpiexec -n 2 python tests/mpi_worker.py fail {raise,kill,diverge} --rank 1 --step 3
+    mpiexec -n 2 python tests/mpi_worker.py fail {raise,kill,diverge,rows} --rank 1 --step 3
 
 ``train`` fits a small float64 MLP (shuffled, validation each epoch) and rank 0 writes the final
 parameters and the history to OUT.npz. ``fail`` makes one rank raise, SIGKILL itself, or nudge a weight (which the replicas'
-checksum must catch) mid-run.
+checksum must catch) mid-run, or gives it one row less than the others.
 """
 import argparse
 import contextlib
@@ -48,7 +48,7 @@ def main(argv=None):
     p.add_argument("--data", help="an uncompressed .npz with X and y, memory-mapped")
     p.add_argument("--accumulation-steps", type=int, default=1)
     f = sub.add_parser("fail")
-    f.add_argument("how", choices=["raise", "kill", "diverge"])
+    f.add_argument("how", choices=["raise", "kill", "diverge", "rows"])
     f.add_argument("--rank", type=int, default=1)
     f.add_argument("--step", type=int, default=3)
     args = parser.parse_args(argv)
@@ -73,6 +73,8 @@ def main(argv=None):
         X, y = arrays["X"], arrays["y"]
     else:
         X, y = make_data()
+    if args.command == "fail" and args.how == "rows" and rank == args.rank:
+        X, y = X[:-1], y[:-1]   # a rank given another data set than the others
     with distributed.abort_on_error(comm, "mpi_worker") if comm is not None else contextlib.nullcontext():
         if args.command == "train":
             history = fit(model, X, y, optimizer=opt, epochs=args.epochs,

@@ -263,6 +263,12 @@ def test_diverged_replicas_are_caught_by_the_checksum():
     assert "the replicas diverged by step 100" in done.stderr
 
 
+def test_ranks_given_different_data_sets_stop_before_training():
+    done, _ = _run([WORKER, "fail", "rows", "--rank", "1"], ranks=2)
+    assert done.returncode == 2
+    assert "the ranks disagree on the number of rows: rank 0: 97, rank 1: 96" in done.stderr
+
+
 def test_cli_error_on_every_rank_exits_with_status_2(tmp_path):
     done, seconds = _run(["-m", "ckpt", "train", "--data", str(tmp_path / "missing.npz")],
                          ranks=2)

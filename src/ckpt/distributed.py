@@ -14,7 +14,9 @@ Every rank holds a replica of the model. Each training step:
    (checked every ``check_every`` steps with a parameter checksum).
 
 ``fit(..., comm=comm)`` and ``evaluate(..., comm=comm)`` in :mod:`ckpt.train` use this module;
-``mpiexec -n K ckpt train`` sets it up from the launcher's environment.
+``mpiexec -n K ckpt train`` sets it up from the launcher's environment. A script run under
+mpiexec should train inside ``with abort_on_error(comm):``, so that an exception on one rank
+ends the job instead of leaving the other ranks waiting in the next allreduce.
 
 mpi4py is imported only when a communicator is needed: ``pip install 'ckpt-cpu[mpi]'`` brings
 mpi4py and MPICH (whose ``mpiexec`` lands next to the Python executable).
