@@ -415,21 +415,32 @@ class SegmentCheckpointer:
                 "another thread's step is pending on this checkpointer (its forward ran, its "
                 "backward has not): a step belongs to the thread that began it")
 
-    def forward(self, x: np.ndarray, *, row_offset: int = 0) -> np.ndarray:
+    def next_step_seed(self) -> int:
+        """Draw the next step seed from the checkpointer's Generator (``seed=``)."""
+        return int(self._rng.integers(0, 2**64, dtype=np.uint64))
+
+    def forward(self, x: np.ndarray, *, row_offset: int = 0,
+                step_seed: Optional[int] = None) -> np.ndarray:
         """Run the chain; in training mode keep what the schedule stores for backward.
 
-        ``row_offset`` is the global index of x's first row within the step's batch (when a
-        batch is split across threads or processes), so that Dropout masks do not depend on
-        the split.
+        A training forward keys its Dropout masks on a step seed, drawn from the checkpointer's
+        Generator unless ``step_seed`` is given, and on the global row: ``row_offset`` is the
+        index of x's first row within the step's batch. Forwards of the slices of one batch
+        (micro-batches, threads, MPI ranks) given one step_seed and their offsets see the masks
+        of the whole batch; ``fit`` does this.
         """
         if isinstance(row_offset, bool) or not isinstance(row_offset, numbers.Integral) \
                 or row_offset < 0:
             raise ValueError(f"row_offset must be a non-negative integer, got {row_offset!r}")
+        if step_seed is not None and (isinstance(step_seed, bool)
+                                      or not isinstance(step_seed, numbers.Integral)
+                                      or not 0 <= step_seed < 2**64):
+            raise ValueError(f"step_seed must be an integer in [0, 2**64), got {step_seed!r}")
         with self._lock:
             self._check_owner()
-            return self._forward(x, int(row_offset))
+            return self._forward(x, int(row_offset), step_seed)
 
-    def _forward(self, x: np.ndarray, row_offset: int) -> np.ndarray:
+    def _forward(self, x: np.ndarray, row_offset: int, step_seed: Optional[int]) -> np.ndarray:
         if not self._layers:
             return x
         chain = self._typed_chain()
@@ -442,8 +453,10 @@ class SegmentCheckpointer:
         compiled = self.schedule(x.shape[0])
         streams = self._dropout_streams()
         # A fresh seed keys each training step's Dropout masks (none needed without Dropout).
-        seed = int(self._rng.integers(0, 2**64, dtype=np.uint64)) \
-            if streams and self._training else 0
+        if not (streams and self._training):
+            seed = 0
+        else:
+            seed = int(step_seed) if step_seed is not None else self.next_step_seed()
         if chain is not None:
             if self._state is not None:  # the executor holds one step's activations at a time
                 self._release()

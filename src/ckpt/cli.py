@@ -8,10 +8,12 @@ Bad arguments or data print one line to stderr and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import io as _io
 import json
 import math
+import os
 import sys
 import time
 from importlib import resources
@@ -20,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ckpt import _core, get_num_threads, set_num_threads
+from ckpt import _core, distributed, get_num_threads, set_num_threads
 from ckpt.checkpoint import SegmentCheckpointer
 from ckpt.losses import softmax_cross_entropy
 from ckpt.optim import OPTIMIZERS
@@ -285,20 +287,50 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
     how.add_argument("--budget", type=_size, default=None, metavar="SIZE",
                      help="plan the checkpoints to hold at most SIZE of activations and gradient "
                           "buffers (e.g. 200KiB, 4MiB); see `ckpt plan`")
-    p.add_argument("--threads", type=_positive_int, default=1,
+    p.add_argument("--threads", type=_positive_int, default=None,
                    help="OpenBLAS threads (default 1: a default run's matrices are too small "
-                        "to gain from more)")
+                        "to gain from more; under mpiexec, per rank: the node's cores divided "
+                        "by its ranks)")
     p.add_argument("--save", metavar="FILE", help="save parameters and optimizer state (.npz)")
     p.add_argument("--json", action="store_true",
                    help="end the output with one line of JSON holding the results")
-    p.set_defaults(run=run_train)
+    p.set_defaults(run=run_train, comm=None)
 
 
 def run_train(args: argparse.Namespace) -> int:
+    world = distributed.detect_world()   # from the environment: mpi4py is not imported yet
+    if world is not None and world.size > 1:
+        return _run_train_data_parallel(args, world)
     threads = get_num_threads()
-    set_num_threads(args.threads)
+    set_num_threads(args.threads or 1)
     try:
         return _train(args)
+    finally:
+        set_num_threads(threads)
+
+
+def _run_train_data_parallel(args: argparse.Namespace, world: distributed.World) -> int:
+    """``mpiexec -n K ckpt train``: train data-parallel over the launcher's K ranks.
+
+    Rank 0 alone prints and saves; an error on any rank prints one line naming the rank and
+    aborts the whole job (ckpt.distributed.abort_on_error).
+    """
+    try:
+        comm = distributed.world_comm()
+    except ImportError as exc:
+        if world.rank != 0:
+            raise SystemExit(2) from None
+        raise UsageError(f"launched as rank {world.rank} of {world.size} by an MPI launcher, "
+                         f"but {exc}") from None
+    threads = get_num_threads()
+    set_num_threads(args.threads or distributed.default_threads(world))
+    args.comm = comm
+    try:
+        with distributed.abort_on_error(comm, "ckpt train"):
+            if comm.Get_rank() == 0:
+                return _train(args)
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+                return _train(args)
     finally:
         set_num_threads(threads)
 
@@ -327,6 +359,7 @@ def _train(args: argparse.Namespace) -> int:
     schedule = ({"budget_bytes": args.budget} if args.budget is not None
                 else {"checkpoint_every": args.checkpoint_every})
     model = SegmentCheckpointer(layers, **schedule, seed=args.seed)
+    ranks = args.comm.Get_size() if args.comm is not None else 1
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
     optimizer = (OPTIMIZERS["sgd"](model, lr, momentum=0.9) if args.optimizer == "sgd"
                  else OPTIMIZERS[args.optimizer](model, lr))
@@ -338,23 +371,26 @@ def _train(args: argparse.Namespace) -> int:
     print(f"model: {describe_architecture(layers)}, width {args.width}, {args.activation}, "
           f"{args.dtype}, {model.parameter_count:,} parameters; {how}; "
           f"{args.optimizer} lr {lr:g}")
+    if ranks > 1:
+        print(f"data-parallel: {ranks} ranks x batch {args.batch_size} = global batch "
+              f"{ranks * args.batch_size}, BLAS threads per rank: {get_num_threads()}")
     sys.stdout.flush()
 
     progress = _Progress(model, args.epochs, enabled=sys.stdout.isatty())
     start = time.perf_counter()
     history = fit(model, X_train, y_train, optimizer=optimizer, epochs=args.epochs,
                   batch_size=args.batch_size, seed=rng, step_callback=progress.step,
-                  callback=progress.epoch)
+                  callback=progress.epoch, comm=args.comm)
     seconds = time.perf_counter() - start
     progress.close()
 
-    test = evaluate(model, X_test, y_test)
+    test = evaluate(model, X_test, y_test, comm=args.comm)
     batch = min(args.batch_size, len(X_train))
     xb, yb = X_train[:batch], y_train[:batch]
     peak = measure_step(model.layers, xb, yb, **schedule)
     peak_plain = measure_step(model.layers, xb, yb, checkpoint_every=1)
     recomputed, extra = recompute_cost(model, batch)
-    if args.save:
+    if args.save and (args.comm is None or args.comm.Get_rank() == 0):
         from ckpt.io import save
         save(args.save, model, optimizer)
 
@@ -365,7 +401,9 @@ def _train(args: argparse.Namespace) -> int:
         "train_accuracy": history["accuracy"][-1],
         "seconds": seconds,
         "epochs": args.epochs,
-        "steps": args.epochs * math.ceil(len(X_train) / args.batch_size),
+        "steps": args.epochs * math.ceil(len(X_train) / (ranks * args.batch_size)),
+        "ranks": ranks,
+        "global_batch_size": ranks * args.batch_size,
         "architecture": describe_architecture(layers),
         "elements": len(model),
         "checkpoint_every": k,

@@ -7,6 +7,7 @@ Data flows one way: fit -> loss and optimizer -> the model's forward and backwar
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import numbers
 import time
@@ -16,6 +17,7 @@ import numpy as np
 
 from ckpt.costs import (ChainCosts, dense_cost, dropout_cost, layernorm_cost,
                         residual_cost)
+from ckpt.distributed import shard_batches
 from ckpt.layers import (Dense, Dropout, DTypeLike, Layer, LayerNorm, Residual, _as_generator,
                          check_float_dtype, check_size, walk)
 from ckpt.losses import get_loss
@@ -172,7 +174,8 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
         seed: Union[None, int, np.random.Generator] = 0, accumulation_steps: int = 1,
         validation_data: Optional[Tuple[np.ndarray, np.ndarray]] = None,
         callback: Optional[Callable[[Dict[str, float]], Any]] = None,
-        step_callback: Optional[Callable[[Dict[str, float]], Any]] = None) -> History:
+        step_callback: Optional[Callable[[Dict[str, float]], Any]] = None,
+        comm: Any = None) -> History:
     """Train ``model`` on (X, y) with mini-batch gradient descent; returns the history.
 
     - ``loss``: "cross_entropy" (y holds integer class labels; accuracy is reported) or "mse"
@@ -188,8 +191,12 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
       ``step_callback(info)`` after each optimizer step, with epoch, step, steps, loss and
       accuracy (the running means of the epoch).
 
-    X is cast to the model's dtype once, up front. The history maps each metric name to its
-    list of per-epoch values.
+    - ``comm``: an mpi4py communicator: train data-parallel over its ranks (see
+      :mod:`ckpt.distributed`). Call fit on every rank with the whole (X, y); ``batch_size`` is
+      per rank, and K ranks train exactly as one process with batch K * batch_size would.
+
+    X is cast to the model's dtype once, up front (a memory map of that dtype stays one). The
+    history maps each metric name to its list of per-epoch values.
     """
     model = as_model(model)
     loss_fn = get_loss(loss)
@@ -214,33 +221,52 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
     elif not isinstance(optimizer, Optimizer):
         raise TypeError(f"optimizer must be a ckpt optimizer, got {type(optimizer).__name__}")
     rng = _as_generator(seed)
+    replicas = None
+    if comm is not None:
+        from ckpt.distributed import DataParallel
+        replicas = DataParallel(comm, model, optimizer, rng=rng, n_rows=len(X))
+    forward = _step_forward(model)
+    next_seed = getattr(model, "next_step_seed", None)
     if callable(getattr(model, "set_training", None)):
         model.set_training(True)
 
     history: History = {}
     n = len(X)
-    steps = -(-n // batch_size)
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
         order = rng.permutation(n)
+        batches = (replicas.shard(order, batch_size) if replicas is not None
+                   else shard_batches(order, batch_size))
+        steps = len(batches)
         total_loss = 0.0
         correct = 0
         seen = 0
-        for step in range(steps):
-            batch = order[step * batch_size:(step + 1) * batch_size]
+        for step, (batch, row_offset, global_rows) in enumerate(batches):
             optimizer.zero_grad()
-            for micro in np.array_split(batch, min(accumulation_steps, len(batch))):
+            # One seed per optimizer step keys its Dropout masks: micro-batches and ranks (even
+            # one left without rows) share it, so the masks are the single full batch's.
+            step_seed = next_seed() if next_seed is not None else None
+            step_loss, step_correct = 0.0, 0
+            for micro in np.array_split(batch, min(accumulation_steps, len(batch)) or 1):
+                if len(micro) == 0:
+                    continue   # a data-parallel rank left without rows by a short last batch
                 xb, yb = X[micro], y[micro]
-                output = model.forward(xb)
+                output = forward(xb, row_offset, step_seed)
                 value, grad = loss_fn(output, yb)
-                correct += _correct(output, yb, loss)
+                step_correct += _correct(output, yb, loss)
                 if len(micro) != len(batch):
                     # The loss gradient is a mean over the micro-batch; weigh it by its share.
                     grad *= len(micro) / len(batch)
                 model.backward(grad)
-                total_loss += value * len(micro)
+                step_loss += value * len(micro)
+                row_offset += len(micro)
+            if replicas is not None:
+                step_loss, step_correct = replicas.allreduce_gradients(
+                    len(batch), global_rows, step_loss, step_correct)
             optimizer.step()
-            seen += len(batch)
+            total_loss += step_loss
+            correct += step_correct
+            seen += global_rows
             if step_callback is not None:
                 info = {"epoch": epoch, "step": step + 1, "steps": steps,
                         "loss": total_loss / seen}
@@ -251,7 +277,8 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
         if loss == "cross_entropy":
             metrics["accuracy"] = correct / n
         if validation_data is not None:
-            val = evaluate(model, X_val, y_val, loss=loss, batch_size=max(batch_size, 256))
+            val = evaluate(model, X_val, y_val, loss=loss, batch_size=max(batch_size, 256),
+                           comm=comm)
             metrics.update({f"val_{key}": value for key, value in val.items()})
         metrics["seconds"] = time.perf_counter() - start
         for key, value in metrics.items():
@@ -259,6 +286,19 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
         if callback is not None:
             callback(metrics)
     return history
+
+
+def _step_forward(model: Any) -> Callable[[np.ndarray, int, Optional[int]], np.ndarray]:
+    """forward(x, row_offset, step_seed): the model's forward, given the rows' position in the
+    step's (global) batch and the step's seed -- which key per-row randomness (Dropout) --
+    when it takes them (a SegmentCheckpointer does)."""
+    try:
+        takes = "row_offset" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        takes = False
+    if takes:
+        return lambda x, row_offset, seed: model.forward(x, row_offset=row_offset, step_seed=seed)
+    return lambda x, row_offset, seed: model.forward(x)
 
 
 def _check_count(value: object, name: str, allow_zero: bool = False) -> int:
@@ -315,8 +355,15 @@ def predict(model: Any, X: np.ndarray, batch_size: int = 256) -> np.ndarray:
 
 
 def evaluate(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy",
-             batch_size: int = 256) -> Dict[str, float]:
-    """Mean loss (and accuracy for cross_entropy) of the model on (X, y), in evaluation mode."""
+             batch_size: int = 256, comm: Any = None) -> Dict[str, float]:
+    """Mean loss (and accuracy for cross_entropy) of the model on (X, y), in evaluation mode.
+
+    With an mpi4py communicator ``comm``, each rank evaluates a share of the rows and the
+    metrics are reduced over the ranks (call it on every rank).
+    """
+    if comm is not None:
+        from ckpt import distributed
+        return distributed.evaluate(model, X, y, comm, loss=loss, batch_size=batch_size)
     loss_fn = get_loss(loss)
     X, y = _check_inputs(X, y, model_dtype(model), loss)
     if len(X) == 0:

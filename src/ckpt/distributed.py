@@ -1,0 +1,356 @@
+"""Data-parallel training across processes and machines with MPI (mpi4py).
+
+Every rank holds a replica of the model. Each training step:
+
+1. The epoch's permutation of the rows (drawn from the same generator state on every rank) is cut
+   into *global* batches of ``size * batch_size`` rows; rank r takes the r-th contiguous slice
+   of each global batch (:func:`shard_batches`). The union of the slices is exactly the batch a
+   single process would train on with batch ``size * batch_size``: no padding, no row repeated.
+   A short last batch is split as evenly as it goes, so a rank may get few or no rows.
+2. Each rank runs forward and backward on its slice; its gradients are the mean over its rows.
+3. One allreduce over a flat buffer sums ``gradient * rows / global_rows`` over the ranks: the
+   mean over the global batch, which is what one process computes (to float rounding).
+4. Every rank runs the same optimizer step on the same gradients, so the replicas stay identical
+   (checked every ``check_every`` steps with a parameter checksum).
+
+``fit(..., comm=comm)`` and ``evaluate(..., comm=comm)`` in :mod:`ckpt.train` use this module;
+``mpiexec -n K ckpt train`` sets it up from the launcher's environment. A script run under
+mpiexec should train inside ``with abort_on_error(comm):``, so that an exception on one rank
+ends the job instead of leaving the other ranks waiting in the next allreduce.
+
+mpi4py is imported only when a communicator is needed: ``pip install 'ckpt-cpu[mpi]'`` brings
+mpi4py and MPICH (whose ``mpiexec`` lands next to the Python executable).
+
+A rank's slice starts at its row offset within the step's global batch; a model whose
+``forward`` accepts ``row_offset=`` receives it, so that per-row randomness (dropout masks keyed
+by the row's position in the global batch) matches single-process training.
+
+Overlap of the allreduce with the backward pass, as PyTorch DDP does it, is not implemented: the
+backward of a Dense chain is one compiled call that returns when every gradient is ready, so
+there is no point at which some layers' gradients could be sent while others are computed. See
+``bench/mpi_scaling.py`` for what the allreduce costs against the step.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import traceback
+import zipfile
+import zlib
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+
+import numpy as np
+
+from ckpt.layers import check_size
+from ckpt.optim import Optimizer, collect_parameters
+
+INSTALL_HINT = "pip install 'ckpt-cpu[mpi]'"
+
+# Launcher variables, (size, rank, local size, local rank), in the order they are trusted:
+# Open MPI / PMIx, MPICH's Hydra (and Intel MPI), MVAPICH.
+_LAUNCHERS = (
+    ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE",
+     "OMPI_COMM_WORLD_LOCAL_RANK"),
+    ("PMI_SIZE", "PMI_RANK", "MPI_LOCALNRANKS", "MPI_LOCALRANKID"),
+    ("MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_LOCAL_SIZE",
+     "MV2_COMM_WORLD_LOCAL_RANK"),
+)
+
+
+@dataclass(frozen=True)
+class World:
+    """The MPI world this process was launched in, read from the launcher's environment."""
+
+    size: int
+    rank: int
+    local_size: Optional[int]   # ranks on this node, when the launcher says
+    local_rank: Optional[int]
+
+
+def detect_world(environ: Optional[Mapping[str, str]] = None) -> Optional[World]:
+    """The world an MPI launcher (mpiexec, mpirun) started this process in, or None.
+
+    Reads only environment variables, so it works before (and without) importing mpi4py.
+    """
+    env = os.environ if environ is None else environ
+    for size_var, rank_var, local_size_var, local_rank_var in _LAUNCHERS:
+        if size_var in env and rank_var in env:
+            size, rank = _env_int(env, size_var), _env_int(env, rank_var)
+            if size is None or rank is None or size < 1 or not 0 <= rank < size:
+                continue
+            return World(size, rank, _env_int(env, local_size_var), _env_int(env, local_rank_var))
+    return None
+
+
+def _env_int(env: Mapping[str, str], name: str) -> Optional[int]:
+    try:
+        return int(env[name])
+    except (KeyError, ValueError):
+        return None
+
+
+def import_mpi():
+    """The ``mpi4py.MPI`` module; ImportError naming the extra to install if it is missing."""
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:
+        raise ImportError(f"data-parallel training needs mpi4py and an MPI library: "
+                          f"{INSTALL_HINT} ({exc})") from exc
+    return MPI
+
+
+def world_comm():
+    """MPI.COMM_WORLD (initialises MPI)."""
+    return import_mpi().COMM_WORLD
+
+
+def default_threads(world: World, cores: Optional[int] = None) -> int:
+    """BLAS threads per rank: this node's cores divided by the ranks on it (at least 1)."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else (os.cpu_count() or 1)
+    local = world.local_size or world.size
+    return max(1, cores // local)
+
+
+# ------------------------------------------------------------------------------------ sharding
+
+def shard_batches(order: np.ndarray, batch_size: int, size: int = 1,
+                  rank: int = 0) -> List[Tuple[np.ndarray, int, int]]:
+    """Rank ``rank``'s share of each global batch of ``order``: (rows, row_offset, global_rows).
+
+    ``order`` (an epoch's permutation, the same on every rank) is cut into global batches of
+    ``size * batch_size`` rows; of a batch of g rows, rank r takes positions
+    ``[r*g // size, (r+1)*g // size)``, which is ``[r*batch_size, (r+1)*batch_size)`` for a full
+    batch. ``row_offset`` is the slice's start within the global batch. With size=1 this is the
+    plain single-process batching.
+    """
+    batch_size = check_size(batch_size, "batch_size")
+    size = check_size(size, "size")
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < size:
+        raise ValueError(f"rank must be an integer in [0, {size}), got {rank!r}")
+    step = size * batch_size
+    batches = []
+    for start in range(0, len(order), step):
+        rows = min(step, len(order) - start)
+        lo, hi = rank * rows // size, (rank + 1) * rows // size
+        batches.append((order[start + lo:start + hi], lo, rows))
+    return batches
+
+
+# ------------------------------------------------------------------------------------ data
+
+def open_rows(path: "os.PathLike[str] | str") -> Dict[str, np.ndarray]:
+    """Memory-map the arrays of an ``.npy`` (key "X") or an uncompressed ``.npz`` file, read-only.
+
+    Nothing is read until it is indexed: a rank that trains on ``X[rows]`` reads only those
+    rows from disk (the page cache keeps what is read, and the kernel may drop it again), so the
+    data set may be larger than the memory of any one machine. Save the features in the model's
+    dtype, or fit will convert (and so read) the whole array once.
+    """
+    path = os.fspath(path)
+    if path.lower().endswith(".npy"):
+        return {"X": np.load(path, mmap_mode="r", allow_pickle=False)}
+    if not path.lower().endswith(".npz"):
+        raise ValueError(f"{path}: expected an .npy or .npz file")
+    arrays = {}
+    with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
+        for info in archive.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            name = info.filename[:-4]
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise ValueError(f"{path}: array {name!r} is compressed and cannot be "
+                                 f"memory-mapped; save with np.savez, not np.savez_compressed")
+            arrays[name] = _map_member(raw, info, path)
+    return arrays
+
+
+def _map_member(raw, info: zipfile.ZipInfo, path: str) -> np.ndarray:
+    """A read-only memmap of one stored (uncompressed) .npy member of a zip archive."""
+    raw.seek(info.header_offset)
+    header = raw.read(30)
+    if header[:4] != b"PK\x03\x04":
+        raise ValueError(f"{path}: corrupt zip entry {info.filename!r}")
+    name_length = int.from_bytes(header[26:28], "little")
+    extra_length = int.from_bytes(header[28:30], "little")
+    raw.seek(info.header_offset + 30 + name_length + extra_length)
+    version = np.lib.format.read_magic(raw)
+    readers = {(1, 0): np.lib.format.read_array_header_1_0,
+               (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in readers:
+        raise ValueError(f"{path}: array {info.filename[:-4]!r} has .npy format {version}, "
+                         f"expected 1.0 or 2.0")
+    shape, fortran, dtype = readers[version](raw)
+    if dtype.hasobject:
+        raise ValueError(f"{path}: array {info.filename[:-4]!r} holds Python objects")
+    return np.memmap(path, dtype=dtype, mode="r", offset=raw.tell(), shape=shape,
+                     order="F" if fortran else "C")
+
+
+# ------------------------------------------------------------------------------------ failures
+
+@contextlib.contextmanager
+def abort_on_error(comm: Any, prog: str = "ckpt") -> Iterator[None]:
+    """Turn an exception on any rank into one message naming the rank and an MPI Abort.
+
+    Without it, a rank that raises leaves the others waiting in their next collective for ever.
+    The message goes to stderr, then ``comm.Abort`` ends every rank of the job (status 2 for
+    ValueError/OSError, the CLI's usage-error status, else 1). A one-rank world just re-raises.
+    """
+    try:
+        yield
+    except BaseException as exc:   # noqa: B902 - KeyboardInterrupt must abort the others too
+        if comm.Get_size() == 1 or (isinstance(exc, SystemExit) and exc.code in (0, None)):
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        if not isinstance(exc, (ValueError, OSError, SystemExit)):
+            traceback.print_exc(file=sys.stderr)
+            message = f"{type(exc).__name__}: {message}"
+        sys.stdout.flush()
+        print(f"{prog}: error on rank {comm.Get_rank()} of {comm.Get_size()}: {message}; "
+              f"aborting all ranks", file=sys.stderr, flush=True)
+        status = exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else \
+            2 if isinstance(exc, (ValueError, OSError)) else 1
+        comm.Abort(status)
+
+
+# ------------------------------------------------------------------------------------ training
+
+class DataParallel:
+    """One replica of a data-parallel model on communicator ``comm``.
+
+    Built on every rank at the start of training (collectively: every rank must build it):
+    rank 0's parameters, optimizer state and generator state are broadcast, so every replica
+    starts identical and draws the same permutations. Then, each step, :meth:`shard` gives the
+    rank its rows and :meth:`allreduce_gradients` averages the gradients (weighted by rows)
+    before the optimizer step. The flat allreduce buffer holds one more copy of the gradients
+    (the parameters' size); packing into it is faster than one allreduce per parameter, whose
+    latency adds up on deep chains.
+    """
+
+    def __init__(self, comm: Any, model: Any, optimizer: Optional[Optimizer] = None, *,
+                 rng: Optional[np.random.Generator] = None, n_rows: Optional[int] = None,
+                 check_every: int = 100) -> None:
+        for method in ("Get_size", "Get_rank", "Allreduce", "Bcast", "bcast", "allgather"):
+            if not callable(getattr(comm, method, None)):
+                raise TypeError(f"comm must be an mpi4py communicator, got {type(comm).__name__}")
+        self.comm = comm
+        self.size = comm.Get_size()
+        self.rank = comm.Get_rank()
+        self.check_every = check_size(check_every, "check_every")
+        self.steps = 0
+        self._params, self._grads = collect_parameters(model)
+        dtypes = {g.dtype for g in self._grads}
+        if len(dtypes) != 1:
+            raise TypeError(f"data-parallel training needs one parameter dtype, got "
+                            f"{sorted(map(str, dtypes))}")
+        self._dtype = dtypes.pop()
+        self._offsets = np.cumsum([0] + [g.size for g in self._grads])
+        # Gradients, then the step's loss sum and correct count: one allreduce per step.
+        self._buffer = np.empty(int(self._offsets[-1]) + 2, self._dtype)
+        self._check_same("parameters", [f"{p.dtype}{list(p.shape)}" for p in self._params])
+        if n_rows is not None:
+            self._check_same("number of rows", n_rows,
+                             "every rank must pass the whole data set (each reads only its "
+                             "rows)")
+        self.broadcast(optimizer, rng)
+
+    def _check_same(self, what: str, value: Any, hint: str = "") -> None:
+        values = self.comm.allgather(value)
+        if any(v != values[0] for v in values):
+            raise ValueError(f"the ranks disagree on the {what}: "
+                             f"{', '.join(f'rank {r}: {v}' for r, v in enumerate(values))}"
+                             + (f"; {hint}" if hint else ""))
+
+    def broadcast(self, optimizer: Optional[Optimizer] = None,
+                  rng: Optional[np.random.Generator] = None) -> None:
+        """Copy rank 0's parameters (optimizer state, generator state) to every rank."""
+        for p in self._params:
+            self.comm.Bcast(p, root=0)
+        if optimizer is not None:
+            state = optimizer.state_dict()
+            for buffers in state["buffers"].values():
+                for b in buffers:
+                    self.comm.Bcast(b, root=0)
+            meta = self.comm.bcast({key: state[key] for key in ("type", "hyperparameters",
+                                                               "step")}, root=0)
+            state.update(meta)
+            optimizer.load_state_dict(state)
+        if rng is not None:
+            rng.bit_generator.state = self.comm.bcast(rng.bit_generator.state, root=0)
+
+    def shard(self, order: np.ndarray, batch_size: int) -> List[Tuple[np.ndarray, int, int]]:
+        """This rank's (rows, row_offset, global_rows) for each step of an epoch."""
+        return shard_batches(order, batch_size, self.size, self.rank)
+
+    def allreduce_gradients(self, rows: int, global_rows: int, loss_sum: float,
+                            correct: int) -> Tuple[float, int]:
+        """Replace each gradient by the global-batch mean; returns the step's global
+        (loss sum, correct count).
+
+        ``rows`` of the step's ``global_rows`` were this rank's, and its gradients are the mean
+        over them (zero when it had none).
+        """
+        self.steps += 1
+        if self.size == 1:
+            return loss_sum, correct
+        buf = self._buffer
+        weight = rows / global_rows
+        for g, start, stop in zip(self._grads, self._offsets[:-1], self._offsets[1:]):
+            np.multiply(g.reshape(-1), weight, out=buf[start:stop])
+        buf[-2] = loss_sum
+        buf[-1] = correct
+        self.comm.Allreduce(_in_place(), buf)
+        for g, start, stop in zip(self._grads, self._offsets[:-1], self._offsets[1:]):
+            g.reshape(-1)[...] = buf[start:stop]
+        if self.steps % self.check_every == 0:
+            self.check_replicas()
+        return float(buf[-2]), int(round(float(buf[-1])))
+
+    def checksum(self) -> int:
+        """CRC-32 of this replica's parameter bytes."""
+        crc = 0
+        for p in self._params:
+            crc = zlib.crc32(memoryview(np.ascontiguousarray(p)).cast("B"), crc)
+        return crc
+
+    def check_replicas(self) -> None:
+        """RuntimeError on every rank if the replicas' parameters are not bit-identical."""
+        sums = self.comm.allgather(self.checksum())
+        if len(set(sums)) > 1:
+            raise RuntimeError(f"the replicas diverged by step {self.steps}: parameter "
+                               f"checksums {', '.join(f'rank {r}: {s:#010x}' for r, s in enumerate(sums))}")
+
+
+def _in_place():
+    return import_mpi().IN_PLACE
+
+
+def evaluate(model: Any, X: np.ndarray, y: np.ndarray, comm: Any, *, loss: str = "cross_entropy",
+             batch_size: int = 256) -> Dict[str, float]:
+    """Mean loss (and accuracy) over all ranks: each evaluates a contiguous share of the rows.
+
+    Every rank passes the whole (X, y) -- a memory map reads only the rank's share.
+    """
+    from ckpt.losses import get_loss
+    from ckpt.train import _check_inputs, _correct, model_dtype, predict
+
+    loss_fn = get_loss(loss)
+    X, y = _check_inputs(X, y, model_dtype(model), loss)
+    if len(X) == 0:
+        raise ValueError("cannot evaluate on an empty data set")
+    size, rank = comm.Get_size(), comm.Get_rank()
+    lo, hi = rank * len(X) // size, (rank + 1) * len(X) // size
+    totals = np.zeros(3)   # loss sum, correct, rows
+    if hi > lo:
+        output = predict(model, X[lo:hi], batch_size)
+        value, _ = loss_fn(output, y[lo:hi])
+        totals[:] = value * (hi - lo), _correct(output, y[lo:hi], loss), hi - lo
+    comm.Allreduce(_in_place(), totals)
+    result = {"loss": float(totals[0] / totals[2])}
+    if loss == "cross_entropy":
+        result["accuracy"] = float(totals[1] / totals[2])
+    return result
