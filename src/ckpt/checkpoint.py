@@ -427,6 +427,15 @@ class SegmentCheckpointer:
             buf = self._grad_buffers = np.empty(size, dtype)
         return buf
 
+    def discard(self) -> None:
+        """Drop what a pending forward stored, without back-propagating (no-op if none).
+
+        Afterwards the checkpointer is as before that forward, and backward is refused until
+        the next forward.
+        """
+        if self._state is not None:
+            self._release()
+
     def _release(self) -> None:
         """Drop what a forward stored without back-propagating (tracker included)."""
         state, self._state = self._state, None
