@@ -8,7 +8,7 @@ import scipy_openblas32  # noqa: F401
 
 from ckpt._core import get_num_threads, set_num_threads
 from ckpt.checkpoint import CheckpointedLayer, CheckpointStateError, SegmentCheckpointer
-from ckpt.io import load, save
+from ckpt.io import ModelFileError, load, save
 from ckpt.layers import Dense, Layer
 from ckpt.losses import mse_loss, softmax_cross_entropy
 from ckpt.optim import SGD, Adam, AdamW
@@ -26,6 +26,7 @@ __all__ = [
     "Dense",
     "Layer",
     "MemoryUsageTracker",
+    "ModelFileError",
     "SegmentCheckpointer",
     "build_mlp",
     "evaluate",

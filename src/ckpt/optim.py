@@ -156,8 +156,9 @@ class Optimizer(ABC):
             raise ValueError(f"the state is of a {state.get('type')} optimizer, "
                              f"not {type(self).__name__}")
         step = state.get("step")
-        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
-            raise ValueError(f"the step count must be a non-negative integer, got {step!r}")
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0 \
+                or step > np.iinfo(np.int64).max:
+            raise ValueError(f"the step count must be an integer in [0, 2**63), got {step!r}")
         buffers = state.get("buffers")
         if not isinstance(buffers, dict) or set(buffers) != set(self._buffer_names):
             names = sorted(buffers) if isinstance(buffers, dict) else buffers
