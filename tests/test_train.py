@@ -370,3 +370,28 @@ def test_ctrl_c_during_the_optimizer_step_waits_for_the_whole_update():
     for a, b in zip(model.params(), reference.params()):   # every parameter was updated
         np.testing.assert_array_equal(a, b)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("when", [3, 5])      # in a forward phase, in a recompute of backward
+def test_ctrl_c_in_a_python_layer_releases_what_the_step_held(when):
+    class Slow(Dense):
+        """A Dense run through the layers' Python methods (not the typed executor)."""
+
+        calls = 0
+
+        def forward(self, x):
+            Slow.calls += 1
+            if Slow.calls == when:
+                raise KeyboardInterrupt
+            return super().forward(x)
+
+    X, y = _blobs(n=16)
+    rng = np.random.default_rng(0)
+    model = SegmentCheckpointer([Slow(6, 8, "relu", rng=rng), Slow(8, 8, "relu", rng=rng),
+                                 Slow(8, 8, "relu", rng=rng), Slow(8, 3, rng=rng)],
+                                checkpoint_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, X, y, epochs=1, batch_size=16)
+    tracker = model.memory_tracker
+    assert model._state is None
+    assert tracker.stored_activation_bytes == tracker.gradient_bytes == 0

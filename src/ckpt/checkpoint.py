@@ -355,7 +355,7 @@ class SegmentCheckpointer:
             try:
                 _python_run(self._layers, compiled.ops[:_forward_length(compiled)], acts, None,
                             self.memory_tracker)
-            except Exception:
+            except BaseException:
                 # A layer refused: release what this forward held, keep the previous forward.
                 _release_all(acts, self.memory_tracker)
                 raise
@@ -415,7 +415,7 @@ class SegmentCheckpointer:
             grad_input = _python_run(self._layers, compiled.ops[_forward_length(compiled):], acts,
                                      grad_output, self.memory_tracker)
             return grad_input if input_grad else None
-        except Exception:
+        except BaseException:
             _release_all(acts, self.memory_tracker)
             raise
 
