@@ -291,12 +291,17 @@ def test_non_finite_optimizer_state_is_refused(tmp_path):
 
 # ---------------------------------------------------------------- temporary files, paths, fsync
 
+def _a_pid_no_process_has():
+    """A pid above the kernel's pid_max: no process can have it (no subprocess needed)."""
+    try:
+        with open("/proc/sys/kernel/pid_max") as f:
+            return int(f.read()) + 1
+    except OSError:
+        return 2**22 + 1        # Linux's largest pid_max: above any pid
+
+
 def test_stale_temporaries_of_dead_saves_are_removed_and_live_ones_kept(tmp_path):
-    import subprocess
-    import sys
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
-    dead_pid = int(dead.stdout)
+    dead_pid = _a_pid_no_process_has()
     stale = tmp_path / f".m.npz.ckpt-save-{dead_pid}-abc123.tmp"
     live = tmp_path / f".m.npz.ckpt-save-{os.getppid()}-def456.tmp"
     other = tmp_path / f".other.npz.ckpt-save-{dead_pid}-abc123.tmp"
