@@ -72,7 +72,7 @@ def _check_inputs(X: object, y: object, dtype: np.dtype, loss: str, name: str = 
     if X.ndim != 2:
         raise ValueError(f"{name} must be 2-D (samples, features), got shape {X.shape}")
     if not (np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer)):
-        raise TypeError(f"{name} must be real numbers, got dtype {X.dtype}")
+        raise TypeError(f"{name} must hold real numbers, got dtype {X.dtype}")
     if widths is not None and X.shape[1] != widths[0]:
         raise ValueError(f"{name} has {X.shape[1]} features but the model expects {widths[0]}")
     with np.errstate(over="ignore"):   # overflow in the cast is reported below, by row
@@ -85,11 +85,12 @@ def _check_inputs(X: object, y: object, dtype: np.dtype, loss: str, name: str = 
     if loss == "cross_entropy":
         if y.ndim != 1 or y.dtype.kind not in "iu":
             raise TypeError(f"cross_entropy needs 1-D integer labels, got {y.dtype} {y.shape}")
-        if widths is not None and len(y):
-            bad = np.flatnonzero((y < 0) | (y >= widths[1]))
-            if len(bad):
-                raise ValueError(f"label {y[bad[0]]} in row {bad[0]} of the targets of {name} is "
-                                 f"outside the model's {widths[1]} classes [0, {widths[1]})")
+        bad = np.flatnonzero((y < 0) | (y >= widths[1]) if widths is not None else y < 0)
+        if len(bad):
+            classes = f"the model's {widths[1]} classes [0, {widths[1]})" if widths is not None \
+                else "the classes (labels start at 0)"
+            raise ValueError(f"label {y[bad[0]]} in row {bad[0]} of the targets of {name} is "
+                             f"outside {classes}")
         y = y.astype(np.int64, copy=False)
     else:
         if not (np.issubdtype(y.dtype, np.floating) or np.issubdtype(y.dtype, np.integer)):
