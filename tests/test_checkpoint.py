@@ -1372,3 +1372,25 @@ CheckpointerMachine.TestCase.settings = settings(
     max_examples=150, stateful_step_count=30, deadline=None, derandomize=True,
     suppress_health_check=[HealthCheck.too_slow])
 TestCheckpointerMachine = CheckpointerMachine.TestCase
+
+
+@pytest.mark.parametrize("typed", [True, False])
+def test_discard_drops_a_pending_forward(typed):
+    class Plain(Dense):
+        """Runs through the Python path."""
+
+    cls = Dense if typed else Plain
+    rng = np.random.default_rng(0)
+    model = SegmentCheckpointer([cls(4, 6, "relu", rng=rng), cls(6, 6, "tanh", rng=rng),
+                                 cls(6, 3, rng=rng)], checkpoint_every=1)
+    model.discard()                            # nothing pending: nothing happens
+    x = rng.standard_normal((5, 4)).astype(np.float32)
+    model.forward(x)
+    assert model.memory_tracker.stored_activation_bytes > 0
+    model.discard()
+    assert model.memory_tracker.stored_activation_bytes == 0
+    with pytest.raises(CheckpointStateError, match="backward needs a forward first"):
+        model.backward(np.ones((5, 3), np.float32))
+    model.forward(x)                           # and the next step runs as usual
+    model.backward(np.ones((5, 3), np.float32))
+    assert model.memory_tracker.stored_activation_bytes == 0

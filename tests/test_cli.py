@@ -156,3 +156,99 @@ def test_python_m_ckpt(tmp_path):
                          capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
     assert bad.returncode == 2
     assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+# ---------------------------------------------------------------- hardening: the one-line promise
+
+def _one_line_exit(capsys, argv, code=2):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == code
+    out, err = capsys.readouterr()
+    assert len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err + out
+    return out, err
+
+
+def test_a_truncated_npz_is_one_line_exit_2(capsys, tmp_path):
+    X, y = _toy()
+    np.savez(tmp_path / "full.npz", X=X, y=y)
+    data = (tmp_path / "full.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[:len(data) // 2])
+    _, err = _one_line_exit(capsys, SMALL + ["--data", str(tmp_path / "cut.npz")])
+    assert "is not a readable .npz file" in err
+
+
+def test_a_width_that_cannot_fit_in_memory_is_one_line_exit_2(capsys):
+    _, err = _one_line_exit(capsys, ["train", "--width", "1000000000", "--epochs", "1"])
+    assert "needs" in err and "GiB" in err and "of memory is available" in err
+
+
+def test_a_huge_csv_label_is_refused(capsys, tmp_path):
+    path = _write(tmp_path, "huge.csv", "1,2,0\n3,4,1e300\n5,6,0\n7,8,1\n")
+    _, err = _one_line_exit(capsys, SMALL + ["--data", path])
+    assert "label 1e+300 in row 1 is too large for a class value" in err
+
+
+def test_too_many_threads_is_one_line_exit_2(capsys):
+    before = ckpt.get_num_threads()
+    _, err = _one_line_exit(capsys, SMALL + ["--threads", "100000"])
+    assert "the number of threads must be at most" in err
+    assert ckpt.get_num_threads() == before
+
+
+def test_an_unwritable_save_path_fails_before_training(capsys, tmp_path, monkeypatch):
+    from ckpt import cli
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("fit ran before the --save path was checked")
+    monkeypatch.setattr(cli, "fit", no_training)
+    target = tmp_path / "no" / "such" / "folder" / "m.npz"
+    _, err = _one_line_exit(capsys, SMALL + ["--save", str(target)])
+    assert "No such file or directory" in err and str(target) in err
+    (tmp_path / "adir").mkdir()
+    _, err = _one_line_exit(capsys, SMALL + ["--save", str(tmp_path / "adir")])
+    assert "Is a directory" in err
+
+
+def test_ctrl_c_during_training_is_one_line_exit_130(capsys, tmp_path, monkeypatch):
+    from ckpt import cli
+    real_fit = cli.fit
+
+    def interrupted_fit(*args, callback, **kwargs):
+        def on_epoch(metrics):
+            callback(metrics)
+            if metrics["epoch"] == 2:
+                raise KeyboardInterrupt
+        return real_fit(*args, callback=on_epoch, **kwargs)
+    monkeypatch.setattr(cli, "fit", interrupted_fit)
+    target = tmp_path / "m.npz"
+    _, err = _one_line_exit(capsys, ["train", "--epochs", "5", "--depth", "3", "--width", "16",
+                                     "--save", str(target)], code=130)
+    assert err == "ckpt train: interrupted after epoch 2; nothing saved\n"
+    assert os.listdir(tmp_path) == []
+
+
+def test_sigint_to_ckpt_train_exits_130_with_one_line(tmp_path):
+    import signal
+    import time
+    env = dict(os.environ, PYTHONPATH=PACKAGE_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "ckpt", "train", "--epochs", "100000",
+                             "--depth", "4", "--width", "32", "--save", str(tmp_path / "m.npz")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=tmp_path)
+    try:
+        for line in proc.stdout:
+            if line.startswith("model:"):       # printed just before training starts
+                break
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("ckpt train: interrupted ") and err.endswith("; nothing saved\n")
+    assert not (tmp_path / "m.npz").exists()
+    assert [f for f in os.listdir(tmp_path) if "ckpt-save" in f] == []

@@ -644,3 +644,38 @@ def test_layer_description_mentions_float32_default():
     assert layer.dtype == np.float32
     assert re.fullmatch(r"Dense\(2 -> 3, activation=softplus, dtype=float32, parameters=9\)",
                         repr(layer))
+
+
+def test_a_size_beyond_the_32_bit_blas_limit_is_refused_before_allocating():
+    with pytest.raises(ValueError, match="in_features = 2147483648 exceeds the 32-bit BLAS limit "
+                                         "2147483647"):
+        Dense(2**31, 2)
+    with pytest.raises(ValueError, match="out_features = 4294967296 exceeds"):
+        Dense(2, 2**32)
+
+
+def test_weights_that_cannot_fit_in_memory_are_a_memory_error_naming_the_sizes(monkeypatch):
+    from ckpt import layers
+    monkeypatch.setattr(layers, "available_memory_bytes", lambda: 3 * 2**20)
+    # W and grad_W in float32 plus the float64 draw: 1024 * 1024 * 16 bytes = 16 MiB.
+    with pytest.raises(MemoryError, match=r"Dense\(1024 -> 1024, float32\) needs 16.0 MiB, but "
+                                          r"only 3.0 MiB of memory is available"):
+        Dense(1024, 1024)
+    Dense(64, 64)
+    monkeypatch.undo()
+    with pytest.raises(MemoryError, match=r"Dense\(1048576 -> 1048576, float64\) needs 24.0 TiB"):
+        Dense(2**20, 2**20, dtype=np.float64)
+
+
+def test_masked_inputs_and_set_params_none_are_clear_type_errors():
+    layer = Dense(3, 2, rng=0)
+    x = np.ma.masked_array(np.ones((2, 3), np.float32), mask=[[0, 1, 0], [0, 0, 0]])
+    with pytest.raises(TypeError, match="the input is a masked array"):
+        layer.forward(x)
+    with pytest.raises(TypeError, match="the input is a masked array"):
+        layer.backward(x, np.ones((2, 2), np.float32))
+    with pytest.raises(TypeError, match="Dense needs a sequence of 2 parameter arrays, got "
+                                        "NoneType"):
+        layer.set_params(None)
+    with pytest.raises(TypeError, match="needs a sequence of 2 gradient arrays, got ndarray"):
+        layer.set_gradients(np.zeros(2))

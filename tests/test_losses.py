@@ -116,3 +116,20 @@ def test_get_loss():
     assert get_loss("mse") is mse_loss
     with pytest.raises(ValueError, match="unknown loss 'hinge'"):
         get_loss("hinge")
+
+
+def test_out_overlapping_an_input_is_refused_and_untouched():
+    logits = np.arange(6, dtype=np.float64).reshape(2, 3)
+    before = logits.copy()
+    with pytest.raises(ValueError, match="out shares memory with logits"):
+        softmax_cross_entropy(logits, np.array([0, 2]), out=logits)
+    np.testing.assert_array_equal(logits, before)
+    pred = np.zeros((2, 3))
+    target = np.ones((4, 3))
+    with pytest.raises(ValueError, match="out shares memory with pred"):
+        mse_loss(pred, target[:2], out=pred)
+    with pytest.raises(ValueError, match="out shares memory with target"):
+        mse_loss(pred, target[2:], out=target[2:])
+    # A separate buffer of the same values is fine, and gives the true loss.
+    loss, _ = mse_loss(pred, target[:2], out=np.empty((2, 3)))
+    assert loss == 1.0

@@ -185,3 +185,51 @@ def test_a_layer_given_twice_is_refused():
     layer = Dense(3, 2, rng=0)
     with pytest.raises(ValueError, match="appears twice"):
         SGD([layer, layer], lr=0.1)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda m: Adam(m, eps=0), r"eps must be in \(0.0, inf\)"),
+    (lambda m: AdamW(m, eps=0.0), r"eps must be in \(0.0, inf\)"),
+    (lambda m: Adam(m, eps=1e-50), "eps = 1e-50 rounds to 0 in the parameters' float32"),
+    (lambda m: Adam(m, lr=1e39), "lr = 1e[+]39 overflows the parameters' float32"),
+    (lambda m: SGD(m, lr=1e-50), "lr = 1e-50 rounds to 0"),
+    (lambda m: Adam(m, betas=(0.9, 0.99999999)), "beta2 = 0.99999999 rounds to 1"),
+    (lambda m: SGD(m, lr=0.1, momentum=0.999999999), "momentum = 0.999999999 rounds to 1"),
+    (lambda m: AdamW(m, lr=10.0, weight_decay=0.5), "lr [*] weight_decay must be at most 1"),
+])
+def test_hyperparameters_that_would_give_nan_or_nothing_are_refused(make, match):
+    with pytest.raises(ValueError, match=match):
+        make(_layers(np.float32))
+
+
+def test_adam_with_a_zero_gradient_keeps_the_parameters_finite():
+    layers = _layers(np.float32)
+    opt = Adam(layers)
+    opt.step()
+    assert all(np.isfinite(p).all() for layer in layers for p in layer.params())
+
+
+def test_a_state_with_eps_zero_is_refused_and_changes_nothing():
+    layers = _layers(np.float32)
+    opt = Adam(layers)
+    state = opt.state_dict()
+    state["hyperparameters"]["eps"] = 0.0
+    with pytest.raises(ValueError, match="eps must be in"):
+        opt.load_state_dict(state)
+    assert opt.eps == 1e-8
+
+
+def test_parameters_sharing_memory_with_gradients_are_refused():
+    class Aliased:
+        def __init__(self):
+            self.buffer = np.zeros(10)
+
+        def params(self):
+            return [self.buffer[:6]]
+
+        def gradients(self):
+            return [self.buffer[4:]]     # overlaps the parameter: a step would read what it wrote
+
+    with pytest.raises(ValueError, match="parameter 0 and gradient 0 share memory"):
+        SGD(Aliased(), lr=0.1)
+    assert SGD(_layers(np.float64), lr=0.1).parameters[0].shape == (5, 4)

@@ -278,3 +278,16 @@ def test_check_inputs_detects_an_input_edited_between_forward_and_backward():
     x[0, 0] = 5
     with pytest.raises(ckpt.CheckpointStateError, match="modified in place"):
         model.backward(np.ones((3, 2), np.float32))
+@pytest.mark.parametrize("n", [65, 100_000, 2**40, 2**64])
+def test_set_num_threads_is_bounded_by_openblas_max_threads(n, restore_num_threads):
+    # The bound is the MAX_THREADS that OpenBLAS reports in its config, and clamps to silently.
+    limit = _core.max_num_threads()
+    assert f"MAX_THREADS={limit}" in scipy_openblas32.get_openblas_config()
+    ckpt.set_num_threads(1)
+    if n <= limit:
+        pytest.skip(f"this OpenBLAS allows {limit} threads")
+    with pytest.raises(ValueError, match=f"at most {limit} .*MAX_THREADS.*got {n}"):
+        ckpt.set_num_threads(n)
+    assert ckpt.get_num_threads() == 1
+    ckpt.set_num_threads(limit)         # oversubscription up to the bound is fine
+    assert ckpt.get_num_threads() == limit

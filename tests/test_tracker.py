@@ -362,3 +362,27 @@ class TrackerMachine(RuleBasedStateMachine):
 TrackerMachine.TestCase.settings = settings(max_examples=75, stateful_step_count=40,
                                             deadline=None, database=None)
 test_tracker_against_model = TrackerMachine.TestCase
+
+
+def test_counters_saturate_instead_of_wrapping():
+    top = 2**63 - 1
+    t = MemoryUsageTracker()
+    for _ in range(2**15 + 3):      # 2**15 counts of 2**48 bytes reach 2**63
+        t.record_recomputed(2**48)
+        t.record_stored_activation(2**48)
+    assert t.recomputed_bytes == top
+    assert t.stored_activation_bytes == top
+    assert t.peak_bytes == top
+    assert t.release_stored_activation(2**48) == 2**48
+    assert t.stored_activation_bytes == top - 2**48
+    assert t.peak_bytes == top and t.gradient_bytes == 0
+    t.record_recomputed(1)
+    assert t.recomputed_bytes == top
+
+
+def test_nogil_counters_saturate_too():
+    t = MemoryUsageTracker()
+    _core.hammer_counters(t, 4, 2**62)     # recomputed would reach 2**64
+    assert t.recomputed_bytes == 2**63 - 1
+    assert t.stored_activation_bytes == t.gradient_bytes == 0
+    assert t.peak_bytes == 2**63 - 1     # stored + gradients: 2**62 + 2**62 saturates

@@ -8,7 +8,7 @@ import scipy_openblas32  # noqa: F401
 
 from ckpt._core import get_num_threads, set_num_threads
 from ckpt.checkpoint import CheckpointedLayer, CheckpointStateError, SegmentCheckpointer
-from ckpt.io import load, load_model, save
+from ckpt.io import ModelFileError, load, load_model, save
 from ckpt.costs import ChainCosts, ElementCost
 from ckpt.layers import Dense, Dropout, Layer, LayerNorm, Residual
 from ckpt.losses import mse_loss, softmax_cross_entropy
@@ -31,6 +31,7 @@ __all__ = [
     "Layer",
     "LayerNorm",
     "MemoryUsageTracker",
+    "ModelFileError",
     "Residual",
     "SegmentCheckpointer",
     "build_mlp",

@@ -3,7 +3,13 @@
  * Four counters: stored activations, recomputed (cumulative), gradients, peak. The peak is the
  * exact maximum ever reached by stored + gradients: every change also moves a fifth counter,
  * `held`, by the same delta with one atomic add, and the value that add returns is folded into
- * `peak` with a compare-and-swap loop. Counting is exact; the tracker never reads clocks. */
+ * `peak` with a compare-and-swap loop. Counting is exact; the tracker never reads clocks.
+ *
+ * No counter wraps: every addition saturates at INT64_MAX (compare-and-swap loops, not plain
+ * atomic adds), and `held` never goes below zero. Below INT64_MAX every figure is exact; a
+ * figure that reached it reads INT64_MAX ("at least this much"), and after such a saturation
+ * `held`, hence the peak, is only a lower bound. The cumulative `recomputed` is the figure that
+ * can get there in practice. */
 #ifndef CKPT_ATOMIC_H
 #define CKPT_ATOMIC_H
 
@@ -16,6 +22,25 @@ typedef struct {
     int64_t held;
     int64_t peak;
 } ckpt_counters;
+
+/* *counter += bytes (bytes >= 0), stopping at INT64_MAX; returns the new value. */
+static inline int64_t ckpt_saturating_add(int64_t *counter, int64_t bytes) {
+    int64_t seen = __atomic_load_n(counter, __ATOMIC_RELAXED);
+    int64_t next;
+    do {
+        next = seen > INT64_MAX - bytes ? INT64_MAX : seen + bytes;
+    } while (!__atomic_compare_exchange_n(counter, &seen, next, 1,
+                                          __ATOMIC_SEQ_CST, __ATOMIC_RELAXED));
+    return next;
+}
+
+/* *counter -= bytes (bytes >= 0), stopping at zero. */
+static inline void ckpt_clamped_sub(int64_t *counter, int64_t bytes) {
+    int64_t seen = __atomic_load_n(counter, __ATOMIC_RELAXED);
+    while (!__atomic_compare_exchange_n(counter, &seen, seen > bytes ? seen - bytes : 0, 1,
+                                        __ATOMIC_SEQ_CST, __ATOMIC_RELAXED)) {
+    }
+}
 
 static inline void ckpt_raise_peak(ckpt_counters *c, int64_t value) {
     int64_t seen = __atomic_load_n(&c->peak, __ATOMIC_RELAXED);
@@ -30,8 +55,8 @@ static inline void ckpt_raise_peak(ckpt_counters *c, int64_t value) {
  * the order of updates to `held` every release follows its record and `held` never dips below
  * zero: the peak is the exact maximum of that (valid) order of events. */
 static inline void ckpt_add_held(ckpt_counters *c, int64_t *component, int64_t bytes) {
-    ckpt_raise_peak(c, __atomic_add_fetch(&c->held, bytes, __ATOMIC_SEQ_CST));
-    __atomic_add_fetch(component, bytes, __ATOMIC_SEQ_CST);
+    ckpt_raise_peak(c, ckpt_saturating_add(&c->held, bytes));
+    ckpt_saturating_add(component, bytes);
 }
 
 /* Subtract at most what is held (clamping at zero) and return what was really released. */
@@ -42,7 +67,7 @@ static inline int64_t ckpt_release_held(ckpt_counters *c, int64_t *component, in
         take = bytes < seen ? bytes : seen;
     } while (!__atomic_compare_exchange_n(component, &seen, seen - take, 1,
                                           __ATOMIC_SEQ_CST, __ATOMIC_RELAXED));
-    __atomic_sub_fetch(&c->held, take, __ATOMIC_SEQ_CST);
+    ckpt_clamped_sub(&c->held, take);
     return take;
 }
 
@@ -59,7 +84,7 @@ static inline int64_t ckpt_release_gradient(ckpt_counters *c, int64_t bytes) {
     return ckpt_release_held(c, &c->gradient, bytes);
 }
 static inline void ckpt_record_recomputed(ckpt_counters *c, int64_t bytes) {
-    __atomic_add_fetch(&c->recomputed, bytes, __ATOMIC_RELAXED);
+    ckpt_saturating_add(&c->recomputed, bytes);
 }
 static inline int64_t ckpt_load(const int64_t *counter) {
     return __atomic_load_n(counter, __ATOMIC_RELAXED);

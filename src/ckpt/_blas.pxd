@@ -23,3 +23,4 @@ cdef extern from "cblas.h" nogil:
 
     void scipy_openblas_set_num_threads(int num_threads)
     int scipy_openblas_get_num_threads()
+    char *scipy_openblas_get_config()

@@ -16,7 +16,7 @@ from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from ._blas cimport (
     CblasRowMajor, CblasNoTrans, CblasTrans, CBLAS_TRANSPOSE,
     scipy_cblas_sgemm, scipy_cblas_dgemm,
-    scipy_openblas_set_num_threads, scipy_openblas_get_num_threads,
+    scipy_openblas_set_num_threads, scipy_openblas_get_num_threads, scipy_openblas_get_config,
 )
 
 import numbers
@@ -318,12 +318,29 @@ def get_num_threads():
     return scipy_openblas_get_num_threads()
 
 
+def max_num_threads():
+    """The most threads ckpt's OpenBLAS can run: MAX_THREADS of its build.
+
+    OpenBLAS reports it in its config string ("... MAX_THREADS=64") and silently clamps any
+    larger request to it. More threads than cores (oversubscription) is allowed up to there.
+    """
+    config = scipy_openblas_get_config().decode("ascii", "replace")
+    for field in config.split():
+        if field.startswith("MAX_THREADS=") and field[12:].isdigit():
+            return int(field[12:])
+    return INT_MAX   # an OpenBLAS that does not say: the C int is the only bound
+
+
 def set_num_threads(n):
-    """Set the number of threads of ckpt's OpenBLAS (n >= 1)."""
+    """Set the number of threads of ckpt's OpenBLAS, 1 <= n <= max_num_threads()."""
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         raise TypeError(f"the number of threads must be an integer, got {type(n).__name__} {n!r}")
     if n < 1:
         raise ValueError(f"the number of threads must be at least 1, got {n}")
+    limit = max_num_threads()
+    if n > limit:
+        raise ValueError(f"the number of threads must be at most {limit} (this OpenBLAS's "
+                         f"MAX_THREADS; more than the cores is allowed up to there), got {n}")
     scipy_openblas_set_num_threads(n)
 
 

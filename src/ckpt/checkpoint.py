@@ -472,7 +472,7 @@ class SegmentCheckpointer:
             try:
                 _python_run(self._layers, compiled, compiled.ops[:_forward_length(compiled)],
                             acts, None, step, self.memory_tracker)
-            except Exception:
+            except BaseException:
                 # A layer refused: release what this forward held, keep the previous forward.
                 _release_all(acts, self.memory_tracker)
                 raise
@@ -538,7 +538,7 @@ class SegmentCheckpointer:
                                      compiled.ops[_forward_length(compiled):], acts, grad_output,
                                      step, self.memory_tracker)
             return grad_input if input_grad else None
-        except Exception:
+        except BaseException:
             _release_all(acts, self.memory_tracker)
             raise
 
@@ -551,7 +551,11 @@ class SegmentCheckpointer:
         return buf
 
     def discard(self) -> None:
-        """Drop a pending forward without back-propagating it (the tracker goes back too)."""
+        """Drop what a pending forward stored, without back-propagating (no-op if none).
+
+        Afterwards the checkpointer is as before that forward, and backward is refused until
+        the next forward.
+        """
         with self._lock:
             self._check_owner()
             if self._state is not None:

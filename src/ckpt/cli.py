@@ -3,7 +3,8 @@
 ``ckpt train`` trains a checkpointed MLP on the bundled digits (or on ``--data FILE``) and ends
 with one screen: test accuracy, time, peak activation memory with and without checkpointing, and
 the compute spent on recomputation. Subcommands register themselves in ``SUBCOMMANDS``.
-Bad arguments or data print one line to stderr and exit with status 2.
+Bad arguments or data, and sizes that cannot fit in memory, print one line to stderr and exit
+with status 2; Ctrl-C prints one line (what was trained and saved) and exits with status 130.
 """
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ import math
 import os
 import sys
 import time
+import zipfile
+import zlib
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -131,7 +134,7 @@ def load_data_file(path: str) -> Tuple[np.ndarray, np.ndarray]:
         try:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {key: data[key] for key in ("X", "y") if key in data.files}
-        except (ValueError, EOFError) as exc:
+        except (ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
             raise UsageError(f"{path} is not a readable .npz file ({exc})") from None
         missing = [key for key in ("X", "y") if key not in arrays]
         if missing:
@@ -187,6 +190,10 @@ def prepare_labels(X: np.ndarray, y: np.ndarray,
     if np.issubdtype(y.dtype, np.floating):
         if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
             raise UsageError(f"{source}: labels must be whole numbers (class indices)")
+        huge = np.flatnonzero(np.abs(y) > 2**53)
+        if len(huge):
+            raise UsageError(f"{source}: label {y[huge[0]]:g} in row {huge[0]} is too large for "
+                             f"a class value (at most 2**53 in magnitude)")
         y = y.astype(np.int64)
     elif not np.issubdtype(y.dtype, np.integer):
         raise UsageError(f"{source}: labels must be integers, got {y.dtype}")
@@ -303,8 +310,13 @@ def run_train(args: argparse.Namespace) -> int:
         return _run_train_data_parallel(args, world)
     threads = get_num_threads()
     set_num_threads(args.threads or 1)
+    status: Dict[str, Any] = {"epochs": 0, "saved": None}
     try:
-        return _train(args)
+        return _train(args, status)
+    except KeyboardInterrupt:
+        done = f"after epoch {status['epochs']}" if status["epochs"] else "before any epoch ended"
+        saved = f"saved {status['saved']}" if status["saved"] else "nothing saved"
+        raise KeyboardInterrupt(f"interrupted {done}; {saved}") from None
     finally:
         set_num_threads(threads)
 
@@ -325,17 +337,19 @@ def _run_train_data_parallel(args: argparse.Namespace, world: distributed.World)
     threads = get_num_threads()
     set_num_threads(args.threads or distributed.default_threads(world))
     args.comm = comm
+    status: Dict[str, Any] = {"epochs": 0, "saved": None}
     try:
         with distributed.abort_on_error(comm, "ckpt train"):
             if comm.Get_rank() == 0:
-                return _train(args)
+                return _train(args, status)
             with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-                return _train(args)
+                return _train(args, status)
     finally:
         set_num_threads(threads)
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace, status: Dict[str, Any]) -> int:
+    """Train, test and report; ``status`` records the epochs done and the file saved."""
     if args.data is None:
         X, y = load_digits()
         X, y, classes = prepare_labels(X, y, "digits")
@@ -376,13 +390,24 @@ def _train(args: argparse.Namespace) -> int:
               f"{ranks * args.batch_size}, BLAS threads per rank: {get_num_threads()}")
     sys.stdout.flush()
 
+    if args.save:
+        from ckpt.io import check_save_path
+        check_save_path(args.save)       # before training, not after
+
     progress = _Progress(model, args.epochs, enabled=sys.stdout.isatty())
+
+    def epoch_done(metrics: Dict[str, float]) -> None:
+        status["epochs"] = metrics["epoch"]
+        progress.epoch(metrics)
+
     start = time.perf_counter()
-    history = fit(model, X_train, y_train, optimizer=optimizer, epochs=args.epochs,
-                  batch_size=args.batch_size, seed=rng, step_callback=progress.step,
-                  callback=progress.epoch, comm=args.comm)
+    try:
+        history = fit(model, X_train, y_train, optimizer=optimizer, epochs=args.epochs,
+                      batch_size=args.batch_size, seed=rng, step_callback=progress.step,
+                      callback=epoch_done, comm=args.comm)
+    finally:
+        progress.close()
     seconds = time.perf_counter() - start
-    progress.close()
 
     test = evaluate(model, X_test, y_test, comm=args.comm)
     batch = min(args.batch_size, len(X_train))
@@ -393,6 +418,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.save and (args.comm is None or args.comm.Get_rank() == 0):
         from ckpt.io import save
         save(args.save, model, optimizer)
+        status["saved"] = args.save
 
     results = {
         "test_accuracy": test["accuracy"],
@@ -593,8 +619,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, OSError) as exc:
-        # Bad data or files: one line, no traceback, usage-error status.
+    except KeyboardInterrupt as exc:
+        # Ctrl-C: one line saying what was done, and the shell's status for SIGINT.
+        print(f"ckpt {args.command}: {str(exc) or 'interrupted'}", file=sys.stderr)
+        raise SystemExit(130) from None
+    except (ValueError, OSError, MemoryError) as exc:
+        # Bad data, files or sizes: one line, no traceback, usage-error status.
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"ckpt {args.command}: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None

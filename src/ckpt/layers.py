@@ -12,6 +12,7 @@ see the same mask, and nothing is stored.
 from __future__ import annotations
 
 import numbers
+import os
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -51,6 +52,53 @@ def check_size(value: object, name: str) -> int:
     return int(value)
 
 
+BLAS_INT_MAX = 2**31 - 1
+"""The largest dimension the 32-bit BLAS of scipy-openblas32 accepts (its blasint is an int)."""
+
+
+def check_blas_size(value: object, name: str) -> int:
+    """A positive integer size that a 32-bit BLAS index can hold, or a clear error."""
+    value = check_size(value, name)
+    if value > BLAS_INT_MAX:
+        raise ValueError(f"{name} = {value} exceeds the 32-bit BLAS limit {BLAS_INT_MAX}")
+    return value
+
+
+def available_memory_bytes() -> Optional[int]:
+    """Bytes that can still be allocated without exhausting RAM and swap, or None if unknown.
+
+    Linux's MemAvailable plus SwapFree from /proc/meminfo; elsewhere the physical memory
+    (sysconf SC_PHYS_PAGES), an upper bound that still catches the impossible sizes.
+    """
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return sum(int(fields[key].split()[0]) * 1024 for key in ("MemAvailable", "SwapFree"))
+    except (OSError, KeyError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_allocation(nbytes: int, what: str) -> None:
+    """MemoryError naming the sizes, before allocating, when ``nbytes`` cannot fit in memory."""
+    available = available_memory_bytes()
+    if available is not None and nbytes > available:
+        raise MemoryError(f"{what} needs {_format_bytes(nbytes)}, but only "
+                          f"{_format_bytes(available)} of memory is available")
+
+
+def _format_bytes(nbytes: int) -> str:
+    size = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if size < 1024 or unit == "PiB":
+            return f"{size:,.0f} {unit}" if unit == "B" else f"{size:,.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
 def as_batch(x: object, features: int, dtype: np.dtype, name: str, owner: str) -> np.ndarray:
     """Check a (batch, features) array of the layer's dtype; copy it only if not C-contiguous.
 
@@ -59,6 +107,9 @@ def as_batch(x: object, features: int, dtype: np.dtype, name: str, owner: str) -
     """
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{owner}: {name} must be a numpy array, got {type(x).__name__}")
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(f"{owner}: {name} is a masked array, whose mask ckpt would ignore; "
+                        f"fill or drop the masked values first")
     if x.dtype != dtype:
         raise TypeError(f"{owner}: {name} has dtype {x.dtype}, expected {dtype} "
                         f"(convert with .astype(np.{dtype.name}))")
@@ -278,6 +329,9 @@ def _assign_into(target: np.ndarray, value: object, name: str) -> None:
 
 def _copy_into(targets: list, values: Sequence[np.ndarray], what: str, owner: str) -> None:
     """Check every value first, then copy: a bad list changes nothing."""
+    if isinstance(values, np.ndarray) or not hasattr(values, "__iter__"):
+        raise TypeError(f"{owner} needs a sequence of {len(targets)} {what} arrays, "
+                        f"got {type(values).__name__}")
     values = list(values)
     if len(values) != len(targets):
         raise ValueError(f"{owner} has {len(targets)} {what} arrays, got {len(values)}")
@@ -313,8 +367,8 @@ class Dense(Layer):
     def __init__(self, in_features: int, out_features: int, activation: ActivationName = None, *,
                  dtype: DTypeLike = np.float32, rng: Union[None, int, np.random.Generator] = None,
                  negative_slope: float = 0.01) -> None:
-        self.in_features = check_size(in_features, "in_features")
-        self.out_features = check_size(out_features, "out_features")
+        self.in_features = check_blas_size(in_features, "in_features")
+        self.out_features = check_blas_size(out_features, "out_features")
         if not isinstance(activation, (str, type(None))) or activation not in _core.ACTIVATION_CODES:
             names = ", ".join(repr(a) for a in _core.ACTIVATION_CODES)
             raise ValueError(f"unknown activation {activation!r}; choose one of {names}")
@@ -325,6 +379,9 @@ class Dense(Layer):
         self.activation = activation
         self.negative_slope = float(negative_slope)
         self._act_code = _core.ACTIVATION_CODES[activation]
+        # W and grad_W in the layer's dtype, and the float64 draw they start from.
+        check_allocation(self.in_features * self.out_features * (2 * self.dtype.itemsize + 8),
+                         f"Dense({self.in_features} -> {self.out_features}, {self.dtype.name})")
         rng = _as_generator(rng)
         self.W = self._initial_weights(rng)
         self.b = np.zeros(self.out_features, self.dtype)

@@ -24,13 +24,19 @@ def _check_output(x: object, name: str, ndim: Optional[int] = None) -> np.ndarra
     return np.ascontiguousarray(x)
 
 
-def _grad_buffer(out: Optional[np.ndarray], like: np.ndarray) -> np.ndarray:
+def _grad_buffer(out: Optional[np.ndarray], like: np.ndarray,
+                 *inputs: Tuple[str, np.ndarray]) -> np.ndarray:
+    """``out`` checked (or a new array): the kernel writes it while reading ``inputs``."""
     if out is None:
         return np.empty_like(like)
     if (not isinstance(out, np.ndarray) or out.dtype != like.dtype or out.shape != like.shape
             or not out.flags.c_contiguous or not out.flags.writeable):
         raise ValueError(f"out must be a writable C-contiguous {like.dtype} array of shape "
                          f"{like.shape}")
+    for name, value in inputs:
+        if np.shares_memory(out, value):
+            raise ValueError(f"out shares memory with {name}: the gradient would overwrite "
+                             f"{name} while the loss reads it; pass a separate buffer")
     return out
 
 
@@ -57,7 +63,7 @@ def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray, *,
     if labels.dtype == np.uint64 and labels.size and labels.max() > np.iinfo(np.int64).max:
         raise ValueError(f"label {labels.max()} is outside the {logits.shape[1]} classes")
     labels = np.ascontiguousarray(labels, dtype=np.int64)
-    grad = _grad_buffer(out, logits)
+    grad = _grad_buffer(out, logits, ("logits", logits), ("labels", labels))
     loss = _core.softmax_cross_entropy_kernel(logits, labels, grad)
     return float(loss), grad
 
@@ -79,7 +85,7 @@ def mse_loss(pred: np.ndarray, target: np.ndarray, *,
     if target.shape != pred.shape:
         raise ValueError(f"target has shape {target.shape}, expected {pred.shape} like pred")
     target = np.ascontiguousarray(target, dtype=pred.dtype)
-    grad = _grad_buffer(out, pred)
+    grad = _grad_buffer(out, pred, ("pred", pred), ("target", target))
     loss = _core.mse_kernel(pred.reshape(-1), target.reshape(-1), grad.reshape(-1))
     return float(loss), grad
 

@@ -44,7 +44,27 @@ def collect_parameters(model: Any) -> Tuple[List[np.ndarray], List[np.ndarray]]:
             raise ValueError(f"parameter {i} has shape {p.shape} but its gradient {g.shape}")
         if not (p.flags.c_contiguous and g.flags.c_contiguous):
             raise ValueError(f"parameter {i} and its gradient must be C-contiguous")
+    _check_no_overlap(params, grads)
     return params, grads
+
+
+def _check_no_overlap(params: List[np.ndarray], grads: List[np.ndarray]) -> None:
+    """ValueError if two of the arrays share memory: the kernels write one while reading another.
+
+    All are C-contiguous, so each occupies exactly its byte range, and sorting the ranges finds
+    any overlap in O(n log n) (what np.shares_memory would say, pair by pair).
+    """
+    spans = []
+    for kind, arrays in (("parameter", params), ("gradient", grads)):
+        for i, a in enumerate(arrays):
+            if a.nbytes:
+                start = a.__array_interface__["data"][0]
+                spans.append((start, start + a.nbytes, f"{kind} {i}"))
+    spans.sort()
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise ValueError(f"{first} and {second} share memory: every parameter and gradient "
+                             f"needs its own array")
 
 
 def _number(value: object, name: str, low: float, high: float = np.inf, *,
@@ -60,6 +80,20 @@ def _number(value: object, name: str, low: float, high: float = np.inf, *,
     return value
 
 
+_BELOW_ONE = ("momentum", "beta1", "beta2")
+
+
+def _scalar_hyperparameters(hyper: Dict[str, Any]) -> List[Tuple[str, float]]:
+    """(name, value) of every real hyper-parameter, a pair of betas as beta1 and beta2."""
+    pairs: List[Tuple[str, float]] = []
+    for name, value in hyper.items():
+        if name == "betas":
+            pairs.extend(zip(("beta1", "beta2"), value))
+        elif not isinstance(value, (bool, np.bool_)):
+            pairs.append((name, value))
+    return pairs
+
+
 class Optimizer(ABC):
     """Common machinery: parameter lists, flat views, named state buffers, state dicts."""
 
@@ -72,12 +106,18 @@ class Optimizer(ABC):
         self._params = params
         self._grads = grads
         # Flat views share memory with the arrays: built once, they make step() allocation-free.
+        self._check_for_dtype(self.hyperparameters)
         self._flat_params = [p.reshape(-1) for p in params]
         self._flat_grads = [g.reshape(-1) for g in grads]
         self._buffers: Dict[str, List[np.ndarray]] = {
             name: [np.zeros_like(p) for p in self._flat_params] for name in self._buffer_names
         }
         self.step_count = 0
+
+    @property
+    def parameters(self) -> List[np.ndarray]:
+        """The parameter arrays this optimizer updates (the model's own, not copies)."""
+        return list(self._params)
 
     @abstractmethod
     def step(self) -> None:
@@ -116,8 +156,9 @@ class Optimizer(ABC):
             raise ValueError(f"the state is of a {state.get('type')} optimizer, "
                              f"not {type(self).__name__}")
         step = state.get("step")
-        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
-            raise ValueError(f"the step count must be a non-negative integer, got {step!r}")
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0 \
+                or step > np.iinfo(np.int64).max:
+            raise ValueError(f"the step count must be an integer in [0, 2**63), got {step!r}")
         buffers = state.get("buffers")
         if not isinstance(buffers, dict) or set(buffers) != set(self._buffer_names):
             names = sorted(buffers) if isinstance(buffers, dict) else buffers
@@ -141,9 +182,29 @@ class Optimizer(ABC):
         if not isinstance(hyper, dict):
             raise ValueError(f"hyper-parameters must be a dict, got {type(hyper).__name__}")
         try:
-            type(self)._validated(**hyper)
+            validated = type(self)._validated(**hyper)
         except TypeError as exc:
             raise ValueError(f"bad {type(self).__name__} hyper-parameters: {exc}") from None
+        self._check_for_dtype(validated)
+
+    def _check_for_dtype(self, hyper: Dict[str, Any]) -> None:
+        """ValueError for a hyper-parameter that the kernels' dtype would round to nonsense.
+
+        The kernels compute in the parameters' dtype: a value must stay finite there, a positive
+        value must not round to zero (eps = 1e-50 is 0 in float32), and a factor below 1 (a beta,
+        the momentum) must not round to 1.
+        """
+        dtype = min((p.dtype for p in self._params), key=lambda d: d.itemsize)
+        for name, value in _scalar_hyperparameters(hyper):
+            with np.errstate(over="ignore"):
+                cast = dtype.type(value)
+            if not np.isfinite(cast):
+                raise ValueError(f"{name} = {value} overflows the parameters' {dtype}")
+            if value > 0 and cast == 0:
+                raise ValueError(f"{name} = {value} rounds to 0 in the parameters' {dtype}")
+            if name in _BELOW_ONE and cast >= 1:
+                raise ValueError(f"{name} = {value} rounds to 1 in the parameters' {dtype}; "
+                                 f"it must stay below 1")
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Copy a state from ``state_dict()`` into this optimizer (validated first)."""
@@ -240,7 +301,7 @@ class Adam(Optimizer):
             "lr": _number(lr, "lr", 0.0),
             "betas": (_number(beta1, "beta1", 0.0, 1.0, open_high=True),
                       _number(beta2, "beta2", 0.0, 1.0, open_high=True)),
-            "eps": _number(eps, "eps", 0.0),
+            "eps": _number(eps, "eps", 0.0, open_low=True),
             "weight_decay": _number(weight_decay, "weight_decay", 0.0),
         }
 
@@ -270,6 +331,16 @@ class AdamW(Adam):
     def __init__(self, model: Any, lr: float = 1e-3, betas: Sequence[float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.01) -> None:
         super().__init__(model, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+    @staticmethod
+    def _validated(lr: float = 1e-3, betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8,
+                   weight_decay: float = 0.01) -> Dict[str, Any]:
+        hyper = Adam._validated(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        if hyper["lr"] * hyper["weight_decay"] > 1:
+            # The decay factor 1 - lr * weight_decay would be negative: parameters flip sign.
+            raise ValueError(f"lr * weight_decay must be at most 1 for AdamW, got "
+                             f"{hyper['lr']} * {hyper['weight_decay']}")
+        return hyper
 
 
 OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}

@@ -5,7 +5,9 @@ import numbers
 
 from ckpt._core import AtomicCounters
 
-# Far above any real buffer, and far enough below 2**63 that the sums cannot wrap.
+# One count is at most this, far above any real buffer. Sums of counts can still pass 2**63 (the
+# cumulative recomputed figure after 2**15 such counts): the counters saturate at 2**63 - 1
+# instead of wrapping (see _atomic.h).
 _MAX_BYTES = 2**48
 
 
@@ -32,7 +34,8 @@ class MemoryUsageTracker(AtomicCounters):
     The counters are C atomics, updated lock-free from Python threads and from ckpt's ``nogil``
     kernels alike. Unlike the seed, gradients can be released, and the peak is exact: the maximum
     over one total order of all updates, not an estimate. Releasing more than is held clamps at
-    zero (the release methods return what was really released).
+    zero (the release methods return what was really released). No figure wraps: each stops at
+    2**63 - 1, meaning "at least that much".
     """
 
     def record_stored_activation(self, nbytes: int) -> None:

@@ -10,6 +10,8 @@ import contextlib
 import inspect
 import math
 import numbers
+import signal
+import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -141,15 +143,26 @@ def model_dtype(model: Any) -> np.dtype:
     return check_float_dtype(params[0].dtype)
 
 
-def _check_inputs(X: object, y: object, dtype: np.dtype, loss: str,
-                  name: str = "X") -> Tuple[np.ndarray, np.ndarray]:
-    """X cast once to the model's dtype; y as int64 labels or float targets."""
+def _check_inputs(X: object, y: object, dtype: np.dtype, loss: str, name: str = "X",
+                  widths: Optional[Tuple[int, int]] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """X cast once to the model's dtype; y as int64 labels or float targets.
+
+    ``widths`` (input features, outputs) are checked when the model declares them: X's width,
+    the label range [0, outputs) or the targets' width. Every value of X and y must be finite
+    in the model's dtype (a ValueError names the first bad row).
+    """
+    _refuse_masked(X, name)
+    _refuse_masked(y, f"the targets of {name}")
     X = np.asarray(X)
     if X.ndim != 2:
         raise ValueError(f"{name} must be 2-D (samples, features), got shape {X.shape}")
     if not (np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer)):
         raise TypeError(f"{name} must hold real numbers, got dtype {X.dtype}")
-    X = np.ascontiguousarray(X, dtype=dtype)
+    if widths is not None and X.shape[1] != widths[0]:
+        raise ValueError(f"{name} has {X.shape[1]} features but the model expects {widths[0]}")
+    with np.errstate(over="ignore"):   # overflow in the cast is reported below, by row
+        X = np.ascontiguousarray(X, dtype=dtype)
+    _check_finite(X, name, dtype)
     y = np.asarray(y)
     if y.shape[:1] != X.shape[:1]:
         raise ValueError(f"{name} has {X.shape[0]} rows but its targets have "
@@ -157,10 +170,58 @@ def _check_inputs(X: object, y: object, dtype: np.dtype, loss: str,
     if loss == "cross_entropy":
         if y.ndim != 1 or y.dtype.kind not in "iu":
             raise TypeError(f"cross_entropy needs 1-D integer labels, got {y.dtype} {y.shape}")
+        bad = np.flatnonzero((y < 0) | (y >= widths[1]) if widths is not None else y < 0)
+        if len(bad):
+            classes = f"the model's {widths[1]} classes [0, {widths[1]})" if widths is not None \
+                else "the classes (labels start at 0)"
+            raise ValueError(f"label {y[bad[0]]} in row {bad[0]} of the targets of {name} is "
+                             f"outside {classes}")
         y = y.astype(np.int64, copy=False)
     else:
-        y = np.ascontiguousarray(y.reshape(len(y), -1), dtype=dtype)
+        if not (np.issubdtype(y.dtype, np.floating) or np.issubdtype(y.dtype, np.integer)):
+            raise TypeError(f"the targets of {name} must be real numbers, got dtype {y.dtype}")
+        with np.errstate(over="ignore"):
+            y = np.ascontiguousarray(y.reshape(len(y), -1), dtype=dtype)
+        if widths is not None and y.shape[1] != widths[1]:
+            raise ValueError(f"the targets of {name} have {y.shape[1]} columns but the model "
+                             f"has {widths[1]} outputs")
+        _check_finite(y, f"the targets of {name}", dtype)
     return X, y
+
+
+def _refuse_masked(value: object, name: str) -> None:
+    if isinstance(value, np.ma.MaskedArray):
+        raise TypeError(f"{name} is a masked array, whose mask ckpt would ignore; fill or drop "
+                        f"the masked values first")
+
+
+def _check_finite(values: np.ndarray, name: str, dtype: np.dtype) -> None:
+    """ValueError naming the first row with a NaN or infinite value (after the cast to dtype)."""
+    finite = np.isfinite(values)
+    if not finite.all():
+        row = int(np.flatnonzero(~finite.all(axis=1))[0])
+        raise ValueError(f"row {row} of {name} holds a NaN or infinite value (or one too large "
+                         f"for {np.dtype(dtype).name})")
+
+
+def _model_widths(model: Any) -> Optional[Tuple[int, int]]:
+    """(input features, outputs) when the model declares its widths."""
+    widths = getattr(model, "widths", None)
+    if isinstance(widths, tuple) and len(widths) >= 2:
+        return widths[0], widths[-1]
+    return None
+
+
+def _check_optimizer(optimizer: object, model: Any) -> None:
+    """TypeError/ValueError unless ``optimizer`` is a ckpt optimizer over the model's parameters."""
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"optimizer must be a ckpt optimizer, got {type(optimizer).__name__}")
+    mine = {id(p) for p in model.params()}
+    foreign = sum(id(p) not in mine for p in optimizer.parameters)
+    if foreign:
+        raise ValueError(f"the optimizer updates {foreign} of its {len(optimizer.parameters)} "
+                         f"parameters outside this model: build it on the model you fit "
+                         f"(e.g. Adam(model))")
 
 
 def _correct(output: np.ndarray, y: np.ndarray, loss: str) -> int:
@@ -207,7 +268,11 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
     if accumulation_steps > batch_size:
         raise ValueError(f"accumulation_steps ({accumulation_steps}) cannot exceed batch_size "
                          f"({batch_size}): each micro-batch needs at least one sample")
-    X, y = _check_inputs(X, y, dtype, loss)
+    for name, fn in (("callback", callback), ("step_callback", step_callback)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
+    widths = _model_widths(model)
+    X, y = _check_inputs(X, y, dtype, loss, widths=widths)
     if len(X) == 0:
         raise ValueError("cannot fit on an empty data set")
     if validation_data is not None:
@@ -215,12 +280,13 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
             X_val, y_val = validation_data
         except (TypeError, ValueError):
             raise TypeError("validation_data must be a pair (X_val, y_val)") from None
-        X_val, y_val = _check_inputs(X_val, y_val, dtype, loss, name="X_val")
+        X_val, y_val = _check_inputs(X_val, y_val, dtype, loss, name="X_val", widths=widths)
+    if optimizer is not None:
+        _check_optimizer(optimizer, model)
+    rng = _as_generator(seed)
+    # Everything is checked: from here on the model, the optimizer and rng change.
     if optimizer is None:
         optimizer = Adam(model)
-    elif not isinstance(optimizer, Optimizer):
-        raise TypeError(f"optimizer must be a ckpt optimizer, got {type(optimizer).__name__}")
-    rng = _as_generator(seed)
     replicas = None
     if comm is not None:
         from ckpt.distributed import DataParallel
@@ -251,19 +317,30 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
                 if len(micro) == 0:
                     continue   # a data-parallel rank left without rows by a short last batch
                 xb, yb = X[micro], y[micro]
-                output = forward(xb, row_offset, step_seed)
-                value, grad = loss_fn(output, yb)
-                step_correct += _correct(output, yb, loss)
-                if len(micro) != len(batch):
-                    # The loss gradient is a mean over the micro-batch; weigh it by its share.
-                    grad *= len(micro) / len(batch)
-                model.backward(grad)
+                try:
+                    output = forward(xb, row_offset, step_seed)
+                    value, grad = loss_fn(output, yb)
+                    if not np.isfinite(value):
+                        raise ValueError(f"the loss is {value} at epoch {epoch}, batch {step + 1} "
+                                         f"of {steps}: training diverged (lower the learning "
+                                         f"rate?)")
+                    step_correct += _correct(output, yb, loss)
+                    if len(micro) != len(batch):
+                        # The loss gradient is a mean over the micro-batch; weigh it by its share.
+                        grad *= len(micro) / len(batch)
+                    model.backward(grad)
+                except BaseException:
+                    # A failed or interrupted step is dropped whole: no forward stays pending
+                    # and no partial gradient is left for a later step() to apply.
+                    _discard(model)
+                    optimizer.zero_grad()
+                    raise
                 step_loss += value * len(micro)
                 row_offset += len(micro)
             if replicas is not None:
                 step_loss, step_correct = replicas.allreduce_gradients(
                     len(batch), global_rows, step_loss, step_correct)
-            optimizer.step()
+            _uninterrupted(optimizer.step)
             total_loss += step_loss
             correct += step_correct
             seen += global_rows
@@ -299,6 +376,32 @@ def _step_forward(model: Any) -> Callable[[np.ndarray, int, Optional[int]], np.n
     if takes:
         return lambda x, row_offset, seed: model.forward(x, row_offset=row_offset, step_seed=seed)
     return lambda x, row_offset, seed: model.forward(x)
+
+
+def _discard(model: Any) -> None:
+    """Drop what a forward of the model left pending, when the model can."""
+    discard = getattr(model, "discard", None)
+    if callable(discard):
+        discard()
+
+
+def _uninterrupted(step: Callable[[], Any]) -> None:
+    """Run ``step`` with Ctrl-C held back until it returns, so no update is half applied.
+
+    Only the main thread receives SIGINT; elsewhere (or under a custom handler) step just runs.
+    """
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        step()
+        return
+    received = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        step()
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
 
 
 def _check_count(value: object, name: str, allow_zero: bool = False) -> int:
@@ -343,6 +446,7 @@ def predict(model: Any, X: np.ndarray, batch_size: int = 256) -> np.ndarray:
     evaluation mode (Dropout off); the model's mode is restored afterwards."""
     dtype = model_dtype(model)
     batch_size = check_size(batch_size, "batch_size")
+    _refuse_masked(X, "X")
     X = np.asarray(X)
     if X.ndim != 2:
         raise ValueError(f"X must be 2-D (samples, features), got shape {X.shape}")
