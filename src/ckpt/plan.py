@@ -328,9 +328,11 @@ class _Chain:
                 fitting.append((rerun, peak, k))
         if not fitting:
             return None
-        trace = replay(uniform_ops(n, min(fitting)[2]), self.costs)
-        assert trace.peak_units <= m, "_uniform_peak disagrees with replay"
-        return trace
+        for _, _, k in sorted(fitting):  # replay decides; the first one fits unless a bug
+            trace = replay(uniform_ops(n, k), self.costs)
+            if trace.peak_units <= m:
+                return trace
+        return None
 
 
 def _uniform_peak(costs: ChainCosts, k: int) -> int:
@@ -356,8 +358,7 @@ def _uniform_peak(costs: ChainCosts, k: int) -> int:
             peak = max(peak, held + fs[i])
         for i in reversed(range(start, end)):
             peak = max(peak, held + bs[i])
-            if i > start:
-                held -= s[i]
+            held -= s[i + 1]                  # backward i frees a_(i+1)
         kept -= s[start] if start else 0
     return peak
 
@@ -771,7 +772,7 @@ class _Recursion:
             if over():
                 return none
             key = (y, p, r2, e)
-            hit = recall(memo_c, dead_c, key, m)
+            hit = recall(memo_c, dead_c, key, m) if slides else None  # as the compiled twin
             if hit is not None:
                 return hit
             row, extra, wy = keep[y], (w[p] if e else 0), w[y]
@@ -788,7 +789,7 @@ class _Recursion:
                 if cost < best or (cost == best and peak < best_peak):
                     best, best_peak, best_b = cost, peak, b
             res = (best, best_peak, best_b)
-            if self.finished:
+            if slides and self.finished:
                 remember(memo_c, dead_c, key, m, res)
             return res
 
@@ -984,9 +985,11 @@ def _equal_best_slots(eq: _EqualChain, slots: int) -> int:
 # the Python one about a hundred times fewer (it gets a hundredth of the limits).
 _EXACT_MAX_LAYERS = 60      # longer chains skip the exact search
 _EXACT_LIMIT = 2_000_000
+_BOUNDED_SLIDES_MAX_LAYERS = 60  # longer chains skip the bounded search with slides
 # Bounded searches after that: (method, memory unit as a fraction of the smallest activation,
 # checkpoint candidates, window, work limit); see _bounded.
-_BOUNDED_SEARCHES = (("persistent", 1, 8, 1, 600_000), ("persistent", 4, 16, 2, 1_500_000),
+_BOUNDED_SEARCHES = (("optimal", 4, 16, 2, 1_000_000),   # <= _BOUNDED_SLIDES_MAX_LAYERS only
+                     ("persistent", 1, 8, 1, 600_000), ("persistent", 4, 16, 2, 1_500_000),
                      ("persistent", 1, 16, 4, 1_200_000))
 _MAX_SLOTS = 4096           # the rounded budget never has more slots than this
 _BUDGET_NUDGES = (0, 1, 2, 3, 5, 8)
@@ -1088,6 +1091,8 @@ def _auto(c: _Chain, m: int) -> tuple:
     if uniform is not None:
         candidates.append(uniform)
     for method, fineness, count, window, limit in _BOUNDED_SEARCHES:
+        if method == "optimal" and c.n > _BOUNDED_SLIDES_MAX_LAYERS:
+            continue
         candidates += _bounded(c, m, method, fineness, count, window, limit // slow)
     best = min(candidates, key=lambda t: _cost_of(t, flops))
     return list(best.ops), False, False
