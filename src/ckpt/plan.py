@@ -1071,13 +1071,33 @@ def _bounded(c: _Chain, m: int, method: str, fineness: int, count: int, window: 
     return found
 
 
+def _as_if_equal(c: _Chain, m: int) -> list:
+    """Traces of the equal-chain closed form (Revolve's binomial schedules) with every element
+    counted as the largest activation plus the largest scratch, so that it fits m; a few more
+    slots are tried too, each schedule measured exactly by replay and kept only if it fits m.
+    Cheap, and it stays feasible at tight budgets where the bounded searches may find nothing."""
+    n, width = c.n, max(c.units)
+    scratch = max(max(c.costs.forward_scratch), max(c.costs.backward_scratch(False)))
+    low = 2 if n == 1 else 3
+    base = max(low, (m - scratch) // width)
+    top = min(base + 4, n + 1)
+    if base > top:
+        return []
+    eq, found = _EqualChain(n, top), []
+    for slots in range(base, top + 1):
+        trace = replay(eq.ops(slots), c.costs)
+        if trace.peak_units <= m:
+            found.append(trace)
+    return found
+
+
 def _auto(c: _Chain, m: int) -> tuple:
     """(ops, False, proven_optimal) for ``method="auto"``, m units below the lean plain peak.
 
     Chains of up to _EXACT_MAX_LAYERS elements get the exact search, bounded in work; when it
     finishes the plan is proven optimal. Otherwise the bounded searches run, and the result is
-    the cheapest of their schedules, every uniform-k schedule that fits and the minimal
-    schedule, all measured by replay.
+    the cheapest of their schedules, every uniform-k schedule that fits, the equal-chain
+    schedules that fit (_as_if_equal) and the minimal schedule, all measured by replay.
     """
     slow = 1 if _planner is not None else 100
     if c.n <= _EXACT_MAX_LAYERS:
@@ -1086,7 +1106,7 @@ def _auto(c: _Chain, m: int) -> tuple:
         except RuntimeError:
             pass
     flops = c.costs.forward_flops
-    candidates = [replay(_minimal_ops(c.n), c.costs)]
+    candidates = [replay(_minimal_ops(c.n), c.costs)] + _as_if_equal(c, m)
     uniform = c.best_uniform(m)
     if uniform is not None:
         candidates.append(uniform)
