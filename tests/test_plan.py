@@ -589,7 +589,10 @@ def test_minimal_schedule_fits_the_smallest_budget():
     rng = random.Random(12)
     for n in (1, 2, 5, 17):
         costs = random_costs(rng, n)
-        assert replay(planmod._minimal_ops(n), costs).peak_units == costs.min_units()
+        trace = replay(planmod._minimal_ops(n), costs)
+        assert trace.peak_units == costs.min_units()
+        flops = costs.forward_flops
+        assert planmod._cost_of(trace, flops)[0] == sum(sum(flops[:i + 1]) for i in range(n))
 
 
 class Describing:
