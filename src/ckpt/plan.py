@@ -881,6 +881,18 @@ class _RecursionLimit:
         sys.setrecursionlimit(self.saved)
 
 
+def _fits_int64(c: _Chain, units: Sequence[int] | None = None, fwd: Sequence[int] | None = None,
+                bwd: Sequence[int] | None = None) -> bool:
+    """Whether the compiled recursion's int64 holds every cost and memory count it can meet:
+    any schedule Z considers runs each of its N sweeps over at most the whole chain."""
+    costs = c.costs
+    units = costs.stored if units is None else units
+    fwd = costs.forward_scratch if fwd is None else fwd
+    bwd = costs.backward_scratch(False) if bwd is None else bwd
+    return (c.n * (c.n + 1) * max(costs.forward_flops) < _INT64_SAFE
+            and 4 * (sum(units) + max(fwd) + max(bwd)) < _INT64_SAFE)
+
+
 def _recursion(c: _Chain, method: str, compiled: bool | None = None, *, limit: int = -1,
                units: Sequence[int] | None = None, fwd: Sequence[int] | None = None,
                bwd: Sequence[int] | None = None, allowed: Sequence[int] | None = None,
@@ -893,9 +905,7 @@ def _recursion(c: _Chain, method: str, compiled: bool | None = None, *, limit: i
     fwd = list(costs.forward_scratch if fwd is None else fwd)
     bwd = list(costs.backward_scratch(False) if bwd is None else bwd)
     flops = list(costs.forward_flops)
-    # Any schedule Z considers runs each of its N sweeps over at most the whole chain.
-    fits = (c.n * (c.n + 1) * max(flops) < _INT64_SAFE
-            and 4 * (sum(units) + max(fwd) + max(bwd)) < _INT64_SAFE)
+    fits = _fits_int64(c, units, fwd, bwd)
     if compiled is None:
         compiled = _planner is not None and fits
     slides = method == "optimal"
@@ -1129,7 +1139,8 @@ def _auto(c: _Chain, m: int) -> tuple:
     the cheapest of their schedules, every uniform-k schedule that fits, the equal-chain
     schedules that fit (_as_if_equal) and the minimal schedule, all measured by replay.
     """
-    slow = 1 if _planner is not None else 100
+    # The Python recursion (not built, or numbers beyond int64) is about 100x slower.
+    slow = 1 if _planner is not None and _fits_int64(c) else 100
     if c.n <= _EXACT_MAX_LAYERS:
         try:
             return _recursion(c, "optimal", limit=_EXACT_LIMIT // slow).ops(m), False, True
