@@ -639,7 +639,7 @@ def test_auto_bounded_is_within_5_percent_of_the_optimum(monkeypatch):
     bench_plan = pytest.importorskip("bench_plan")
     chains = [random_costs(rng, rng.randint(3, 14)) for _ in range(30)]
     chains += [rng.choices(range(1, 60), k=rng.randint(8, 20)) for _ in range(10)]
-    chains += [bench_plan.tapered(40), [rng.choice([256, 1024, 4096]) for _ in range(31)]]
+    chains += [bench_plan.tapered(60), [rng.choice([256, 1024, 4096]) for _ in range(31)]]
     worst = 0.0
     for chain in chains:
         c = chain_of(chain)

@@ -139,7 +139,7 @@ proven optimal. Otherwise it runs bounded searches:
 It returns the cheapest of those, of every uniform-k schedule that fits (Chen et al.), of the
 equal-chain schedules with every element counted as the largest, and of the minimal-memory
 schedule: never worse than the best uniform schedule within the budget, not proven optimal.
-The tests check it within 5% of the exact optimum on chains of up to 40 elements with the exact
+The tests check it within 5% of the exact optimum on chains of up to 60 elements with the exact
 search switched off.
 
 References
