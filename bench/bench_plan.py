@@ -1,6 +1,6 @@
 """Time ckpt.plan: how long planning takes for long equal chains and for uneven ones.
 
-    python bench/bench_plan.py            # the quick cases (about 15 s)
+    python bench/bench_plan.py            # the quick cases (about 30 s)
     python bench/bench_plan.py --slow     # also 100-200 uneven layers the slow way (~15 min)
     python bench/bench_plan.py --python   # the pure-Python recursion instead (much slower)
 
@@ -33,7 +33,7 @@ def random_widths(n: int, seed: int = 1) -> list:
 
 
 def budget_at(widths: list, fraction: float) -> int:
-    c = planmod._Chain(tuple(widths), BATCH, np.dtype(DTYPE))
+    c = planmod._chain(widths, BATCH, DTYPE)
     return c.min_budget + int(fraction * (c.plain_peak - c.min_budget))
 
 
@@ -44,8 +44,9 @@ def run(label: str, widths: list, fractions: tuple, method: str) -> None:
         p = planmod.plan(widths, BATCH, budget, DTYPE, method=method)
         seconds = time.perf_counter() - start
         share = 100 * p.recompute_flops / p.plain_forward_flops
+        proven = "proven" if p.proven_optimal else ""
         print(f"{label:<28} budget {fraction:>4.0%}  {method:<10} {seconds:8.3f} s   "
-              f"+{share:6.1f}% forward   {len(p.ops):>8} ops", flush=True)
+              f"+{share:6.1f}% forward   {len(p.ops):>8} ops  {proven}", flush=True)
 
 
 def run_tradeoff(label: str, widths: list, method: str) -> None:
@@ -77,6 +78,10 @@ def main() -> None:
     run_tradeoff("1000 equal layers", equal, "optimal")
 
     fractions = (0.05, 0.2, 0.5, 0.8)
+    # The default method on the chains of issue 9: must stay interactive (< 2 s).
+    run("200 tapered layers", tapered(200), fractions, "auto")
+    run("200 random-width layers", random_widths(200), fractions, "auto")
+    run("50 random-width layers", random_widths(50), fractions, "auto")
     for layers in (50, 100, 200):
         run(f"{layers} tapered layers", tapered(layers), fractions, "persistent")
     run_tradeoff("200 tapered layers", tapered(200), "persistent")

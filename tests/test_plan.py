@@ -1,11 +1,14 @@
-"""ckpt.plan: optimality against exhaustive search and the binomial closed form, legality of the
-schedules, the uniform baseline, the trade-off curve, sizes and bad inputs."""
+"""ckpt.plan: optimality against exhaustive search (uneven elements with scratch and internals)
+and the binomial closed form, the default method against the exact one and against uniform
+schedules, legality of the schedules, the trade-off curve, sizes and bad inputs."""
 from __future__ import annotations
 
 import heapq
 import random
 import re
+import sys
 from math import comb
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,27 +16,64 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ckpt import plan as planmod
+from ckpt.costs import ChainCosts, ElementCost
 from ckpt.plan import Plan, format_size, parse_size, plan, simulate, tradeoff, uniform_plan
+from ckpt.schedule import replay, uniform_ops
 
 IMPLS = ["python"] + (["compiled"] if planmod._planner is not None else [])
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 
-def chain_of(widths, batch=1, dtype=np.float32):
-    return planmod._Chain(tuple(widths), batch, np.dtype(dtype))
+def chain_of(chain, batch=1, dtype=np.float32):
+    return planmod._chain(chain, batch, dtype)
 
 
-def recursion(widths, method, impl, batch=1):
-    return planmod._recursion(chain_of(widths, batch), method, compiled=impl == "compiled")
+def recursion(chain, method, impl, **kwargs):
+    return planmod._recursion(chain_of(chain), method, compiled=impl == "compiled", **kwargs)
 
 
-def brute_force(sizes, flops, budget):
-    """Least total forward FLOPs over ALL legal schedules (None if none fits), by Dijkstra over
-    (held activations as a bit set, next backward, a_N computed yet) with forward FLOPs as the
-    cost. Moves are exactly what simulate() accepts: forward i (a_i held, a_{i+1} not, backward i
-    not done), free i (i > 0, held), backward b (a_b, a_{b+1} held; b = N-1 needs a_N computed)."""
-    n = len(sizes) - 1
+def random_costs(rng, n, scratch=True):
+    """A chain of n uneven elements with random stored sizes, tapes, scratch and FLOPs."""
+    pool = rng.choice([list(range(1, 10)), [1, 2, 3, 20], [2, 3, 17, 18, 40], [1, 100], [4]])
+    widths = [rng.choice(pool) for _ in range(n + 1)]
+    elements = []
+    for i in range(n):
+        tape = rng.choice([0, 0, 1, 5]) if scratch else 0
+        elements.append(ElementCost(
+            "x", widths[i], widths[i + 1], stored=widths[i + 1],
+            forward_flops=rng.randint(1, 60), backward_flops=rng.randint(1, 60), tape=tape,
+            forward_scratch=rng.choice([0, 0, 1, 3, 12]) if scratch else 0,
+            backward_scratch=rng.choice([0, 0, 2, 7]) if scratch else 0,
+            internal_flops=rng.randint(1, 9) if tape else 0))
+    return ChainCosts(tuple(elements))
 
-    def held_bytes(mask):
+
+def random_chains(seed, count, max_layers=5):
+    """Dense chains (widths) and uneven chains with scratch, alternately."""
+    rng = random.Random(seed)
+    for j in range(count):
+        n = rng.randint(1, max_layers)
+        if j % 2:
+            yield random_costs(rng, n)
+        else:
+            pool = rng.choice([list(range(1, 10)), [1, 2, 3, 20], [2, 3, 17, 18, 40], [1, 100],
+                               [4]])
+            yield [rng.choice(pool) for _ in range(n + 1)]
+
+
+def brute_force(costs, budget):
+    """Least total forward FLOPs (per row) over ALL legal schedules within ``budget`` units
+    (None if none fits), internals recomputed in backwards, by Dijkstra over (held activations
+    as a bit set, next backward, a_N computed yet) with forward FLOPs as the cost. Moves are
+    exactly what replay() accepts: forward i (a_i held, a_{i+1} not, backward i not done; its
+    scratch counts beside what is then held), free i (i > 0, held), backward b (a_b, a_{b+1}
+    held; b = N-1 needs a_N computed; its scratch and tape count beside what is held)."""
+    costs = planmod._chain_costs(costs)
+    sizes, flops = costs.stored, costs.forward_flops
+    fwd, bwd = costs.forward_scratch, costs.backward_scratch(False)
+    n = costs.n
+
+    def held(mask):
         return sum(s for i, s in enumerate(sizes) if mask >> i & 1)
 
     start = (1, n - 1, False)
@@ -51,44 +91,49 @@ def brute_force(sizes, flops, budget):
         moves = []
         for i in range(min(n - 1, b) + 1):
             if mask >> i & 1 and not mask >> (i + 1) & 1:
-                moves.append((cost + flops[i], (mask | 1 << (i + 1), b, computed or i + 1 == n)))
+                new = mask | 1 << (i + 1)
+                if held(new) + fwd[i] <= budget:
+                    moves.append((cost + flops[i], (new, b, computed or i + 1 == n)))
         for i in range(1, n + 1):
             if mask >> i & 1:
                 moves.append((cost, (mask & ~(1 << i), b, computed)))
-        if mask >> b & 1 and mask >> (b + 1) & 1 and (b < n - 1 or computed):
+        if mask >> b & 1 and mask >> (b + 1) & 1 and (b < n - 1 or computed) \
+                and held(mask) + bwd[b] <= budget:
             moves.append((cost, (mask & ~(1 << (b + 1)), b - 1, computed)))
         for new_cost, new in moves:
-            if held_bytes(new[0]) <= budget and new_cost < dist.get(new, float("inf")):
+            if held(new[0]) <= budget and new_cost < dist.get(new, float("inf")):
                 dist[new] = new_cost
                 heapq.heappush(queue, (new_cost, new))
     return None
 
 
-def random_chains(seed, count, max_layers=5):
-    rng = random.Random(seed)
-    pools = [list(range(1, 10)), [1, 2, 3, 20], [2, 3, 17, 18, 40], [1, 100], [4]]
-    for _ in range(count):
-        pool = rng.choice(pools)
-        yield [rng.choice(pool) for _ in range(rng.randint(2, max_layers + 1))]
-
-
 def budgets_of(c, rng, count=5):
-    low, high = c.min_budget, c.plain_peak
+    """Budgets in units from the smallest feasible one to the lean plain peak."""
+    low, high = c.costs.min_units(), c.lean_peak_units
     inner = rng.sample(range(low, high + 1), min(count, high - low + 1))
     return sorted(set(inner) | {low, high})
 
 
 def check_plan(p: Plan, budget):
-    """The schedule is legal, its simulated peak is the reported one and fits, and the reported
-    counts are the schedule's."""
-    assert simulate(p.ops, p.widths, p.batch_size, p.dtype) == p.peak_bytes <= budget
+    """The schedule is legal, its replayed peak is the reported one and fits, and the reported
+    counts and FLOPs are the schedule's."""
+    assert simulate(p.ops, p.costs, p.batch_size, p.dtype, keep_internals=p.keep_internals) \
+        == p.peak_bytes <= budget
     counts = [0] * p.n_layers
     for kind, i in p.ops:
         counts[i] += kind == "forward"
     assert tuple(counts) == p.forward_counts and min(counts) >= 1
-    assert p.recompute_flops == sum((k - 1) * f for k, f in zip(counts, p.layer_flops))
+    internal = 0 if p.keep_internals else \
+        p.batch_size * sum(e.internal_flops for e in p.costs.elements)
+    assert p.rerun_flops == sum((k - 1) * f for k, f in zip(counts, p.layer_flops))
+    assert p.recompute_flops == p.rerun_flops + internal and p.internal_flops == internal
     assert [i for kind, i in p.ops if kind == "backward"] == list(reversed(range(p.n_layers)))
     assert p.stored[0] == 0
+
+
+def row_cost(p: Plan):
+    """Forward FLOPs per row of a plan's schedule (what the searches minimise)."""
+    return sum(k * f for k, f in zip(p.forward_counts, p.costs.forward_flops))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,42 +143,52 @@ def check_plan(p: Plan, budget):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_recursion_matches_exhaustive_search(impl):
-    """Z (with slides) is complete: no schedule in the whole state space is cheaper."""
+    """Z (with slides) is complete on uneven elements with scratch and internals: no schedule in
+    the whole state space is cheaper."""
     rng = random.Random(1)
-    for widths in random_chains(seed=2, count=70):
-        c = chain_of(widths, batch=2)
-        rec = recursion(widths, "optimal", impl, batch=2)
-        persistent = recursion(widths, "persistent", impl, batch=2)
+    for chain in random_chains(seed=2, count=90):
+        c = chain_of(chain)
+        rec = recursion(chain, "optimal", impl)
+        persistent = recursion(chain, "persistent", impl)
         for budget in budgets_of(c, rng):
-            best = brute_force(c.sizes, c.flops, budget)
+            best = brute_force(chain, budget)
             cost, peak = rec.value(budget)
-            assert cost == best, (widths, budget)
+            assert cost == best, (chain, budget)
             assert peak <= budget
             assert persistent.value(budget)[0] >= best
+        assert rec.value(c.costs.min_units() - 1) is None
 
 
 def test_plan_matches_exhaustive_search_including_equal_layers():
     rng = random.Random(3)
-    chains = list(random_chains(seed=4, count=25)) + [[3] * (n + 1) for n in range(1, 7)]
-    for widths in chains:
-        c = chain_of(widths, batch=3, dtype=np.float64)
-        for budget in budgets_of(c, rng):
-            p = plan(widths, 3, budget, np.float64)
-            check_plan(p, budget)
-            assert p.total_forward_flops == brute_force(c.sizes, c.flops, budget)
+    chains = list(random_chains(seed=4, count=30)) + [[3] * (n + 1) for n in range(1, 7)]
+    for chain in chains:
+        c = chain_of(chain, batch=3, dtype=np.float64)
+        for units in budgets_of(c, rng) + [c.plain_trace.peak_units]:
+            budget = units * c.scale + rng.randrange(c.scale)  # bytes round down to units
+            for method in ("auto", "optimal"):
+                p = plan(chain, 3, budget, np.float64, method=method)
+                check_plan(p, budget)
+                assert p.proven_optimal
+                if budget >= c.plain_peak:
+                    assert p.keep_internals and p.recompute_flops == 0
+                else:
+                    assert not p.keep_internals
+                    assert row_cost(p) == brute_force(chain, min(units, c.lean_peak_units))
 
 
 def test_sliding_a_checkpoint_beats_every_persistent_schedule():
     """The counterexample of the module docstring: a_1 is cheap to hold while a_4 and a_5 are
     live, later slides to a_2 and is recomputed from a_0; no persistent schedule fits as cheaply."""
     widths, budget = [2, 1, 2, 4, 7, 5], 15 * 4  # batch 1, float32: sizes are 4x the widths
-    c = chain_of(widths)
-    best = plan(widths, 1, budget)
+    best = plan(widths, 1, budget, method="optimal")
     persistent = plan(widths, 1, budget, method="persistent")
     check_plan(best, budget)
     check_plan(persistent, budget)
-    assert best.total_forward_flops == brute_force(c.sizes, c.flops, budget) == 2 * 87
+    assert best.total_forward_flops == brute_force(widths, 15) == 2 * 87
     assert persistent.total_forward_flops == 2 * 89
+    assert best.proven_optimal and not persistent.proven_optimal
+    assert plan(widths, 1, budget).ops == best.ops  # auto: the exact search on a short chain
     assert best.stored == (0, 1, 4)
     position = best.ops.index(("backward", 4))
     assert best.ops[position + 1:position + 4] == (("forward", 1), ("free", 1), ("forward", 2))
@@ -198,7 +253,7 @@ def test_equal_layers_fast_path_matches_the_general_recursion():
         rec = recursion([5] * (n + 1), "optimal", "python")
         for slots in range(2 if n == 1 else 3, n + 2):
             fast = plan([5] * (n + 1), 1, slots * 20).total_forward_flops
-            assert fast == rec.value(slots * 20)[0]
+            assert fast == rec.value(slots * 5)[0]
 
 
 def test_uniform_segments_are_never_better():
@@ -248,18 +303,39 @@ def test_smallest_feasible_budget(widths):
 
 @pytest.mark.skipif(planmod._planner is None, reason="ckpt._planner is not built")
 def test_compiled_and_python_recursions_agree():
+    """Same values and schedules, unbounded or restricted (the bounded searches)."""
     rng = random.Random(6)
-    for widths in random_chains(seed=7, count=40, max_layers=9):
-        c = chain_of(widths, batch=2)
-        for method in planmod.METHODS:
-            ours = recursion(widths, method, "compiled", batch=2)
-            reference = recursion(widths, method, "python", batch=2)
+    for j, chain in enumerate(random_chains(seed=7, count=40, max_layers=9)):
+        c = chain_of(chain)
+        flags = [1] + [rng.random() < 0.3 for _ in range(c.n - 1)] + [1]
+        for method in ("optimal", "persistent"):
+            extra = {} if j % 3 else {"allowed": flags, "window": 1}
+            ours = recursion(chain, method, "compiled", **extra)
+            reference = recursion(chain, method, "python", **extra)
             for budget in budgets_of(c, rng, count=3):
                 assert ours.value(budget) == reference.value(budget)
-                assert ours.ops(budget) == reference.ops(budget)
+                if ours.value(budget) is not None:
+                    assert ours.ops(budget) == reference.ops(budget)
 
 
-@settings(max_examples=60, deadline=None)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_the_work_limit_stops_the_search(impl):
+    chain = [rng_width for rng_width in random.Random(8).choices(range(1, 50), k=12)]
+    c = chain_of(chain)
+    full = recursion(chain, "optimal", impl)
+    m = c.costs.min_units() + 10
+    assert full.value(m) is not None and full.finished
+    stopped = recursion(chain, "optimal", impl, limit=full.calls // 2)
+    with pytest.raises(RuntimeError):
+        stopped.value(m)
+    assert not stopped.finished
+    with pytest.raises(RuntimeError):
+        stopped.ops(m)
+    exact = recursion(chain, "optimal", impl, limit=full.calls)
+    assert exact.value(m) == full.value(m) and exact.finished
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(widths=st.lists(st.integers(1, 64), min_size=2, max_size=12),
        batch=st.integers(1, 8), fraction=st.floats(0, 1.2),
        dtype=st.sampled_from([np.float32, np.float64]),
@@ -279,7 +355,7 @@ def test_the_executor_accepts_the_schedule():
     widths, batch = [30, 50, 20, 70, 40, 60, 10], 3
     for budget in (plan(widths, batch, 10**9).min_budget_bytes, 2400):
         p = plan(widths, batch, budget)
-        compiled = schedule.compile_schedule(p.ops, widths)
+        compiled = schedule.compile_schedule(p.ops, widths, p.keep_internals)
         assert compiled.peak_units * batch * p.itemsize == p.peak_bytes
 
 
@@ -340,14 +416,19 @@ def test_plan_fields_and_explain():
     assert len(lines) >= 2 + p.n_layers + 5
     for i in range(p.n_layers):
         row = lines[2 + i].split()
-        assert row == [str(i), str(widths[i]), str(widths[i + 1]),
+        assert row == [str(i), "dense", str(widths[i]), str(widths[i + 1]),
                        "yes" if i in p.stored else "-", str(p.forward_counts[i])]
     for needle in (format_size(p.peak_bytes), format_size(p.budget_bytes),
                    format_size(p.plain_peak_bytes), "% of one forward pass",
-                   "% of a training step", "Not counted: parameters"):
+                   "% of a training step", "Not counted: parameters", "proven optimal",
+                   "yes: no schedule", "forwarding elements again"):
         assert needle in text
     share = 100 * p.recompute_flops / p.plain_forward_flops
-    assert f"{share:.1f}% of one forward" in text and f"{share / 3:.1f}% of a training" in text
+    step = 100 * p.recompute_flops / (p.costs.step_flops() * batch)
+    assert f"{share:.1f}% of one forward" in text and f"{step:.1f}% of a training" in text
+    assert p.fixed_bytes == (2 * p.costs.parameter_count() + 2 * batch * 1024) * 4
+    assert p.layer_flops == tuple(batch * f for f in p.costs.forward_flops)
+    assert p.proven_optimal and not p.keep_internals and p.costs == c.costs
     assert "'forward'" not in repr(p) and "peak=" in repr(p) and "stored=(0," in repr(p)
     with pytest.raises(AttributeError):
         p.peak_bytes = 0
@@ -439,3 +520,156 @@ def test_bad_method_and_uniform_arguments():
         uniform_plan([3, 4], 1, -1)
     with pytest.raises(TypeError, match="checkpoint_every must be an int"):
         uniform_plan([3, 4], 1, 1.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Element costs: internals, scratch, the closed form
+# ---------------------------------------------------------------------------------------------
+
+
+def block(width, tape, internal_flops, fwd=0, bwd=0):
+    """A compound element (like a residual block): internals kept only by plain backprop."""
+    return ElementCost("block", width, width, stored=width, forward_flops=10 * width,
+                       backward_flops=20 * width, tape=tape, forward_scratch=fwd,
+                       backward_scratch=bwd, internal_flops=internal_flops, parameter_count=7)
+
+
+def test_plain_backprop_keeps_internals_only_when_it_fits():
+    costs = ChainCosts((block(4, 12, 30),) * 6)
+    c = chain_of(costs, batch=2)
+    plain = c.plain_peak
+    assert plain == replay(uniform_ops(6, 1), costs, keep_internals=True).peak_units * 8
+    for method in planmod.METHODS:
+        p = plan(costs, 2, plain, method=method)
+        check_plan(p, plain)
+        assert p.keep_internals and p.recompute_flops == 0 and p.peak_bytes == plain
+        assert p.ops == tuple(uniform_ops(6, 1)) and p.proven_optimal
+        below = plan(costs, 2, plain - 1, method=method)
+        check_plan(below, plain - 1)
+        assert not below.keep_internals and below.internal_flops == 2 * 6 * 30
+        assert below.rerun_flops == 0  # k = 1 without internals fits: 4 units a block
+        assert "recomputing internals" in below.explain()
+    assert plan(costs, 2, plain).plain_peak_bytes == plain
+    assert uniform_plan(costs, 2, 1).keep_internals and not uniform_plan(costs, 2, 2).keep_internals
+
+
+def test_closed_form_only_for_truly_uniform_costs():
+    """Equal widths with scratch or internals are not an equal chain: the recursion plans them
+    (exactly, checked by exhaustive search); truly equal elements use the closed form."""
+    equal = ChainCosts.from_widths([6] * 8)
+    assert chain_of(equal).closed_form
+    variants = [ChainCosts((block(6, 0, 0, fwd=5),) * 7),
+                ChainCosts((block(6, 0, 0, bwd=4),) * 7),
+                ChainCosts((block(6, 3, 9),) * 7),
+                ChainCosts((block(6, 0, 0),) * 6 + (block(6, 0, 0, fwd=1),))]
+    for costs in variants:
+        c = chain_of(costs)
+        assert not c.closed_form
+        for units in range(costs.min_units(), c.lean_peak_units + 1, 3):
+            p = plan(costs, 1, units * 4)
+            check_plan(p, units * 4)
+            assert row_cost(p) == brute_force(costs, units) and p.proven_optimal
+    # Scratch changes the answer: the closed form would ignore it.
+    tight = ChainCosts((block(6, 0, 0, fwd=5),) * 7).min_units()
+    assert tight > ChainCosts((block(6, 0, 0),) * 7).min_units()
+
+
+def test_uniform_peak_matches_replay():
+    rng = random.Random(11)
+    for n in (1, 2, 7, 23):
+        costs = random_costs(rng, n)
+        c = chain_of(costs)
+        for k in range(0, n + 2):
+            expected = replay(uniform_ops(n, k), costs).peak_units
+            kk = n if k <= 0 or k > n else k
+            assert c.uniform_peaks[kk - 1] == expected == planmod._uniform_peak(costs, k)
+
+
+def test_minimal_schedule_fits_the_smallest_budget():
+    rng = random.Random(12)
+    for n in (1, 2, 5, 17):
+        costs = random_costs(rng, n)
+        trace = replay(planmod._minimal_ops(n), costs)
+        assert trace.peak_units == costs.min_units()
+        flops = costs.forward_flops
+        assert planmod._cost_of(trace, flops)[0] == sum(sum(flops[:i + 1]) for i in range(n))
+
+
+class Describing:
+    """A layer that describes its own costs (as ckpt's layers do)."""
+
+    def __init__(self, cost):
+        self.cost = cost
+
+    def describe(self, width):
+        return self.cost
+
+
+def test_layers_that_describe_themselves():
+    costs = ChainCosts((block(5, 2, 3, fwd=4), block(5, 0, 0, bwd=9), block(5, 1, 1)))
+    layers = [Describing(e) for e in costs.elements]
+    budget = costs.min_units() * 4 + 8
+    assert plan(layers, 1, budget) == plan(costs, 1, budget)
+    assert plan(layers, 1, budget).costs == costs
+
+
+# ---------------------------------------------------------------------------------------------
+# The default method: interactive, near the exact optimum, never worse than uniform
+# ---------------------------------------------------------------------------------------------
+
+
+def test_auto_is_the_exact_search_on_short_chains():
+    rng = random.Random(13)
+    for chain in random_chains(seed=14, count=20, max_layers=12):
+        c = chain_of(chain)
+        for units in budgets_of(c, rng, count=2):
+            auto, exact = plan(chain, 1, units * 4), plan(chain, 1, units * 4, method="optimal")
+            assert auto.ops == exact.ops and auto.proven_optimal and auto.method == "auto"
+
+
+def bounded_only(monkeypatch):
+    """Skip the exact search, so that auto runs its bounded searches on short chains."""
+    monkeypatch.setattr(planmod, "_EXACT_MAX_LAYERS", 0)
+
+
+def test_auto_bounded_is_within_5_percent_of_the_optimum(monkeypatch):
+    """The bounded searches alone (what long chains get) against the exact optimum: the
+    recomputation (FLOPs beyond one forward pass) within 5%."""
+    rng = random.Random(15)
+    bench_plan = pytest.importorskip("bench_plan")
+    chains = [random_costs(rng, rng.randint(3, 14)) for _ in range(30)]
+    chains += [rng.choices(range(1, 60), k=rng.randint(8, 20)) for _ in range(10)]
+    chains += [bench_plan.tapered(60), [rng.choice([256, 1024, 4096]) for _ in range(31)]]
+    worst = 0.0
+    for chain in chains:
+        c = chain_of(chain)
+        plain_row = sum(c.costs.forward_flops)
+        for fraction in (0.1, 0.4, 0.8):
+            units = c.costs.min_units() + int(fraction * (c.lean_peak_units
+                                                          - c.costs.min_units()))
+            exact = plan(chain, 1, units * 4, method="optimal")
+            with monkeypatch.context() as patch:
+                bounded_only(patch)
+                auto = plan(chain, 1, units * 4)
+            check_plan(auto, units * 4)
+            assert not auto.proven_optimal and "not proven" in auto.explain()
+            extra, best = row_cost(auto) - plain_row, row_cost(exact) - plain_row
+            assert extra <= 1.05 * best, (chain, fraction, extra, best)
+            worst = max(worst, extra / best if best else 1.0)
+    assert worst >= 1.0
+
+
+@pytest.mark.parametrize("shape", ["tapered", "random"])
+def test_auto_on_200_elements_is_never_worse_than_uniform(shape):
+    bench_plan = pytest.importorskip("bench_plan")
+    widths = bench_plan.tapered(200) if shape == "tapered" else bench_plan.random_widths(200)
+    batch = 64
+    uniform = [uniform_plan(widths, batch, k) for k in range(1, 201)]
+    c = chain_of(widths, batch)
+    for fraction in (0.05, 0.3, 0.7):
+        budget = c.min_budget + int(fraction * (c.plain_peak - c.min_budget))
+        p = plan(widths, batch, budget)
+        check_plan(p, budget)
+        fitting = [u.recompute_flops for u in uniform if u.peak_bytes <= budget]
+        if fitting:
+            assert p.recompute_flops <= min(fitting)

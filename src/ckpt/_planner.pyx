@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""Compiled twin of ``ckpt.plan._Recursion``: the recursion Z / C on exact byte counts.
+"""Compiled twin of ``ckpt.plan._Recursion``: the recursion Z / C on exact memory counts.
 
 The maths, the decision codes and the tie-breaking are those of ``ckpt.plan`` (module docstring
 and ``_Recursion``), line by line, so both return the same schedules. Each state keeps its optima
@@ -57,14 +57,22 @@ cdef inline int32_t covering(Entry* items, int32_t size, int64_t m) noexcept:
 
 
 cdef class Recursion:
-    """Z and C for one chain (sizes in bytes, per-layer FLOPs), memoised across budgets.
+    """Z and C for one chain, memoised across budgets: per activation its size, per element its
+    forward FLOPs, forward scratch and backward scratch (any one unit of memory, FLOPs in any
+    one unit).
 
-    ``slides=False`` restricts to persistent schedules (the rotor recursion).
+    ``slides=False`` restricts to persistent schedules (the rotor recursion). ``limit`` >= 0
+    bounds the work: after that many evaluations of Z or C the search stops, ``finished`` turns
+    False and no result of this object may be used. ``allowed`` (one flag per activation),
+    when given, restricts what a segment longer than ``window`` elements may store or slide to:
+    only activations whose flag is set (a bounded search for long chains).
     """
 
-    cdef int n
-    cdef bint slides, out_of_memory
-    cdef int64_t[::1] w, pre
+    cdef int n, window
+    cdef bint slides, out_of_memory, aborted, restricted
+    cdef signed char[::1] allowed
+    cdef int64_t limit, n_calls
+    cdef int64_t[::1] w, pre, bwd
     cdef int64_t[:, ::1] keep, drop
     cdef Memo** rows_z
     cdef Memo** rows_c
@@ -73,26 +81,38 @@ cdef class Recursion:
     def __cinit__(self):
         self.rows_z = self.rows_c = NULL
 
-    def __init__(self, const int64_t[::1] sizes, const int64_t[::1] flops, bint slides):
+    def __init__(self, const int64_t[::1] sizes, const int64_t[::1] flops,
+                 const int64_t[::1] forward_scratch, const int64_t[::1] backward_scratch,
+                 bint slides, int64_t limit=-1, allowed=None, int window=0):
         cdef int n = sizes.shape[0] - 1
         cdef int x, j
         cdef int64_t a, b, pair
-        if n < 1 or flops.shape[0] != n:
+        if n < 1 or flops.shape[0] != n or forward_scratch.shape[0] != n \
+                or backward_scratch.shape[0] != n:
             raise ValueError(
-                f"need N+1 sizes and N flops, got {sizes.shape[0]} and {flops.shape[0]}")
-        self.n, self.slides = n, slides
+                f"need N+1 sizes and N flops and scratches, got {sizes.shape[0]}, "
+                f"{flops.shape[0]}, {forward_scratch.shape[0]} and {backward_scratch.shape[0]}")
+        self.n, self.slides, self.limit, self.n_calls, self.aborted = n, slides, limit, 0, False
+        self.restricted, self.window = allowed is not None, window
+        self.allowed = np.ones(n + 1, dtype=np.int8) if allowed is None \
+            else np.array(allowed, dtype=np.int8).reshape(-1)
+        if self.allowed.shape[0] != n + 1:
+            raise ValueError(f"need N+1 = {n + 1} flags in allowed, got {self.allowed.shape[0]}")
         self.w = np.array(sizes, dtype=np.int64)
+        self.bwd = np.array(backward_scratch, dtype=np.int64)
         self.pre = np.zeros(n + 1, dtype=np.int64)
         for x in range(n):
             self.pre[x + 1] = self.pre[x] + flops[x]
+        # keep[x, j] / drop[x, j]: peak of the sweep a_x -> a_j holding a_x throughout / freeing
+        # it; the forward of a_k holds a_k, a_(k+1) and its scratch (and a_x when kept).
         self.keep = np.zeros((n + 1, n + 1), dtype=np.int64)
         self.drop = np.zeros((n + 1, n + 1), dtype=np.int64)
         for x in range(n):
-            a = b = sizes[x] + sizes[x + 1]
+            a = b = sizes[x] + sizes[x + 1] + forward_scratch[x]
             self.keep[x, x + 1] = a
             self.drop[x, x + 1] = b
             for j in range(x + 2, n + 1):
-                pair = sizes[j - 1] + sizes[j]
+                pair = sizes[j - 1] + sizes[j] + forward_scratch[j - 1]
                 a = max64(a, sizes[x] + pair)
                 b = max64(b, pair)
                 self.keep[x, j] = a
@@ -108,6 +128,25 @@ cdef class Recursion:
         self.forward_ops = [("forward", i) for i in range(n)]
         self.backward_ops = [("backward", i) for i in range(n)]
         self.free_ops = [("free", i) for i in range(n + 1)]
+
+    @property
+    def finished(self) -> bool:
+        """False once the work limit stopped a search (then nothing here may be used)."""
+        return not self.aborted
+
+    @property
+    def calls(self) -> int:
+        """Evaluations of Z and C so far (what ``limit`` bounds)."""
+        return self.n_calls
+
+    cdef inline bint over(self) noexcept:
+        """Count one evaluation; True when the search must stop."""
+        if self.aborted:
+            return True
+        self.n_calls += 1
+        if 0 <= self.limit < self.n_calls:
+            self.aborted = True
+        return self.aborted
 
     def __dealloc__(self):
         self.free_rows(self.rows_z)
@@ -189,8 +228,9 @@ cdef class Recursion:
         cdef int32_t best_dec
         cdef Memo* memo
         cdef int r2, y2, last
+        cdef bint free_choice = not self.restricted or p - y <= 2 * self.window
         cdef Res res, c1, c2
-        if own > m:
+        if self.over() or own > m:
             return res_of(INF, INF, 0)
         memo = self.memo(self.rows_z, y, p, (r - y) * 2 + e)
         if memo == NULL:
@@ -200,12 +240,15 @@ cdef class Recursion:
         if y == p - 1:
             if r != y:
                 res = res_of(INF, INF, 0)
-            elif e:
-                res = res_of(0, own, TERMINAL)
-            elif self.w[y] + self.w[p] <= m:
-                res = res_of(self.pre[p] - self.pre[y], self.w[y] + self.w[p], TERMINAL)
-            else:
-                res = res_of(INF, INF, 0)
+            elif e:  # backward y
+                peak = own + self.bwd[y]
+                res = res_of(0, peak, TERMINAL) if peak <= m else res_of(INF, INF, 0)
+            else:    # forward y, then backward y
+                peak = max64(self.drop[y, p], own + self.w[p] + self.bwd[y])
+                if peak <= m:
+                    res = res_of(self.pre[p] - self.pre[y], peak, TERMINAL)
+                else:
+                    res = res_of(INF, INF, 0)
         else:
             best, best_peak, best_dec = INF, INF, 0
             if e:
@@ -216,6 +259,8 @@ cdef class Recursion:
             for r2 in range(r + 1, p):
                 if best != INF and floor + self.pre[r2 - 1] > best:
                     break
+                if not (free_choice or self.allowed[r2] or r2 - y <= self.window):
+                    continue
                 c1 = self.child(y, p, r2, e, m)
                 if c1.cost == INF or c1.cost > best:
                     continue
@@ -232,6 +277,8 @@ cdef class Recursion:
                     sweep = self.drop[y, y2] + extra
                     if sweep > m:
                         break
+                    if not (free_choice or self.allowed[y2] or y2 - y <= self.window):
+                        continue
                     c2 = self.z(y2, p, r, e, m)
                     if c2.cost == INF:
                         continue
@@ -240,7 +287,8 @@ cdef class Recursion:
                     if cost < best or (cost == best and peak < best_peak):
                         best, best_peak, best_dec = cost, peak, -y2
             res = res_of(best, best_peak, best_dec)
-        self.remember(memo, m, res)
+        if not self.aborted:
+            self.remember(memo, m, res)
         return res
 
     cdef Res child(self, int y, int p, int r2, int e, int64_t m) noexcept:
@@ -250,7 +298,10 @@ cdef class Recursion:
         cdef int32_t best_b = 0
         cdef Memo* memo = NULL
         cdef int b
+        cdef bint free_choice = not self.restricted or p - y <= 2 * self.window
         cdef Res res, c2
+        if self.over():
+            return res_of(INF, INF, 0)
         if self.slides:
             memo = self.memo(self.rows_c, y, p, (r2 - y) * 2 + e)
             if memo == NULL:
@@ -261,6 +312,8 @@ cdef class Recursion:
             sweep = self.keep[y, b] + extra
             if sweep > m:
                 break
+            if b < r2 and not (free_choice or self.allowed[b] or b - y <= self.window):
+                continue
             c2 = self.z(b, p, r2, e, m - wy)
             if c2.cost == INF:
                 continue
@@ -269,7 +322,7 @@ cdef class Recursion:
             if cost < best or (cost == best and peak < best_peak):
                 best, best_peak, best_b = cost, peak, b
         res = res_of(best, best_peak, best_b)
-        if self.slides:
+        if self.slides and not self.aborted:
             self.remember(memo, m, res)
         return res
 
@@ -277,10 +330,13 @@ cdef class Recursion:
         cdef Res res = self.z(0, self.n, 0, 0, budget)
         if self.out_of_memory:
             raise MemoryError("the planner's memo outgrew the available memory")
+        if self.aborted:
+            raise RuntimeError("the search stopped at its work limit: its results are void")
         return res
 
     def value(self, int64_t budget):
-        """(total forward FLOPs, peak) of the best schedule within budget, or None."""
+        """(total forward FLOPs, peak) of the best schedule within budget, or None. Raises
+        RuntimeError when the work limit stops the search (then ``finished`` is False)."""
         cdef Res res = self.top(budget)
         return None if res.cost == INF else (res.cost, res.peak)
 

@@ -348,8 +348,9 @@ class SegmentCheckpointer:
             raise ValueError(f"the plan is for widths {tuple(plan.widths)}, "
                              f"but the layers have widths {widths}")
         plan_costs = getattr(plan, "costs", None)
-        if isinstance(plan_costs, ChainCosts) and plan_costs != self.costs:
-            raise ValueError("the plan was made for elements with other costs than these layers")
+        if isinstance(plan_costs, ChainCosts) and _memory(plan_costs) != _memory(self.costs):
+            raise ValueError("the plan was made for elements that store or need other amounts "
+                             "of memory than these layers (plan from the layers themselves)")
 
     def _dropout_streams(self) -> dict:
         """Stream ids of the chain's Dropout layers (ckpt.layers.dropout_streams), cached."""
@@ -643,6 +644,12 @@ class SegmentCheckpointer:
 
 
 _UNKNOWN = object()   # a cached value not computed yet
+
+
+def _memory(costs: ChainCosts) -> list:
+    """What a plan's validity depends on: each element's widths, stored size, tape, scratch."""
+    return [(e.in_width, e.out_width, e.stored, e.tape, e.forward_scratch, e.backward_scratch)
+            for e in costs.elements]
 
 
 def _checksum(x: np.ndarray) -> int:
