@@ -20,6 +20,7 @@ import scipy_openblas32
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.sdist import sdist
 
 DEBUG = os.environ.get("CKPT_DEBUG_CYTHON", "0") not in ("", "0")
 
@@ -113,6 +114,21 @@ class CleanBuildExt(build_ext):
         super().build_extensions()
 
 
+class SourceSdist(sdist):
+    """sdist of the sources: no C generated from a .pyx (the build regenerates it), and the tests'
+    conftest.py beside the test files that setuptools picks up by default."""
+
+    def make_distribution(self) -> None:
+        # The file list is settled by egg_info's manifest maker; adjust it just before archiving.
+        generated = {
+            str(pyx.with_suffix(".c").relative_to(here)) for pyx in (here / "src" / "ckpt").glob("*.pyx")
+        }
+        self.filelist.files = [f for f in self.filelist.files if os.path.normpath(f) not in generated]
+        if (here / "tests" / "conftest.py").exists() and "tests/conftest.py" not in self.filelist.files:
+            self.filelist.append("tests/conftest.py")
+        super().make_distribution()
+
+
 here = Path(__file__).parent
 extensions = [
     Extension(
@@ -140,7 +156,7 @@ force = not mode_stamp.exists() or mode_stamp.read_text() != mode
 
 setup(
     ext_modules=cythonize(extensions, compiler_directives=directives, force=force),
-    cmdclass={"build_ext": CleanBuildExt},
+    cmdclass={"build_ext": CleanBuildExt, "sdist": SourceSdist},
 )
 mode_stamp.parent.mkdir(exist_ok=True)
 mode_stamp.write_text(mode)
