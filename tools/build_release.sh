@@ -92,18 +92,20 @@ for so in "$work"/wheel/ckpt/*.so; do
     found=$(sed -n 's/.*(RUNPATH).*\[\(.*\)\]/\1/p' <<< "$dyn")
     [ "$found" = "$runpath" ] || fail "$name: RUNPATH is '$found', expected '$runpath'"
     ! grep -q '(RPATH)' <<< "$dyn" || fail "$name has an RPATH entry"
-    ! readelf -S -W "$so" | grep -q '\.debug_' || fail "$name has .debug_* sections"
+    sections=$(readelf -S -W "$so")
+    ! grep -q '\.debug_' <<< "$sections" || fail "$name has .debug_* sections"
     sizes+=("${name%%.*} $(( $(stat -c %s "$so") / 1024 )) KiB")
 done
 [ ${#sizes[@]} -ge 2 ] || fail "expected the compiled extensions _core and _planner in the wheel"
 ! ls "$work"/wheel/ckpt/*.c > /dev/null 2>&1 || fail "the wheel carries generated C files"
+tar -tzf "$sdist" > "$work/sdist.list"   # a file, not a pipe: grep -q would SIGPIPE tar under pipefail
 for f in LICENSE DATA_ATTRIBUTION.md; do
     [ -s "$work/wheel/ckpt_cpu-$version.dist-info/licenses/$f" ] || fail "the wheel has no $f"
-    tar -tzf "$sdist" | grep -qx "ckpt_cpu-$version/$f" || fail "the sdist has no $f"
+    grep -qx "ckpt_cpu-$version/$f" "$work/sdist.list" || fail "the sdist has no $f"
     grep -qx "License-File: $f" "$work/wheel/ckpt_cpu-$version.dist-info/METADATA" \
         || fail "the wheel's METADATA does not declare License-File: $f"
 done
-! tar -tzf "$sdist" | grep -q '/src/ckpt/.*\.c$' || fail "the sdist carries generated C files"
+! grep -q '/src/ckpt/.*\.c$' "$work/sdist.list" || fail "the sdist carries generated C files"
 twine check --strict "$sdist" "$wheel" > "$work/twine.log" 2>&1 \
     || { cat "$work/twine.log" >&2; fail "twine check"; }
 
