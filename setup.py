@@ -4,8 +4,9 @@ Every ``src/ckpt/*.pyx`` becomes the extension ``ckpt.<name>``.
 
 A release build (the default) is portable and small: no bounds checks, no debug information
 (``-g0`` after the interpreter's ``-g``, and ``--strip-debug`` at link time), no ``-march=native``,
-and a RUNPATH of exactly ``$ORIGIN/../scipy_openblas32/lib``: the interpreter's own link flags
-(``-L`` and ``-Wl,-rpath`` to its library folder, from sysconfig's LDFLAGS) are filtered out.
+and a RUNPATH of exactly ``$ORIGIN/../scipy_openblas32/lib``: every ``-rpath`` in the link command
+(sysconfig's LDFLAGS put the interpreter's library folder there) and the ``-L`` to the interpreter's
+own folders are filtered out.
 
 Set ``CKPT_DEBUG_CYTHON=1`` for a debug build: bounds, wraparound and initialisation checks back on,
 and ``-g -Og`` so gdb can step through the kernels.
@@ -49,7 +50,7 @@ else:
 
 
 def _interpreter_link_dirs() -> set:
-    """The -L and -rpath folders that the interpreter's sysconfig puts into every link command."""
+    """The interpreter's library folders: LIBDIR and the -L folders of its sysconfig link flags."""
     flags = []
     for var in ("LDSHARED", "LDFLAGS", "CONFIGURE_LDFLAGS", "PY_LDFLAGS"):
         flags += shlex.split(sysconfig.get_config_var(var) or "")
