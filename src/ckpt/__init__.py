@@ -16,7 +16,7 @@ from ckpt.optim import SGD, Adam, AdamW
 from ckpt.tracker import MemoryUsageTracker
 from ckpt.train import build_mlp, evaluate, fit, predict
 
-__version__ = "0.1.0"
+from ckpt._version import __version__
 
 __all__ = [
     "SGD",

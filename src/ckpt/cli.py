@@ -611,7 +611,8 @@ def build_parser() -> ArgumentParser:
 
 
 def _version() -> str:
-    from ckpt import __version__
+    """The installed ckpt version, from its single source ``ckpt/_version.py``."""
+    from ckpt._version import __version__
     return __version__
 
 
