@@ -2,7 +2,7 @@
 >= 97% at 64 and 128 blocks, where a plain Dense stack of 64 layers stays at chance).
 
     python bench/resmlp_accuracy.py [--depths 16,64,128] [--epochs 30] [--width 256]
-                                    [--batch-size 64] [--threads 2] [--seed 0] [--out FILE.md]
+                                    [--batch-size 64] [--threads 1] [--seed 0] [--out FILE.md]
 
 For each depth D it runs ``ckpt train --residual --depth D --width 256 --batch-size 64
 --epochs 30 --json`` (Adam, default checkpointing, the CLI's stratified 80/20 split) in a
@@ -105,7 +105,7 @@ def table(rows: List[Dict], args: argparse.Namespace, via: str) -> str:
         lines.append(f"| {r['depth']} | {r['depth'] + 3} | {r['parameter_count']:,} | "
                      f"{r['checkpoint_every']} | {r['test_accuracy']:.2%} | "
                      f"{r['train_accuracy']:.2%} | {r['seconds']:.1f} | "
-                     f"{r['steps'] / r['seconds']:.0f} |")
+                     f"{r['steps'] / r['seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -116,7 +116,8 @@ def main(argv=None) -> List[Dict]:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="OpenBLAS threads (default 1, as ckpt train)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="also write the table here")
     p.add_argument("--api", action="store_true",

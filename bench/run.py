@@ -420,6 +420,7 @@ def parse_args(argv=None):
     p.add_argument("--render-only", action="store_true",
                    help="rewrite results.md and results.png from OUT/results.json, run nothing")
     args = p.parse_args(argv)
+    args.rounds_given = args.rounds is not None
     if args.quick:
         defaults = dict(rounds=3, warm_steps=2, warm_seconds=0.0, round_seconds=0.0,
                         min_steps=3, max_steps=3, gap=0.05)
@@ -510,6 +511,9 @@ def main(argv=None) -> dict:
         "meta": {
             "command": "python bench/run.py" + (" --quick" if args.quick else "")
                        + (f" --workloads {args.workloads}" if args.workloads else "")
+                       + (f" --threads {args.threads}" if args.threads != (os.cpu_count() or 1)
+                          else "")
+                       + (f" --rounds {args.rounds}" if args.rounds_given else "")
                        + ("" if args.out == str(HERE / "results") else f" --out {args.out}"),
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": args.threads,
