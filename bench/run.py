@@ -1,4 +1,4 @@
-"""Benchmark ckpt against pure NumPy and PyTorch on Dense-layer chains (step time, memory).
+"""Benchmark ckpt against pure NumPy and PyTorch on Dense-layer chains and a residual MLP.
 
     python bench/run.py [--quick] [--out bench/results] [--threads N] [--rounds R]
                         [--workloads small,deep] [--no-torch] [--render-only]
@@ -6,11 +6,15 @@
 Writes OUT/results.md (tables), OUT/results.json (everything, with threadpoolctl's view of the
 BLAS of every contender) and OUT/results.png (step time and memory per workload and contender).
 
-Workloads: float32 ReLU MLPs of D layers W -> W (last layer linear), MSE, SGD, batch B; one step
-is forward + backward + update. Each runs at checkpoint_every=1 (plain backprop) and at
-floor(sqrt(D)). Contenders: ckpt (SegmentCheckpointer of Dense, model.update, zero_grad), the
-same algorithm in NumPy (bench/numpy_mlp.py), PyTorch (nn.Sequential, checkpoint_sequential with
-the same number of segments, SGD) when importable. Each contender runs in its own process
+Workloads (bench/workloads.py), MSE, SGD, batch B, float32; one step is forward + backward +
+update: float32 ReLU MLPs of D layers W -> W (last layer linear), and ``resmlp``, the pre-norm
+residual MLP of ckpt.build_mlp(residual=True) with D blocks (LayerNorm, Dense, ReLU, Dense, skip)
+between an input projection and a LayerNorm + output Dense (D + 3 chain elements, a block being
+one). Each runs at checkpoint_every=1 (plain backprop; for resmlp every block's internals kept)
+and at floor(sqrt(N)) for N chain elements. Contenders: ckpt (SegmentCheckpointer,
+model.update, zero_grad), the same segments in NumPy (bench/numpy_mlp.py,
+bench/numpy_resmlp.py), PyTorch (nn.Sequential, checkpoint_sequential with the same number of
+segments, SGD) when importable. Each contender runs in its own process
 (bench/worker.py); they take turns in rounds (A B C A B C ...); a round is at least
 --round-seconds of steps. Times are the median, min and max over all timed steps after warm-up.
 
@@ -48,6 +52,8 @@ TARGETS = {
     "large": [("speedup_vs_numpy", ">=", 1.1), ("speedup_vs_torch", ">=", 1.0),
               ("blas_efficiency", ">=", 0.90)],
     "deep": [("memory_ratio_sqrt_vs_plain", "<=", 0.15)],
+    "resmlp": [("speedup_vs_numpy", ">=", 1.3), ("speedup_vs_torch", ">=", 1.5),
+               ("memory_ratio_sqrt_vs_plain", "<=", 0.2)],
 }
 
 CONTENDER_LABELS = {"ckpt": "ckpt", "numpy": "NumPy", "torch": "PyTorch",
@@ -128,8 +134,8 @@ def run_config(w: wl.Workload, k: int, entries, workers, args, log_note) -> list
     rows = []
     active = []
     for key, contender, variant in entries:
-        row = {"workload": w.name, "depth": w.depth, "width": w.width, "batch": w.batch,
-               "checkpoint_every": k, "schedule": variant, "contender": key, "status": "ok",
+        row = {"workload": w.name, "kind": w.kind, "depth": w.depth, "width": w.width,
+               "batch": w.batch, "elements": w.n_elements, "checkpoint_every": k, "schedule": variant, "contender": key, "status": "ok",
                "note": None}
         rows.append(row)
         worker = workers.get(key)
@@ -151,7 +157,8 @@ def run_config(w: wl.Workload, k: int, entries, workers, args, log_note) -> list
         row.update(note=prep.get("note"), recomputed_layers=prep["recomputed_layers"],
                    loss0=resp["loss0"], subnormals0=resp["subnormals0"], memory=resp["memory"],
                    warmup_steps=resp["warmup_steps"], steps_per_round=resp["steps_per_round"])
-        for extra in ("budget_bytes", "schedule_peak_bytes", "segments"):
+        for extra in ("budget_bytes", "schedule_peak_bytes", "segments", "executor",
+                      "recomputed_gemms"):
             if extra in prep:
                 row[extra] = prep[extra]
         row["_steps"], row["_gemm"], row["_rounds"], row["_gemm_rounds"] = [], [], [], []
@@ -180,16 +187,10 @@ def run_config(w: wl.Workload, k: int, entries, workers, args, log_note) -> list
             row["blas_efficiency"] = row["gemm_time_s"]["median"] / row["time_s"]["median"]
             per_round = [g / s for g, s in zip(gemm_rounds, row["round_medians_s"])]
             row["blas_efficiency_range"] = [min(per_round), max(per_round)]
-        recomputed = (wl.torch_recomputed_layers(w.depth, k) if row["contender"] == "torch"
-                      else None)
-        n_rec = row["recomputed_layers"]
-        per_layer = 2 * w.batch * w.width * w.width
-        flops = wl.gemm_flops(w, [])
-        row["flops"] = {"base": flops["base"], "recompute": n_rec * per_layer,
-                        "total": flops["base"] + n_rec * per_layer}
-        if recomputed is not None:
-            assert len(recomputed) == n_rec
-        row["extra_flops"] = n_rec * per_layer
+        if row["contender"] == "torch":
+            assert len(wl.torch_recomputed_layers(w.n_elements, k)) == row["recomputed_layers"]
+        row["flops"] = wl.gemm_flops(w, row["recomputed_gemms"])
+        row["extra_flops"] = row["flops"]["recompute"]
         row["gflops_per_s"] = row["flops"]["total"] / row["time_s"]["median"] / 1e9
     return rows
 
@@ -262,6 +263,13 @@ def _mib(b) -> str:
     return "–" if b is None else f"{b / 2 ** 20:.2f}"
 
 
+def _shape(r: dict) -> str:
+    """"D×W", or "D blocks×W" for the residual MLP (rows of older results have no kind)."""
+    if r.get("kind", "mlp") == "resmlp":
+        return f"{r['depth']} blocks×{r['width']}"
+    return f"{r['depth']}×{r['width']}"
+
+
 def write_markdown(path: Path, result: dict) -> None:
     meta = result["meta"]
     L = ["# ckpt benchmark: step time and memory", ""]
@@ -283,12 +291,12 @@ def write_markdown(path: Path, result: dict) -> None:
                  f"{meta['gemm_peak_gflops']:.0f} GFLOP/s (the machine's practical peak).")
     L += ["", "## Results", "",
           "| workload (D×W, B) | k | schedule | contender | step ms median [min–max] | "
-          "ckpt × faster | BLAS eff. | GFLOP/s | peak mem MiB | mem vs k=1 | recomputed layers | "
+          "ckpt × faster | BLAS eff. | GFLOP/s | peak mem MiB | mem vs k=1 | recomputed elements | "
           "extra GFLOP | notes |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     ratio_by = {(e["workload"], e["checkpoint_every"]): e for e in result["ratios"]}
     for r in result["rows"]:
-        wname = f"{r['workload']} ({r['depth']}×{r['width']}, {r['batch']})"
+        wname = f"{r['workload']} ({_shape(r)}, {r['batch']})"
         label = CONTENDER_LABELS.get(r["contender"], r["contender"])
         if r["status"] != "ok":
             L.append(f"| {wname} | {r['checkpoint_every']} | {r['schedule']} | {label} | "
@@ -373,7 +381,7 @@ def write_plot(path: Path, result: dict) -> None:
         for ax in (axes[0][col], axes[1][col]):
             ax.set_xticks(range(len(configs)))
             ax.set_xticklabels(ticks)
-        axes[0][col].set_title(f"{name}: D={w0['depth']}, W={w0['width']}, B={w0['batch']}")
+        axes[0][col].set_title(f"{name}: {_shape(w0)}, B={w0['batch']}")
         axes[0][col].set_ylabel("step time (ms, log), median, min–max")
         axes[1][col].set_ylabel("peak activation memory (MiB)")
         # speed ratios as text
@@ -406,11 +414,13 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="BLAS/OpenMP threads for every contender (default: all cores)")
     p.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 9; quick 3)")
-    p.add_argument("--workloads", default=None, help="comma-separated subset, e.g. small,deep")
+    p.add_argument("--workloads", default=None,
+                   help="comma-separated subset, e.g. small,deep or resmlp")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if importable")
     p.add_argument("--render-only", action="store_true",
                    help="rewrite results.md and results.png from OUT/results.json, run nothing")
     args = p.parse_args(argv)
+    args.rounds_given = args.rounds is not None
     if args.quick:
         defaults = dict(rounds=3, warm_steps=2, warm_seconds=0.0, round_seconds=0.0,
                         min_steps=3, max_steps=3, gap=0.05)
@@ -436,7 +446,11 @@ def main(argv=None) -> dict:
     load_before = os.getloadavg()
     chosen = wl.QUICK if args.quick else wl.FULL
     if args.workloads:
-        wanted = set(args.workloads.split(","))
+        wanted = {name.strip() for name in args.workloads.split(",") if name.strip()}
+        unknown = wanted - {w.name for w in chosen}
+        if unknown or not wanted:
+            raise SystemExit(f"run.py: --workloads: unknown {sorted(unknown)}; choose from "
+                             f"{[w.name for w in chosen]}")
         chosen = [w for w in chosen if w.name in wanted]
     unset = not args.quick
     env = worker_env(args.threads, unset)
@@ -496,6 +510,10 @@ def main(argv=None) -> dict:
         "schema": 1,
         "meta": {
             "command": "python bench/run.py" + (" --quick" if args.quick else "")
+                       + (f" --workloads {args.workloads}" if args.workloads else "")
+                       + (f" --threads {args.threads}" if args.threads != (os.cpu_count() or 1)
+                          else "")
+                       + (f" --rounds {args.rounds}" if args.rounds_given else "")
                        + ("" if args.out == str(HERE / "results") else f" --out {args.out}"),
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": args.threads,
@@ -540,9 +558,18 @@ def main(argv=None) -> dict:
             "(saved_tensors_hooks, unique storages, parameters excluded); it excludes the "
             "segment recomputed during backward and autograd's transient buffers, so it is a "
             "lower bound and not directly comparable to the tracemalloc figures.",
-            "Recomputed layers / extra GFLOP: layer forwards run again in backward (2·B·in·out "
-            "each). checkpoint_sequential recomputes whole segments (their last layer too), so "
-            "PyTorch recomputes more than ckpt at the same segment count.",
+            "Recomputed elements / extra GFLOP: chain elements (a Dense layer; for resmlp also a "
+            "whole residual block or a LayerNorm) forwarded again in backward, and the GEMM FLOPs "
+            "of every Dense forward run again (2·B·in·out each). checkpoint_sequential "
+            "recomputes whole segments (their last element too), so PyTorch recomputes more "
+            "elements than ckpt at the same segment count.",
+            "resmlp: N = D + 3 chain elements (input projection, D blocks, LayerNorm, output "
+            "Dense), k = floor(sqrt(N)). At k=1 every contender keeps every block's internals "
+            "(plain backprop). At k>1 ckpt keeps no internals: every block's backward rebuilds "
+            "its body (two more GEMMs per block), including blocks it has just recomputed in "
+            "the segment; NumPy and PyTorch keep the internals of the segment they recompute, "
+            "so they run fewer GEMMs (and hold more). BLAS eff. counts every Dense GEMM ckpt "
+            "runs; LayerNorm, ReLU and skip additions are the rest of the step.",
             "Subnormal floats: counted in the output, gradients and parameters after the first "
             "and the last step; any found is flagged in the notes column.",
         ] + [v for v in notes_by_key.values()],

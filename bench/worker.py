@@ -98,26 +98,20 @@ class CkptContender(Contender):
     def prepare(self, w, k, variant):
         import ckpt
         from ckpt import _core
-        from ckpt.layers import Dense
         from ckpt.schedule import compile_schedule, uniform_ops
         ckpt.set_num_threads(self.threads)
-        weights, biases = wl.initial_weights(w)
-        layers = []
-        for i in range(w.depth):
-            layer = Dense(w.widths[i], w.widths[i + 1], "relu" if i < w.depth - 1 else None,
-                          dtype=np.float32, rng=i)
-            layer.set_params([weights[i], biases[i]])
-            layers.append(layer)
+        layers = self._build(w)
         note = None
         extra = {}
         if variant == "planned":
             import ckpt.plan as ckpt_plan
-            uniform = compile_schedule(uniform_ops(w.depth, k), w.widths)
+            costs = ckpt.SegmentCheckpointer(layers).costs
+            uniform = compile_schedule(uniform_ops(w.n_elements, k), costs)
             budget = uniform.peak_units * w.batch * np.dtype(np.float32).itemsize
-            p = ckpt_plan.plan(list(w.widths), w.batch, budget)
+            p = ckpt_plan.plan(costs if w.kind != "mlp" else list(w.widths), w.batch, budget)
             self.model = ckpt.SegmentCheckpointer(layers, plan=p)
             extra["budget_bytes"] = int(budget)
-            note = f"ckpt.plan at the budget of {k}-layer uniform segments ({budget} bytes)"
+            note = f"ckpt.plan at the budget of {k}-element uniform segments ({budget} bytes)"
         else:
             self.model = ckpt.SegmentCheckpointer(layers, checkpoint_every=k)
         self.layers = layers
@@ -127,27 +121,74 @@ class CkptContender(Contender):
         compiled = self.model.schedule(w.batch)
         self.recomputed = list(compiled.recomputed_layers)
         extra["schedule_peak_bytes"] = int(compiled.peak_units * w.batch * 4)
-        if variant == "uniform" and sorted(self.recomputed) != wl.uniform_recomputed_layers(w.depth, k):
-            raise AssertionError("ckpt's schedule recomputes other layers than the uniform count")
-        self._setup_gemm_only(w, _core)
+        extra["executor"] = self.model.executor
+        if variant == "uniform":
+            if sorted(self.recomputed) != wl.uniform_recomputed_layers(w.n_elements, k):
+                raise AssertionError("ckpt's schedule recomputes other elements than the "
+                                     "uniform count")
+            if k == 1 and w.kind == "resmlp" and not compiled.keep_internals:
+                raise AssertionError("plain backprop must keep the blocks' internals")
+        self._setup_gemm_only(w, _core, rebuilds_internals=not compiled.keep_internals)
+        extra["recomputed_gemms"] = len(self._gemm_fw) - sum(w.dense_per_element)
+        if variant == "uniform" and extra["recomputed_gemms"] != wl.recomputed_gemms(w, "ckpt", k):
+            raise AssertionError("ckpt recomputes another number of GEMMs than counted")
         return {"recomputed_layers": len(self.recomputed), "note": note, **extra}
 
-    def _setup_gemm_only(self, w, _core) -> None:
-        """Buffers for ckpt's GEMMs alone: the same shapes through ckpt's own BLAS path."""
+    @staticmethod
+    def _build(w):
+        """The workload's layers, with the shared initial parameters."""
+        from ckpt.layers import Dense
+        if w.kind == "resmlp":
+            from ckpt.train import build_mlp
+            layers = build_mlp(w.width, w.depth, w.width, w.width, "relu", np.float32, 0,
+                               residual=True)
+            params = [p for layer in layers for p in layer.params()]
+            values = wl.initial_resmlp_params(w)
+            if [p.shape for p in params] != [v.shape for v in values]:
+                raise AssertionError("build_mlp(residual=True) has other parameters than the "
+                                     "workload's")
+            for p, v in zip(params, values):
+                p[...] = v
+            return layers
+        weights, biases = wl.initial_weights(w)
+        layers = []
+        for i in range(w.depth):
+            layer = Dense(w.widths[i], w.widths[i + 1], "relu" if i < w.depth - 1 else None,
+                          dtype=np.float32, rng=i)
+            layer.set_params([weights[i], biases[i]])
+            layers.append(layer)
+        return layers
+
+    def _setup_gemm_only(self, w, _core, rebuilds_internals: bool) -> None:
+        """Buffers for ckpt's GEMMs alone: the same shapes through ckpt's own BLAS path.
+
+        Forward GEMMs: every Dense once, the Dense layers of every recomputed element again,
+        and (when the blocks' internals are not kept) every block's body once more, rebuilt
+        in its backward. Backward: every Dense once."""
+        from ckpt.layers import Dense, walk
         rng = np.random.default_rng(0)
         widest = max(w.widths)
         self._core = _core
+
+        def dense_in(layer):
+            return [d for d in walk([layer]) if isinstance(d, Dense)]
+
+        forward = [d for layer in self.layers for d in dense_in(layer)]
+        for i in self.recomputed:
+            forward += dense_in(self.layers[i])
+        if rebuilds_internals:
+            forward += [d for layer in self.layers if layer.children() for d in dense_in(layer)]
+        backward = [d for layer in reversed(self.layers) for d in reversed(dense_in(layer))]
         self._ga = rng.standard_normal((w.batch, widest)).astype(np.float32)
         self._gb = rng.standard_normal((w.batch, widest)).astype(np.float32)
-        self._gw = [np.zeros((w.widths[i], w.widths[i + 1]), np.float32) for i in range(w.depth)]
-        self._gbias = [np.zeros(w.widths[i + 1], np.float32) for i in range(w.depth)]
-        self._zero_b = [np.zeros(w.widths[i + 1], np.float32) for i in range(w.depth)]
-        fw = [(i, 0) for i in range(w.depth)] + [(i, 0) for i in self.recomputed]
-        self._gemm_fw = [(self._ga[:, :w.widths[i]], self.layers[i].W, self._zero_b[i],
-                          self._gb[:, :w.widths[i + 1]]) for i, _ in fw]
-        self._gemm_bw = [(self._ga[:, :w.widths[i]], self.layers[i].W, self._gb[:, :w.widths[i + 1]],
-                          self._gw[i], self._gbias[i], self._ga[:, :w.widths[i]])
-                         for i in reversed(range(w.depth))]
+        self._gw = {id(d): np.zeros_like(d.W) for d in backward}
+        self._gbias = {id(d): np.zeros_like(d.b) for d in backward}
+        self._zero_b = {id(d): np.zeros_like(d.b) for d in backward}
+        self._gemm_fw = [(self._ga[:, :d.in_features], d.W, self._zero_b[id(d)],
+                          self._gb[:, :d.out_features]) for d in forward]
+        self._gemm_bw = [(self._ga[:, :d.in_features], d.W, self._gb[:, :d.out_features],
+                          self._gw[id(d)], self._gbias[id(d)], self._ga[:, :d.in_features])
+                         for d in backward]
         # Slices of (B, widest) buffers are C-contiguous only when the width is the widest one;
         # every workload here has one width, so they are; check it.
         for args in self._gemm_fw + self._gemm_bw:
@@ -156,7 +197,8 @@ class CkptContender(Contender):
 
     def gemm_only(self) -> None:
         """The step's GEMMs back to back: x@W for every forward and recomputation (identity, so
-        plus one bias pass), then per layer x.T@d and d@W.T (identity backward, plus one colsum)."""
+        plus one bias pass), then per Dense x.T@d and d@W.T (identity backward, plus one
+        colsum)."""
         fwd, bwd = self._core.dense_forward, self._core.dense_backward
         for x, W, b, y in self._gemm_fw:
             fwd(x, W, b, y, 0)
@@ -197,10 +239,15 @@ class NumpyContender(Contender):
 
     def prepare(self, w, k, variant):
         from threadpoolctl import threadpool_limits
-        from numpy_mlp import NumpyMLP
         self._limits = threadpool_limits(self.threads)
-        weights, biases = wl.initial_weights(w)
-        self.model = NumpyMLP(weights, biases, k)
+        if w.kind == "resmlp":
+            from numpy_resmlp import NumpyResMLP
+            self.model = NumpyResMLP(wl.initial_resmlp_params(w), w.depth, k,
+                                     eps=wl.LAYERNORM_EPS)
+        else:
+            from numpy_mlp import NumpyMLP
+            weights, biases = wl.initial_weights(w)
+            self.model = NumpyMLP(weights, biases, k)
         self.g = np.empty((w.batch, w.widths[-1]), np.float32)
         self.scale = np.float32(2.0 / self.g.size)
         self.lr = wl.LEARNING_RATE
@@ -209,10 +256,20 @@ class NumpyContender(Contender):
         np.subtract(x0, self.t, out=self.g)
         self.model.backward(self.g)
         recomputed = self.model.recomputed_layers
-        self.model.gW = [np.zeros_like(a) for a in self.model.gW]
-        if recomputed != len(wl.uniform_recomputed_layers(w.depth, k)):
-            raise AssertionError("the NumPy MLP recomputes another number of layers")
-        return {"recomputed_layers": recomputed, "note": None}
+        gemms = getattr(self.model, "recomputed_gemms", recomputed)
+        grads = (self.model.gradients() if hasattr(self.model, "gradients")
+                 else self.model.gW + self.model.gb)
+        for a in grads:
+            a.fill(0)
+        if recomputed != len(wl.uniform_recomputed_layers(w.n_elements, k)):
+            raise AssertionError("the NumPy contender recomputes another number of elements")
+        if gemms != wl.recomputed_gemms(w, "numpy", k):
+            raise AssertionError("the NumPy contender recomputes another number of GEMMs")
+        note = None
+        if w.kind == "resmlp" and k != 1:
+            note = ("recomputes each segment once keeping the blocks' internals (no rebuild "
+                    "inside a block's backward)")
+        return {"recomputed_layers": recomputed, "recomputed_gemms": gemms, "note": note}
 
     def step(self) -> None:
         model = self.model
@@ -230,7 +287,9 @@ class NumpyContender(Contender):
         y_copy = y.copy()
         self.g *= self.scale
         self.model.backward(self.g)
-        return loss, [y_copy] + self.model.gW + self.model.gb + self.model.params()
+        grads = (self.model.gradients() if hasattr(self.model, "gradients")
+                 else self.model.gW + self.model.gb)
+        return loss, [y_copy] + grads + self.model.params()
 
 
 class TorchContender(Contender):
@@ -245,27 +304,64 @@ class TorchContender(Contender):
 
     def prepare(self, w, k, variant):
         import torch
-        from torch import nn
         self.torch = torch
         torch.set_num_threads(self.threads)
+        self.model = self._build(w)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=wl.LEARNING_RATE)
+        n = w.n_elements
+        self.segments = None if k == 1 else -(-n // k)
+        self.tx = torch.from_numpy(self.x)
+        self.tt = torch.from_numpy(self.t)
+        recomputed = wl.torch_recomputed_layers(n, k)
+        note = ("plain autograd (no checkpointing)" if k == 1 else
+                f"checkpoint_sequential({self.segments} segments, use_reentrant=False); it "
+                f"recomputes whole segments, {len(recomputed)} element forwards")
+        return {"recomputed_layers": len(recomputed), "segments": self.segments,
+                "recomputed_gemms": wl.recomputed_gemms(w, "torch", k), "note": note}
+
+    def _build(self, w):
+        """nn.Sequential of the workload's elements, with the shared initial parameters."""
+        torch = self.torch
+        from torch import nn
+
+        def linear(W, b):
+            lin = nn.Linear(W.shape[0], W.shape[1])
+            with torch.no_grad():
+                lin.weight.copy_(torch.from_numpy(np.ascontiguousarray(W.T)))
+                lin.bias.copy_(torch.from_numpy(b))
+            return lin
+
+        def norm(weight, bias):
+            ln = nn.LayerNorm(weight.shape[0], eps=wl.LAYERNORM_EPS)
+            with torch.no_grad():
+                ln.weight.copy_(torch.from_numpy(weight))
+                ln.bias.copy_(torch.from_numpy(bias))
+            return ln
+
+        if w.kind == "resmlp":
+            class Block(nn.Module):
+                """x + fc2(relu(fc1(norm(x))))."""
+
+                def __init__(self, ln_w, ln_b, W1, b1, W2, b2):
+                    super().__init__()
+                    self.norm = norm(ln_w, ln_b)
+                    self.fc1 = linear(W1, b1)
+                    self.act = nn.ReLU()
+                    self.fc2 = linear(W2, b2)
+
+                def forward(self, x):
+                    return x + self.fc2(self.act(self.fc1(self.norm(x))))
+
+            parts = wl.split_resmlp_params(w, wl.initial_resmlp_params(w))
+            return nn.Sequential(linear(*parts["proj"]),
+                                 *[Block(*blk) for blk in parts["blocks"]],
+                                 norm(*parts["norm"]), linear(*parts["head"]))
         weights, biases = wl.initial_weights(w)
         blocks = []
         for i in range(w.depth):
-            lin = nn.Linear(w.widths[i], w.widths[i + 1])
-            with torch.no_grad():
-                lin.weight.copy_(torch.from_numpy(np.ascontiguousarray(weights[i].T)))
-                lin.bias.copy_(torch.from_numpy(biases[i]))
+            lin = linear(weights[i], biases[i])
             blocks.append(nn.Sequential(lin, nn.ReLU()) if i < w.depth - 1 else lin)
-        self.model = nn.Sequential(*blocks)
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=wl.LEARNING_RATE)
-        self.segments = None if k == 1 else -(-w.depth // k)
-        self.tx = torch.from_numpy(self.x)
-        self.tt = torch.from_numpy(self.t)
-        recomputed = wl.torch_recomputed_layers(w.depth, k)
-        note = ("plain autograd (no checkpointing)" if k == 1 else
-                f"checkpoint_sequential({self.segments} segments, use_reentrant=False); it "
-                f"recomputes whole segments, {len(recomputed)} layer forwards")
-        return {"recomputed_layers": len(recomputed), "segments": self.segments, "note": note}
+        return nn.Sequential(*blocks)
 
     def _forward(self):
         if self.segments is None:

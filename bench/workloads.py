@@ -1,9 +1,16 @@
 """Workloads of the benchmark: shapes, the shared initial weights, and exact FLOP counts.
 
-A workload is a float32 ReLU MLP of D Dense layers of width W (W -> W each, the last one linear),
-trained with mean-squared error and plain SGD on a batch of B rows. One step = forward +
-backward + update. Every contender builds its network from :func:`initial_weights`, so all start
-from the same He-normal weights (zero biases).
+A workload is trained with mean-squared error and plain SGD on a batch of B rows, float32; one
+step = forward + backward + update. Two kinds:
+
+- ``mlp``: a ReLU MLP of D Dense layers of width W (W -> W each, the last one linear); a chain
+  of D elements. Every contender builds it from :func:`initial_weights`.
+- ``resmlp``: the pre-norm residual MLP of ``ckpt.build_mlp(residual=True)``: an input
+  projection Dense(W -> W, linear), D residual blocks x + Dense2(ReLU(Dense1(LayerNorm(x)))),
+  a final LayerNorm and a linear output Dense(W -> W); a chain of D + 3 elements (a block is
+  one element). Every contender builds it from :func:`initial_resmlp_params`.
+
+All start from the same He-normal weights, zero biases, LayerNorm weight 1 and bias 0.
 """
 from __future__ import annotations
 
@@ -17,25 +24,53 @@ LEARNING_RATE = 1e-3
 SEED = 20240607
 
 
+KINDS = ("mlp", "resmlp")
+LAYERNORM_EPS = 1e-5
+
+
 @dataclass(frozen=True)
 class Workload:
     name: str
-    depth: int   # D, number of Dense layers
-    width: int   # W, every layer is W -> W
+    depth: int   # D: Dense layers (kind "mlp") or residual blocks (kind "resmlp")
+    width: int   # W: every Dense is W -> W
     batch: int   # B
+    kind: str = "mlp"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"Workload kind must be one of {KINDS}, got {self.kind!r}")
+
+    @property
+    def n_elements(self) -> int:
+        """Chain elements N: D Dense layers, or projection + D blocks + LayerNorm + output."""
+        return self.depth if self.kind == "mlp" else self.depth + 3
 
     @property
     def widths(self) -> Tuple[int, ...]:
-        return (self.width,) * (self.depth + 1)
+        """Activation widths a_0 .. a_N (all W)."""
+        return (self.width,) * (self.n_elements + 1)
+
+    @property
+    def dense_per_element(self) -> Tuple[int, ...]:
+        """W x W Dense layers inside each chain element (a block has two, a LayerNorm none)."""
+        if self.kind == "mlp":
+            return (1,) * self.depth
+        return (1,) + (2,) * self.depth + (0, 1)
 
     @property
     def sqrt_k(self) -> int:
-        return max(1, math.isqrt(self.depth))
+        return max(1, math.isqrt(self.n_elements))
 
     @property
     def intervals(self) -> List[int]:
-        """checkpoint_every values benchmarked: 1 (plain backprop) and floor(sqrt(D))."""
+        """checkpoint_every values benchmarked: 1 (plain backprop) and floor(sqrt(N))."""
         return sorted({1, self.sqrt_k})
+
+    @property
+    def label(self) -> str:
+        """Shape for tables: "D×W" or "D blocks×W"."""
+        return (f"{self.depth}×{self.width}" if self.kind == "mlp"
+                else f"{self.depth} blocks×{self.width}")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -46,12 +81,14 @@ FULL = [
     Workload("medium", 32, 256, 64),
     Workload("large", 8, 1024, 256),
     Workload("deep", 256, 256, 64),
+    Workload("resmlp", 64, 256, 64, kind="resmlp"),   # 67 elements: k = 8
 ]
 
 # --quick: every code path on tiny sizes, a few seconds in all.
 QUICK = [
     Workload("small", 9, 16, 8),
     Workload("deep", 16, 32, 8),
+    Workload("resmlp", 6, 16, 8, kind="resmlp"),      # 9 elements: k = 3
 ]
 
 WORKLOADS: Dict[str, Workload] = {w.name: w for w in FULL}
@@ -74,6 +111,49 @@ def initial_weights(w: Workload, seed: int = SEED):
     return weights, biases
 
 
+def initial_resmlp_params(w: Workload, seed: int = SEED) -> List[np.ndarray]:
+    """The residual MLP's parameters, float32, flat in ``params()`` order of the ckpt model:
+    projection W, b; per block LayerNorm weight, bias, Dense1 W, b, Dense2 W, b; final
+    LayerNorm weight, bias; output W, b. Dense weights are (in, out) (torch's weight.T).
+
+    He-normal Dense weights (std sqrt(2 / in)), zero biases, LayerNorm weight 1 and bias 0; each
+    block's Dense2 is scaled by 1 / sqrt(2 D), as ``ckpt.build_mlp(residual=True)`` does.
+    Raises if any value is subnormal.
+    """
+    if w.kind != "resmlp":
+        raise ValueError(f"workload {w.name} is of kind {w.kind!r}, not 'resmlp'")
+    rng = np.random.default_rng(seed)
+    n = w.width
+
+    def dense(scale: float = 1.0):
+        W = rng.normal(0.0, math.sqrt(2.0 / n), (n, n)) * scale
+        return [W.astype(np.float32), np.zeros(n, np.float32)]
+
+    def norm():
+        return [np.ones(n, np.float32), np.zeros(n, np.float32)]
+
+    params = dense()
+    branch_scale = 1.0 / math.sqrt(2 * w.depth)
+    for _ in range(w.depth):
+        params += norm() + dense() + dense(branch_scale)
+    params += norm() + dense()
+    bad = sum(count_subnormals(a) for a in params)
+    if bad:
+        raise AssertionError(f"{bad} subnormal initial parameters")
+    return params
+
+
+def split_resmlp_params(w: Workload, params: List[np.ndarray]) -> dict:
+    """The flat list of :func:`initial_resmlp_params` by part: "proj" (W, b), "blocks" (one
+    (ln_w, ln_b, W1, b1, W2, b2) per block), "norm" (w, b), "head" (W, b)."""
+    if len(params) != 6 * w.depth + 6:
+        raise ValueError(f"a residual MLP of {w.depth} blocks has {6 * w.depth + 6} parameter "
+                         f"arrays, got {len(params)}")
+    blocks = [tuple(params[2 + 6 * i: 8 + 6 * i]) for i in range(w.depth)]
+    return {"proj": tuple(params[:2]), "blocks": blocks, "norm": tuple(params[-4:-2]),
+            "head": tuple(params[-2:])}
+
+
 def batch_data(w: Workload, seed: int = SEED + 1):
     """Input x (B, W) and regression target t (B, W), standard normal, float32."""
     rng = np.random.default_rng(seed)
@@ -90,7 +170,7 @@ def count_subnormals(a) -> int:
 
 
 def uniform_recomputed_layers(depth: int, k: int) -> List[int]:
-    """Layers forwarded again in backward by segment checkpointing every k layers (Chen et al.).
+    """Elements (layers, blocks) forwarded again in backward by segment checkpointing every k layers (Chen et al.).
 
     A segment of S layers recomputes its first S - 1: its last output is held (the next segment's
     start, or the network output). k = 1 recomputes nothing.
@@ -105,7 +185,7 @@ def uniform_recomputed_layers(depth: int, k: int) -> List[int]:
 
 
 def torch_recomputed_layers(depth: int, k: int) -> List[int]:
-    """Layers torch.utils.checkpoint.checkpoint_sequential recomputes with ceil(D / k) segments.
+    """Elements (modules of the nn.Sequential) torch.utils.checkpoint.checkpoint_sequential recomputes with ceil(D / k) segments.
 
     It checkpoints every segment but the last, and recomputes whole segments (their last layer
     too). k = 1 is run without checkpointing (plain autograd), so nothing is recomputed.
@@ -118,9 +198,37 @@ def torch_recomputed_layers(depth: int, k: int) -> List[int]:
     return list(range(0, size * (segments - 1)))
 
 
-def gemm_flops(w: Workload, recomputed: List[int]) -> Dict[str, int]:
-    """Exact GEMM FLOPs of one step: 2*B*in*out per GEMM; 3 GEMMs per layer, 1 per recompute."""
-    per_layer = [2 * w.batch * w.widths[i] * w.widths[i + 1] for i in range(w.depth)]
-    base = 3 * sum(per_layer)
-    extra = sum(per_layer[i] for i in recomputed)
+def recomputed_gemms(w: Workload, contender: str, k: int) -> int:
+    """W x W forward GEMMs a contender runs again in one step at checkpoint_every k.
+
+    - ckpt: the elements of :func:`uniform_recomputed_layers`; and for k != 1 (internals not
+      kept), every block's backward rebuilds its body (both Dense layers) first.
+    - numpy: the same segments; a recomputation keeps the blocks' internals, so nothing is
+      rebuilt twice; a segment's last element is not run again, except a block's first Dense
+      (its backward needs that Dense's output; the second Dense's output it does not need).
+    - torch: checkpoint_sequential recomputes whole segments (internals kept while it does).
+    """
+    per = w.dense_per_element
+    n = w.n_elements
+    if contender == "torch":
+        return sum(per[i] for i in torch_recomputed_layers(n, k))
+    rec = uniform_recomputed_layers(n, k)
+    count = sum(per[i] for i in rec)
+    if k == 1 or w.kind == "mlp":
+        return count
+    if contender == "ckpt":
+        return count + 2 * w.depth
+    if contender == "numpy":
+        kk = n if k <= 0 or k > n else k
+        ends = [min(start + kk, n) - 1 for start in range(0, n, kk)]
+        return count + sum(1 for i in ends if 1 <= i <= w.depth)   # block i is element i
+    raise ValueError(f"unknown contender {contender!r}")
+
+
+def gemm_flops(w: Workload, recomputed_gemm_count: int = 0) -> Dict[str, int]:
+    """Exact GEMM FLOPs of one step: 2*B*W*W per GEMM; 3 GEMMs per Dense layer (forward, weight
+    gradient, input gradient), 1 per recomputed Dense forward."""
+    per_gemm = 2 * w.batch * w.width * w.width
+    base = 3 * per_gemm * sum(w.dense_per_element)
+    extra = per_gemm * recomputed_gemm_count
     return {"base": base, "recompute": extra, "total": base + extra}
