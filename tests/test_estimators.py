@@ -4,6 +4,7 @@ import importlib
 import io
 import numbers
 import pickle
+import subprocess
 import sys
 import warnings
 
@@ -384,6 +385,12 @@ def test_n_threads_is_restored():
         model = MLPRegressor(hidden_layer_sizes=(4,), max_iter=1, n_threads=1).fit(X, y)
     model.predict(X)
     assert ckpt.get_num_threads() == before
+
+
+def test_importing_ckpt_does_not_import_scikit_learn():
+    code = "import sys, ckpt; print('sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_estimators_load_lazily_and_name_the_extra(monkeypatch):
