@@ -18,6 +18,17 @@ from ckpt.train import build_mlp, evaluate, fit, predict
 
 from ckpt._version import __version__
 
+_ESTIMATORS = ("MLPClassifier", "MLPRegressor")
+
+
+def __getattr__(name: str):
+    # The scikit-learn estimators load on first use, so that ckpt needs scikit-learn only then
+    # (ckpt.estimators raises an ImportError naming the ckpt-cpu[sklearn] extra without it).
+    if name in _ESTIMATORS:
+        from ckpt import estimators
+        return getattr(estimators, name)
+    raise AttributeError(f"module 'ckpt' has no attribute {name!r}")
+
 __all__ = [
     "SGD",
     "Adam",

@@ -16,6 +16,7 @@ cdef extern from "_atomic.h" nogil:
     void ckpt_record_recomputed(ckpt_counters *c, int64_t nbytes)
     int64_t ckpt_load(const int64_t *counter)
     void ckpt_reset(ckpt_counters *c)
+    void ckpt_raise_peak(ckpt_counters *c, int64_t value)
 
 
 cdef class AtomicCounters:

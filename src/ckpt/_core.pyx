@@ -375,6 +375,17 @@ cdef class AtomicCounters:
     def _reset(self):
         ckpt_reset(&self.c)
 
+    def _restore(self, int64_t stored, int64_t recomputed, int64_t gradient, int64_t peak):
+        """Set the four figures (for unpickling); the peak is at least what is held.
+
+        Not atomic as a whole: call it only on counters no other thread is using.
+        """
+        ckpt_reset(&self.c)
+        ckpt_record_stored(&self.c, stored)
+        ckpt_record_gradient(&self.c, gradient)
+        ckpt_record_recomputed(&self.c, recomputed)
+        ckpt_raise_peak(&self.c, peak)
+
     @property
     def stored_activation_bytes(self):
         """Bytes of activations held now."""

@@ -53,3 +53,36 @@ def adam_step(p, g, m, v, t, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay
     m_hat = m / (1 - beta1 ** t)
     v_hat = v / (1 - beta2 ** t)
     return p - lr * m_hat / (np.sqrt(v_hat) + eps), m, v
+
+
+def output_loss(z, y, sample_weight, output):
+    """scikit-learn's MLP loss of the output z (before the output units) and its gradient.
+
+    output: "identity" (half squared error, mean over the outputs), "logistic" (binary
+    cross-entropy per output) or "softmax" (categorical cross-entropy). Rows are weighted by
+    sample_weight (None: all ones) and the sums divided by its total. The gradient is
+    w (out(z) - y) / sum(w), scikit-learn's delta of the last layer.
+    """
+    z64 = z.astype(np.float64)
+    y64 = y.astype(np.float64)
+    m, c = z.shape
+    w = np.ones(m) if sample_weight is None else sample_weight.astype(np.float64)
+    eps = np.finfo(z.dtype).eps
+    if output == "identity":
+        p = z64
+        per_row = 0.5 * ((p - y64) ** 2).mean(axis=1)
+    else:
+        if output == "logistic":
+            p = 0.5 * (1 + np.tanh(0.5 * z64))  # the logistic function, without overflow
+        else:
+            e = np.exp(z64 - z64.max(axis=1, keepdims=True))
+            p = e / e.sum(axis=1, keepdims=True)
+        q = np.clip(p, eps, 1 - eps)
+        terms = np.where(y64 == 0, 0.0, y64 * np.log(q))
+        if output == "logistic":
+            terms = terms + np.where(y64 == 1, 0.0, (1 - y64) * np.log(1 - q))
+        per_row = -terms.sum(axis=1)
+    total = w.sum()
+    loss = float((w * per_row).sum() / total) if m else 0.0
+    grad = (w[:, None] * (p - y64) / total) if m else np.zeros_like(z64)
+    return loss, grad.astype(z.dtype)

@@ -177,3 +177,121 @@ def adam_step(floating[::1] p, const floating[::1] g, floating[::1] m, floating[
         adam_step_ptr(&p[0], &g[0], &m[0], &v[0], n, <floating>(lr / bc1), <floating>beta1,
                       <floating>beta2, <floating>eps, <floating>(1.0 / sqrt(bc2)),
                       <floating>wd, <floating>factor)
+
+
+# --------------------------------------------------------------------------------------------
+# Output units with their losses, as scikit-learn's MLPs define them (ckpt.estimators)
+# --------------------------------------------------------------------------------------------
+
+cdef enum:
+    OUT_IDENTITY = 0   # linear outputs, half squared error
+    OUT_LOGISTIC = 1   # one sigmoid unit per output, binary cross-entropy (binary, multilabel)
+    OUT_SOFTMAX = 2    # softmax over the outputs, categorical cross-entropy (multiclass)
+
+OUTPUT_CODES = {"identity": OUT_IDENTITY, "logistic": OUT_LOGISTIC, "softmax": OUT_SOFTMAX}
+
+
+cdef inline double _xlogy(double a, double b) noexcept nogil:
+    """a log b, and 0 when a is 0 (as scipy.special.xlogy)"""
+    return 0.0 if a == 0 else a * log(b)
+
+
+cdef inline double _clip(double p, double eps) noexcept nogil:
+    return eps if p < eps else (1 - eps if p > 1 - eps else p)
+
+
+cdef double output_loss_ptr(const floating *z, const floating *y, const floating *w,
+                            floating *grad, Py_ssize_t m, Py_ssize_t c, int out, double sw_sum,
+                            double eps) noexcept nogil:
+    """p = out(z); grad = w_i (p - y) / sw_sum; returns the loss, one pass per row:
+
+    identity: 0.5 sum_i w_i mean_j (p - y)^2 / sw_sum
+    logistic: -sum_i w_i sum_j [y log p + (1 - y) log(1 - p)] / sw_sum
+    softmax:  -sum_i w_i sum_j y log p / sw_sum
+    with p clipped to [eps, 1 - eps] inside the logarithms only. w NULL weighs every row 1.
+    """
+    cdef Py_ssize_t i, j
+    cdef double wi, scale, acc = 0.0, row, d, p, zj, zmax, total
+    cdef const floating *zr
+    cdef const floating *yr
+    cdef floating *gr
+    for i in range(m):
+        wi = 1.0 if w == NULL else w[i]
+        scale = wi / sw_sum
+        zr = z + i * c
+        yr = y + i * c
+        gr = grad + i * c
+        row = 0.0
+        if out == OUT_IDENTITY:
+            for j in range(c):
+                d = <double>zr[j] - <double>yr[j]
+                row += d * d
+                gr[j] = <floating>(scale * d)
+            row = 0.5 * row / c
+        elif out == OUT_LOGISTIC:
+            for j in range(c):
+                zj = zr[j]
+                if zj >= 0:          # two branches so exp never overflows
+                    p = 1.0 / (1.0 + exp(-zj))
+                else:
+                    p = exp(zj)
+                    p = p / (1.0 + p)
+                gr[j] = <floating>(scale * (p - yr[j]))
+                p = _clip(p, eps)
+                row -= _xlogy(yr[j], p) + _xlogy(1.0 - yr[j], 1.0 - p)
+        else:
+            zmax = zr[0]
+            for j in range(1, c):
+                if zr[j] > zmax:
+                    zmax = zr[j]
+            total = 0.0
+            for j in range(c):
+                total += exp(zr[j] - zmax)
+            for j in range(c):
+                p = exp(zr[j] - zmax) / total
+                gr[j] = <floating>(scale * (p - yr[j]))
+                row -= _xlogy(yr[j], _clip(p, eps))
+        acc += wi * row
+    return acc / sw_sum
+
+
+def output_loss_kernel(const floating[:, ::1] z, const floating[:, ::1] y,
+                       const floating[::1] sample_weight, floating[:, ::1] grad, int output):
+    """scikit-learn's MLP loss of the network output z (before the output units) against y.
+
+    Returns the loss (weighted by sample_weight, None for all ones, and divided by its sum);
+    grad receives its gradient with respect to z, w_i (out(z) - y) / sum(w), which is what
+    scikit-learn back-propagates (for the identity output, the gradient of the loss before its
+    mean over the outputs). The clip eps is the dtype's machine epsilon, as in scikit-learn.
+    """
+    cdef Py_ssize_t m = z.shape[0], c = z.shape[1], i
+    cdef double sw_sum = 0.0, eps
+    cdef const floating *w_ptr = NULL
+    cdef double loss
+    if y.shape[0] != m or y.shape[1] != c:
+        raise ValueError(f"y has shape ({y.shape[0]}, {y.shape[1]}), expected ({m}, {c}) like z")
+    if grad.shape[0] != m or grad.shape[1] != c:
+        raise ValueError(f"grad has shape ({grad.shape[0]}, {grad.shape[1]}), expected ({m}, {c})")
+    if output < OUT_IDENTITY or output > OUT_SOFTMAX:
+        raise ValueError(f"unknown output code {output}; see OUTPUT_CODES")
+    if c == 0:
+        raise ValueError("z needs at least one output column")
+    if sample_weight is not None and sample_weight.shape[0] != m:
+        raise ValueError(f"{m} rows but {sample_weight.shape[0]} sample weights")
+    if m == 0:
+        return 0.0
+    if sample_weight is None:
+        sw_sum = m
+    else:
+        for i in range(m):
+            if not sample_weight[i] >= 0:
+                raise ValueError(f"sample weight {sample_weight[i]} of row {i} is not a "
+                                 f"non-negative number")
+            sw_sum += sample_weight[i]
+        if sw_sum <= 0:
+            raise ValueError("the sample weights of the batch sum to 0")
+        w_ptr = &sample_weight[0]
+    eps = 1.1920928955078125e-07 if floating is float else 2.220446049250313e-16
+    with nogil:
+        loss = output_loss_ptr(&z[0, 0], &y[0, 0], w_ptr, &grad[0, 0], m, c, output, sw_sum, eps)
+    return loss

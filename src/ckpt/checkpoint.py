@@ -642,6 +642,54 @@ class SegmentCheckpointer:
         return (f"SegmentCheckpointer({len(self._layers)} layers, {how}, "
                 f"parameters={self.parameter_count})")
 
+    # ---------------------------------------------------------------- pickling
+    # Transient attributes, rebuilt lazily after pickle, copy or deepcopy:
+    #   _costs, _streams  the elements' descriptions and Dropout stream ids (from the layers)
+    #   _chain            the compiled executor (C pointers into the layers' arrays)
+    #   _schedules        compiled schedules, per batch size
+    #   _grad_buffers     the gradient workspace
+    #   _state, _owner    a pending forward (what it stored for backward) and its thread
+    #   _input_checksum   check_inputs' checksum of the pending forward's input
+    #   _lock             the lock of this instance
+    _TRANSIENT = ("_costs", "_streams", "_chain", "_schedules", "_grad_buffers", "_state",
+                  "_owner", "_input_checksum", "_lock")
+
+    def __getstate__(self) -> dict:
+        """The layers, schedule settings, seed generator, tracker and mode; a pending forward
+        is dropped.
+
+        A copy made between forward and backward has nothing stored: its backward raises
+        CheckpointStateError until it runs a forward, and its tracker (a copy of this one)
+        no longer counts the dropped activations. The original keeps its pending forward.
+        """
+        state = {key: value for key, value in self.__dict__.items()
+                 if key not in self._TRANSIENT}
+        state["_pending_bytes"] = self._pending_bytes()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        pending = state.pop("_pending_bytes", 0)
+        self.__dict__.update(state)
+        self._invalidate()
+        self._lock = threading.Lock()
+        self._owner = None
+        self._input_checksum = None
+        self._grad_buffers = None
+        self._state = None
+        if pending:
+            self.memory_tracker.release_stored_activation(pending)
+
+    def _pending_bytes(self) -> int:
+        """Bytes the tracker counts for a pending forward (0 when there is none)."""
+        state = self._state
+        if state is None:
+            return 0
+        if state[0] == "typed":
+            x = state[1]
+            return self._held_after_forward(x.shape[0]) * x.itemsize
+        return sum(value.nbytes for value in state[1].values())
+
 
 _UNKNOWN = object()   # a cached value not computed yet
 

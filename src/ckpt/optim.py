@@ -103,6 +103,7 @@ class Optimizer(ABC):
         params, grads = collect_parameters(model)
         if not params:
             raise ValueError("the model has no parameters to optimize")
+        self._model = model  # pickled in place of the arrays (see __getstate__)
         self._params = params
         self._grads = grads
         # Flat views share memory with the arrays: built once, they make step() allocation-free.
@@ -223,6 +224,33 @@ class Optimizer(ABC):
     @abstractmethod
     def _validated(**hyper: Any) -> Dict[str, Any]:
         """The hyper-parameters, checked (ValueError/TypeError naming the bad one)."""
+
+    # Pickling: the parameter and gradient arrays are found again from the model, which is
+    # pickled in their place. Arrays referenced twice are not shared after every kind of
+    # pickling (joblib writes each occurrence of an array apart), but objects are.
+    _TRANSIENT = ("_params", "_grads", "_flat_params", "_flat_grads")
+
+    def __getstate__(self) -> dict:
+        return {key: value for key, value in self.__dict__.items()
+                if key not in self._TRANSIENT}
+
+    def __setstate__(self, state: dict) -> None:
+        """Restore an optimizer on the model it was pickled with.
+
+        Pickled together with its model (in one pickle, joblib file or deepcopy), it updates
+        the copied model's own arrays, so the pair keeps training as before; pickled alone, it
+        brings a copy of the model along.
+        """
+        self.__dict__.update(state)
+        params, grads = collect_parameters(self._model)
+        for name, buffers in self._buffers.items():
+            shapes = [p.size for p in params]
+            if [b.size for b in buffers] != shapes:
+                raise ValueError(f"{type(self).__name__}: the model's parameters (sizes "
+                                 f"{shapes}) no longer match the pickled {name} buffers")
+        self._params, self._grads = params, grads
+        self._flat_params = [p.reshape(-1) for p in params]
+        self._flat_grads = [g.reshape(-1) for g in grads]
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters.items())

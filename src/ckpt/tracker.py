@@ -62,6 +62,19 @@ class MemoryUsageTracker(AtomicCounters):
         """Set every counter, the peak included, back to zero."""
         self._reset()
 
+    def __reduce__(self):
+        # Pickle, copy and deepcopy keep the four figures (the counters are C state).
+        return (type(self), (), (self.stored_activation_bytes, self.recomputed_bytes,
+                                 self.gradient_bytes, self.peak_bytes))
+
+    def __setstate__(self, state: tuple) -> None:
+        try:
+            stored, recomputed, gradient, peak = (_byte_count(value) for value in state)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"a MemoryUsageTracker state is four byte counts "
+                             f"(stored, recomputed, gradient, peak), got {state!r}: {exc}") from None
+        self._restore(stored, recomputed, gradient, peak)
+
     def summary(self) -> str:
         """One line in KiB, like the seed's."""
         return (

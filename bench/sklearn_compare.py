@@ -1,0 +1,143 @@
+"""ckpt.MLPClassifier / MLPRegressor against scikit-learn's, same settings, same number of epochs.
+
+    python bench/sklearn_compare.py [--rounds R] [--threads 1 2] [--quick]
+
+Two workloads, as in issue 13:
+
+- digits (scikit-learn's bundled 1,797 8x8 images, 80/20 stratified split, X / 16): 8 hidden
+  layers of 256, relu, batch 64, 30 epochs, Adam; test accuracy;
+- regression: ``make_regression`` with 20,000 rows and 20 features (noise 10, 80/20 split,
+  standardised): 2 hidden layers of 256, batch 200, 20 epochs, Adam; test R^2.
+
+Contenders: scikit-learn (float64, its default), ckpt in float32 (its default) and ckpt in
+float64, each at 1 and 2 BLAS threads. Every fit runs in its own process (one BLAS pool per
+process), with ``n_iter_no_change=inf`` so that every contender runs exactly the same number of
+epochs (checked). Rounds alternate the contenders; the table shows the median fit time (min-max)
+and the speed-up over scikit-learn at the same thread count. OPENBLAS_CORETYPE and
+OPENBLAS_L2_SIZE are unset for the workers. Wall times on a shared machine are noisy: compare
+the ratios of one run, not absolute times across runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+
+WORKLOADS = {
+    "digits": dict(hidden_layer_sizes=(256,) * 8, batch_size=64, max_iter=30),
+    "regression": dict(hidden_layer_sizes=(256, 256), batch_size=200, max_iter=20),
+}
+CONTENDERS = [("scikit-learn", "float64"), ("ckpt", "float32"), ("ckpt", "float64")]
+
+
+def _data(name: str, quick: bool):
+    from sklearn.datasets import load_digits, make_regression
+    from sklearn.model_selection import train_test_split
+    from sklearn.preprocessing import StandardScaler
+    if name == "digits":
+        X, y = load_digits(return_X_y=True)
+        X = X / 16.0
+        return train_test_split(X, y, test_size=0.2, random_state=0, stratify=y)
+    X, y = make_regression(2_000 if quick else 20_000, 20, noise=10.0, random_state=0)
+    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.2, random_state=0)
+    scaler = StandardScaler().fit(X_train)
+    scale = y_train.std()
+    return scaler.transform(X_train), scaler.transform(X_test), y_train / scale, y_test / scale
+
+
+def worker(library: str, dtype: str, threads: int, workload: str, quick: bool) -> dict:
+    """One fit in this process; returns its time, test score and number of epochs."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+    X_train, X_test, y_train, y_test = _data(workload, quick)
+    params = dict(WORKLOADS[workload], solver="adam", random_state=0, n_iter_no_change=np.inf)
+    if quick:
+        params["max_iter"] = 2
+    kind = "MLPClassifier" if workload == "digits" else "MLPRegressor"
+    if library == "ckpt":
+        import ckpt
+        model = getattr(ckpt, kind)(dtype=dtype, n_threads=threads, **params)
+    else:
+        from sklearn import neural_network
+        model = getattr(neural_network, kind)(**params)
+    with threadpool_limits(limits=threads), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        start = time.perf_counter()
+        model.fit(X_train, y_train)
+        seconds = time.perf_counter() - start
+        score = model.score(X_test, y_test)
+    blas = sorted({f"{p.get('internal_api')}:{p.get('architecture')}" for p in threadpool_info()
+                   if p.get("user_api") == "blas"})
+    return {"seconds": seconds, "score": float(score), "n_iter": int(model.n_iter_),
+            "blas": blas}
+
+
+def _run_worker(args: list, threads: int) -> dict:
+    env = dict(os.environ)
+    for key in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
+        env.pop(key, None)
+    env["OPENBLAS_NUM_THREADS"] = str(threads)
+    env["OMP_NUM_THREADS"] = str(threads)
+    out = subprocess.run([sys.executable, __file__, "--worker", *args], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--quick", action="store_true", help="2 epochs, 2,000 regression rows")
+    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        library, dtype, threads, workload, quick = args.worker
+        print(json.dumps(worker(library, dtype, int(threads), workload, quick == "1")))
+        return 0
+
+    results: dict = {}
+    blas: set = set()
+    for _ in range(args.rounds):
+        for workload in args.workloads:
+            for threads in args.threads:
+                for library, dtype in CONTENDERS:
+                    r = _run_worker([library, dtype, str(threads), workload,
+                                     "1" if args.quick else "0"], threads)
+                    results.setdefault((workload, threads, library, dtype), []).append(r)
+                    blas.update(r["blas"])
+                    print(f"  {workload:<10} {threads} thread(s) {library:<12} {dtype}: "
+                          f"{r['seconds']:.2f} s, score {r['score']:.4f}, {r['n_iter']} epochs",
+                          file=sys.stderr)
+
+    print("| workload | threads | contender | fit time, median (min-max) | vs scikit-learn "
+          "| test score | epochs |")
+    print("|---|---|---|---|---|---|---|")
+    for workload in args.workloads:
+        metric = "accuracy" if workload == "digits" else "R²"
+        for threads in args.threads:
+            base = np.median([r["seconds"] for r in results[(workload, threads,
+                                                               "scikit-learn", "float64")]])
+            epochs = {r["n_iter"] for key, rs in results.items()
+                      if key[:2] == (workload, threads) for r in rs}
+            if len(epochs) != 1:
+                raise SystemExit(f"{workload}: the contenders ran different epochs {epochs}")
+            for library, dtype in CONTENDERS:
+                rs = results[(workload, threads, library, dtype)]
+                times = [r["seconds"] for r in rs]
+                med = float(np.median(times))
+                score = float(np.median([r["score"] for r in rs]))
+                print(f"| {workload} | {threads} | {library} {dtype} | {med:.2f} s "
+                      f"({min(times):.2f}-{max(times):.2f}) | {base / med:.2f}x "
+                      f"| {metric} {score:.4f} | {rs[0]['n_iter']} |")
+    print(f"\nBLAS: {', '.join(sorted(blas))}; {args.rounds} round(s); {os.cpu_count()} CPUs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
