@@ -15,15 +15,39 @@ cdef extern from "_rng.h" nogil:
 # LayerNorm (as PyTorch: biased variance, eps inside the square root)
 # --------------------------------------------------------------------------------------------
 
+# Row sums run in 8 interleaved double accumulators, added pairwise at the end: a fixed order
+# (results do not depend on alignment or timing) that breaks the add latency chain and lets
+# gcc vectorise the loops without -ffast-math.
+DEF LANES = 8
+
+
+cdef inline double _lanes_total(const double *acc) noexcept nogil:
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+
+
 cdef inline void _row_stats(const floating *row, Py_ssize_t n, double eps, double *mean,
                             double *rstd) noexcept nogil:
     """Mean and 1 / sqrt(var + eps) of one row, two passes in double."""
-    cdef Py_ssize_t j
-    cdef double total = 0, d, var = 0
-    for j in range(n):
+    cdef Py_ssize_t j, l, body = n - n % LANES
+    cdef double acc[LANES]
+    cdef double total, d, var
+    for l in range(LANES):
+        acc[l] = 0
+    for j in range(0, body, LANES):
+        for l in range(LANES):
+            acc[l] += row[j + l]
+    total = _lanes_total(acc)
+    for j in range(body, n):
         total += row[j]
     mean[0] = total / n
-    for j in range(n):
+    for l in range(LANES):
+        acc[l] = 0
+    for j in range(0, body, LANES):
+        for l in range(LANES):
+            d = row[j + l] - mean[0]
+            acc[l] += d * d
+    var = _lanes_total(acc)
+    for j in range(body, n):
         d = row[j] - mean[0]
         var += d * d
     rstd[0] = 1.0 / sqrt(var / n + eps)
@@ -53,8 +77,10 @@ cdef void layernorm_backward_ptr(const floating *x, const floating *gamma, const
                                  Py_ssize_t n, double eps) noexcept nogil:
     """ggamma += sum(g * xhat); gbeta += sum(g); gx = rstd (g*gamma - mean(g*gamma)
     - xhat mean(g*gamma*xhat)) (skipped if gx is NULL). The statistics are recomputed from x."""
-    cdef Py_ssize_t i, j
+    cdef Py_ssize_t i, j, l, body = n - n % LANES
     cdef double mean, rstd, s1, s2, dxh
+    cdef double acc1[LANES]
+    cdef double acc2[LANES]
     cdef floating mu, r, xh, a, b
     cdef const floating *row
     cdef const floating *grow
@@ -65,17 +91,28 @@ cdef void layernorm_backward_ptr(const floating *x, const floating *gamma, const
         _row_stats(row, n, eps, &mean, &rstd)
         mu = <floating>mean
         r = <floating>rstd
-        s1 = 0
-        s2 = 0
         for j in range(n):
             xh = (row[j] - mu) * r
-            dxh = grow[j] * gamma[j]
-            s1 += dxh
-            s2 += dxh * xh
             ggamma[j] += grow[j] * xh
             gbeta[j] += grow[j]
         if gx == NULL:
             continue
+        for l in range(LANES):
+            acc1[l] = 0
+            acc2[l] = 0
+        for j in range(0, body, LANES):
+            for l in range(LANES):
+                xh = (row[j + l] - mu) * r
+                dxh = grow[j + l] * gamma[j + l]
+                acc1[l] += dxh
+                acc2[l] += dxh * xh
+        s1 = _lanes_total(acc1)
+        s2 = _lanes_total(acc2)
+        for j in range(body, n):
+            xh = (row[j] - mu) * r
+            dxh = grow[j] * gamma[j]
+            s1 += dxh
+            s2 += dxh * xh
         out = gx + i * n
         a = <floating>(s1 / n)
         b = <floating>(s2 / n)

@@ -63,6 +63,14 @@ cdef inline Py_ssize_t _pingpong(const Element *e) noexcept nogil:
     return e.body_len - 1 if e.body_len < 3 else 2
 
 
+cdef inline bint _tapes_last(const Element *table, const Element *e) noexcept nogil:
+    """Whether a Residual keeps (and rebuilds) its last body element's output: only when that
+    element's backward reads it (Dense with an activation; GELU uses it as scratch) or it has
+    internals (a Residual). Otherwise it goes straight into y. (ckpt.costs.residual_tapes_last)"""
+    cdef const Element *last = table + e.body + e.body_len - 1
+    return (last.kind == KIND_DENSE and last.act != ACT_IDENTITY) or last.kind == KIND_RESIDUAL
+
+
 cdef void _forward(const Element *table, const Element *e, Step *s, const floating *x,
                    floating *y, floating *scratch, floating *tape) noexcept nogil:
     """y = element(x). scratch holds e.fwd_scratch elements per row; tape, if not NULL,
@@ -96,17 +104,20 @@ cdef void _residual_forward(const Element *table, const Element *e, Step *s,
     cdef floating *dst
     cdef floating *nested = scratch + m * e.inner_width * _pingpong(e)
     cdef floating *place = tape
+    cdef bint last_taped = _tapes_last(table, e)
     for j in range(k):
         b = table + e.body + j
-        if tape != NULL:
+        if tape != NULL and (j < k - 1 or last_taped):
             dst = place
             _forward(table, b, s, src, dst, scratch, place + m * b.n_out if b.tape else NULL)
             place += m * (b.n_out + b.tape)
+        elif tape != NULL and y == NULL:
+            return      # rebuilding the internals: the last output is not one of them
         else:
             dst = y if j == k - 1 else scratch + m * e.inner_width * (j % 2)
-            _forward(table, b, s, src, dst, nested, NULL)
+            _forward(table, b, s, src, dst, scratch if tape != NULL else nested, NULL)
         src = dst
-    if tape == NULL:
+    if tape == NULL or not last_taped:
         for i in range(size):
             y[i] += x[i]
     elif y != NULL:     # NULL when a backward only rebuilds the internals
@@ -160,21 +171,28 @@ cdef void _residual_backward(const Element *table, const Element *e, Step *s,
     cdef const floating *grad = g
     cdef floating *buffers
     cdef floating *nested
-    if tape == NULL:            # recompute the internals into the front of the scratch
+    cdef floating *out
+    cdef bint last_taped
+    if tape == NULL and e.tape:     # recompute the internals into the front of the scratch
         tape = scratch
         rest = scratch + m * e.tape
         _residual_forward(table, e, s, x, NULL, rest, tape)
     buffers = rest
     nested = rest + m * e.inner_width * _pingpong(e)
     place = tape + m * e.tape   # body j's output and tape sit just below body j + 1's
+    last_taped = _tapes_last(table, e)
     for j in range(k - 1, -1, -1):
         b = table + e.body + j
-        place -= m * (b.n_out + b.tape)
+        if j < k - 1 or last_taped:
+            place -= m * (b.n_out + b.tape)
+            out = place
+        else:
+            out = NULL      # its backward reads neither its output nor a buffer of its size
         src = x if j == 0 else place - m * (table[e.body + j - 1].n_out
                                             + table[e.body + j - 1].tape)
         dst = gx if j == 0 else buffers + m * e.inner_width * ((k - 1 - j) % 2)
-        _backward(table, b, s, src, place, place, grad, dst, nested,
-                  place + m * b.n_out if b.tape else NULL)
+        _backward(table, b, s, src, out, out, grad, dst, nested,
+                  place + m * b.n_out if out != NULL and b.tape else NULL)
         grad = dst
     if gx != NULL:
         for i in range(size):
@@ -347,7 +365,8 @@ cdef class Chain:
                     raise ValueError(f"element {i}: body element {j} expects {b.n_in} input "
                                      f"features, which its input does not have")
                 width = max(width, b.n_out)
-                tape += b.n_out + b.tape
+                if j < e.body_len - 1 or _tapes_last(self.table, e):
+                    tape += b.n_out + b.tape
                 fwd = max(fwd, b.fwd_scratch)
                 bwd = max(bwd, b.bwd_scratch)
             if self.table[e.body + e.body_len - 1].n_out != e.n_out:

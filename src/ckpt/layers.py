@@ -398,7 +398,8 @@ class Dense(Layer):
     def describe(self, in_width: Optional[int] = None) -> ElementCost:
         _check_in_width(self, in_width, self.in_features)
         return dense_cost(self.in_features, self.out_features, gelu=self.activation == "gelu",
-                          params=self.params(), gradients=self.gradients())
+                          identity=self.activation is None, params=self.params(),
+                          gradients=self.gradients())
 
     def _initial_weights(self, rng: np.random.Generator) -> np.ndarray:
         shape = (self.in_features, self.out_features)

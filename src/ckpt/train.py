@@ -93,17 +93,19 @@ def mlp_costs(n_in: int, depth: int, width: int, n_out: int, activation: Optiona
     depth = check_size(depth, "depth")
     gelu = activation == "gelu"
     if residual:
-        body = [layernorm_cost(width), dense_cost(width, width, gelu=gelu)]
+        body = [layernorm_cost(width), dense_cost(width, width, gelu=gelu,
+                                                  identity=activation is None)]
         body += [dropout_cost(width)] if dropout > 0 else []
-        body.append(dense_cost(width, width))
+        body.append(dense_cost(width, width, identity=True))
         block = residual_cost(body)
-        return ChainCosts((dense_cost(n_in, width),) + (block,) * depth
-                          + (layernorm_cost(width), dense_cost(width, n_out)))
+        return ChainCosts((dense_cost(n_in, width, identity=True),) + (block,) * depth
+                          + (layernorm_cost(width), dense_cost(width, n_out, identity=True)))
     sizes = [n_in] + [width] * (depth - 1) + [n_out]
     elements = []
     for i in range(depth):
         hidden = i < depth - 1
-        elements.append(dense_cost(sizes[i], sizes[i + 1], gelu=gelu and hidden))
+        elements.append(dense_cost(sizes[i], sizes[i + 1], gelu=gelu and hidden,
+                                   identity=not hidden or activation is None))
         if hidden and norm == "layernorm":
             elements.append(layernorm_cost(sizes[i + 1]))
         if hidden and dropout > 0:
