@@ -225,6 +225,17 @@ def test_every_schedule_is_bit_equal_to_plain_backprop_dropout_included(dtype):
         assert s.memory_tracker.recomputed_bytes > 0
         assert np.array_equal(y, plain[1]) and np.array_equal(gx, plain[2]), kwargs
         assert all(np.array_equal(a, b) for a, b in zip(grads, plain[3])), kwargs
+    # planned schedules, from the layers' own descriptions, at budgets between the extremes
+    from ckpt.plan import plan
+    costs = plain[0].costs
+    low, high = (plan(costs, 11, 10**9, dtype).min_budget_bytes,
+                 plan(costs, 11, 10**9, dtype).plain_peak_bytes)
+    for fraction in (0.0, 0.3, 0.7):
+        chosen = plan(costs, 11, int(low + fraction * (high - low)), dtype)
+        s, y, gx, grads = run(copy.deepcopy(base), x, g, plan=chosen)
+        assert s.memory_tracker.peak_bytes <= chosen.peak_bytes + 2 * 11 * 14 * np.dtype(dtype).itemsize
+        assert np.array_equal(y, plain[1]) and np.array_equal(gx, plain[2]), fraction
+        assert all(np.array_equal(a, b) for a, b in zip(grads, plain[3])), fraction
     # the Python path (a Python-written layer in the chain) computes the same bits
     for k in (1, 3):
         s, y, gx, grads = run(copy.deepcopy(base) + [Identity(3, dtype)], x, g, k)
@@ -347,8 +358,14 @@ def test_one_cost_source_reaches_the_compiler_tracker_and_report():
     recomputed, fraction = recompute_cost(s, rows)
     assert recomputed == 2
     assert fraction == pytest.approx((Hungry.FLOPS + 2 * n * n) / costs.step_flops())
-    # the planner's smallest budget includes the scratch
+    # the planner's smallest budget includes the scratch, and its plan's peak counts it
+    from ckpt.plan import plan
     assert costs.min_units() >= 2 * Hungry.SCRATCH
+    chosen = plan(costs, rows, 10**9, np.float64)
+    assert chosen.min_budget_bytes == costs.min_units() * rows * 8
+    assert chosen.peak_bytes >= 2 * Hungry.SCRATCH * rows * 8
+    with pytest.raises(ValueError, match="below the smallest feasible budget"):
+        plan(costs, rows, chosen.min_budget_bytes - 1, np.float64)
 
 
 # --------------------------------------------------------------------------------------------
