@@ -28,7 +28,6 @@ import numpy as np
 
 _SKLEARN_EXTRA = "pip install 'ckpt-cpu[sklearn]'"
 try:
-    import sklearn
     from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.metrics import accuracy_score, r2_score
