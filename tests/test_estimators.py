@@ -405,3 +405,13 @@ def test_estimators_load_lazily_and_name_the_extra(monkeypatch):
         ckpt.MLPClassifier
     monkeypatch.undo()
     importlib.import_module("ckpt.estimators")
+
+
+def test_an_old_scikit_learn_is_named(monkeypatch):
+    monkeypatch.setattr(sklearn, "__version__", "1.5.2")
+    monkeypatch.delitem(sys.modules, "ckpt.estimators")
+    monkeypatch.delattr(ckpt, "estimators")
+    with pytest.raises(ImportError, match=r"found 1\.5\.2.*ckpt-cpu\[sklearn\]"):
+        ckpt.MLPRegressor
+    monkeypatch.undo()
+    assert importlib.import_module("ckpt.estimators").MLPRegressor is MLPRegressor

@@ -19,6 +19,7 @@ scikit-learn (>= 1.6) is needed only here: ``pip install 'ckpt-cpu[sklearn]'``.
 from __future__ import annotations
 
 import numbers
+import re
 import sys
 import warnings
 from contextlib import contextmanager
@@ -40,6 +41,9 @@ try:
 except ImportError as exc:  # scikit-learn missing, or older than 1.6 (no validate_data)
     raise ImportError(f"ckpt.MLPClassifier and ckpt.MLPRegressor need scikit-learn >= 1.6 "
                       f"({exc}); install it with: {_SKLEARN_EXTRA}") from exc
+if tuple(map(int, re.findall(r"\d+", sklearn.__version__)[:2])) < (1, 6):
+    raise ImportError(f"ckpt.MLPClassifier and ckpt.MLPRegressor need scikit-learn >= 1.6, "
+                      f"found {sklearn.__version__}; upgrade with: {_SKLEARN_EXTRA}")
 
 from ckpt import _core
 from ckpt.checkpoint import SegmentCheckpointer
