@@ -243,8 +243,8 @@ def test_bad_data_gives_scikit_learns_errors():
 
 @pytest.mark.parametrize("params, error, match", [
     (dict(solver="lbfgs"), ValueError, "solver='adam'"),
-    (dict(residual=True), NotImplementedError, "residual"),
-    (dict(dropout=0.2), NotImplementedError, "dropout"),
+    (dict(residual=True, hidden_layer_sizes=(8, 16)), ValueError, "hidden_layer_sizes"),
+    (dict(dropout=1.0), ValueError, "dropout"),
     (dict(hidden_layer_sizes=(4, 0)), ValueError, "hidden_layer_sizes"),
     (dict(activation="swish"), ValueError, "activation"),
     (dict(alpha=-1.0), ValueError, "alpha"),
@@ -415,3 +415,26 @@ def test_an_old_scikit_learn_is_named(monkeypatch):
         ckpt.MLPRegressor
     monkeypatch.undo()
     assert importlib.import_module("ckpt.estimators").MLPRegressor is MLPRegressor
+
+
+@pytest.mark.parametrize("params", [dict(residual=True, hidden_layer_sizes=(16, 16, 16)),
+                                    dict(dropout=0.2, hidden_layer_sizes=(16, 16)),
+                                    dict(residual=True, dropout=0.1, hidden_layer_sizes=(16,))])
+def test_residual_and_dropout_networks_train_and_predict_deterministically(params):
+    import warnings
+    from sklearn.datasets import load_digits
+    X, y = load_digits(return_X_y=True)
+    X = X[:300] / 16
+    y = y[:300]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")     # ConvergenceWarning at max_iter
+        a = ckpt.MLPClassifier(max_iter=5, random_state=0, **params).fit(X, y)
+        b = ckpt.MLPClassifier(max_iter=5, random_state=0, **params).fit(X, y)
+    np.testing.assert_array_equal(a.predict_proba(X), b.predict_proba(X))   # seeded, eval mode
+    np.testing.assert_array_equal(a.predict_proba(X), a.predict_proba(X))
+    assert a.loss_curve_[-1] < a.loss_curve_[0]                # it learns
+    dense = 2 * len(params["hidden_layer_sizes"]) + 2 if params.get("residual") \
+        else len(params["hidden_layer_sizes"]) + 1
+    assert len(a.coefs_) == dense and a.coefs_[-1].shape == (16, 10)
+    if params.get("residual"):
+        assert any(type(layer).__name__ == "Residual" for layer in a._model.layers)

@@ -47,8 +47,9 @@ if tuple(map(int, re.findall(r"\d+", sklearn.__version__)[:2])) < (1, 6):
 
 from ckpt import _core
 from ckpt.checkpoint import SegmentCheckpointer
-from ckpt.layers import Dense, check_float_dtype
+from ckpt.layers import Dense, Dropout, check_float_dtype, walk
 from ckpt.optim import Optimizer
+from ckpt.train import build_mlp
 from ckpt.train import predict as _predict_layers
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
@@ -312,10 +313,11 @@ class _BaseMLP(BaseEstimator):
                                  else _check_int(self.checkpoint_every, "checkpoint_every", 0))
         p["memory_budget"] = self._budget()
         p["dropout"] = _check_real(self.dropout, "dropout", 0.0, 1.0, high_open=True)
-        if p["residual"] or p["dropout"]:
-            raise NotImplementedError("residual=True and dropout > 0 need ckpt's residual and "
-                                      "dropout layers, which these estimators do not use yet; "
-                                      "leave residual=False and dropout=0.0")
+        hidden = self.hidden_layer_sizes
+        sizes = [hidden] if isinstance(hidden, numbers.Integral) else list(hidden)
+        if p["residual"] and (not sizes or len(set(sizes)) != 1):
+            raise ValueError(f"residual=True builds blocks of one width: hidden_layer_sizes must "
+                             f"be one or more equal sizes, got {hidden!r}")
         try:
             p["dtype"] = check_float_dtype(self.dtype)
         except TypeError as exc:
@@ -367,6 +369,13 @@ class _BaseMLP(BaseEstimator):
         self.n_layers_ = len(units)
         self.out_activation_ = self._output
         act = HIDDEN_ACTIVATIONS[p["activation"]]
+        if p["residual"]:
+            # ckpt's pre-norm residual MLP (ckpt.build_mlp): one block per hidden layer size.
+            layers = build_mlp(units[0], len(units) - 2, units[1], units[-1], act, p["dtype"],
+                               np.random.default_rng(rng.randint(2**31)), residual=True,
+                               dropout=p["dropout"])
+            self._attach(layers, p)
+            return
         layers = []
         for i in range(len(units) - 1):
             fan_in, fan_out = units[i], units[i + 1]
@@ -379,9 +388,16 @@ class _BaseMLP(BaseEstimator):
                           rng=0)
             layer.set_params([coef, intercept])
             layers.append(layer)
+            if i < len(units) - 2 and p["dropout"] > 0:
+                layers.append(Dropout(p["dropout"]))
+        self._attach(layers, p)
+
+    def _attach(self, layers: List[Any], p: Dict[str, Any]) -> None:
+        """Wrap the new layers in their checkpointer; fresh training records."""
         schedule = ({"budget_bytes": p["memory_budget"]} if p["memory_budget"] is not None
                     else {"checkpoint_every": p["checkpoint_every"]})
-        self._model = SegmentCheckpointer(layers, **schedule)
+        seed = int(self._random_state.randint(2**31)) if p["dropout"] > 0 else None
+        self._model = SegmentCheckpointer(layers, **schedule, seed=seed)
         self._bind_parameters()
         self._best_coefs = [c.copy() for c in self.coefs_]
         self._best_intercepts = [b.copy() for b in self.intercepts_]
@@ -397,14 +413,18 @@ class _BaseMLP(BaseEstimator):
             self.best_validation_score_ = None
 
     def _bind_parameters(self) -> None:
-        """coefs_ and intercepts_ are the layers' own arrays, W (n_in, n_out) and b."""
-        layers = self._model.layers
-        self.coefs_ = [layer.W for layer in layers]
-        self.intercepts_ = [layer.b for layer in layers]
+        """coefs_ and intercepts_ are the Dense layers' own arrays, W (n_in, n_out) and b, in
+        chain order (with residual=True: the input projection, the two Dense of each block,
+        the output layer; the LayerNorms' parameters are not among them)."""
+        dense = [layer for layer in walk(self._model.layers) if isinstance(layer, Dense)]
+        self.coefs_ = [layer.W for layer in dense]
+        self.intercepts_ = [layer.b for layer in dense]
 
     def _check_network(self, p: Dict[str, Any], units: List[int]) -> None:
         """A warm start or partial_fit continues the same network: refuse another one."""
         current = [self.coefs_[0].shape[0]] + [c.shape[1] for c in self.coefs_]
+        if p["residual"]:   # the Dense layers of build_mlp(residual=True): two per block
+            units = [units[0]] + [units[1]] * (2 * len(units) - 3) + [units[-1]]
         if current != units:
             raise ValueError(f"warm_start/partial_fit continue the fitted network of layer sizes "
                              f"{current}, but the data and hidden_layer_sizes give {units}")
@@ -638,8 +658,10 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
       "64MiB", the least recomputation that fits (activations and gradient buffers);
     - ``dtype``: float32 (default) or float64, the network's arithmetic; X is cast to it;
     - ``n_threads``: OpenBLAS threads during fit and predict (None: leave the setting);
-    - ``residual`` and ``dropout``: reserved for ckpt's deep-network layers; only the defaults
-      (False, 0.0) are accepted for now (NotImplementedError otherwise).
+    - ``dropout``: a Dropout of this probability after each hidden layer (off in predict);
+    - ``residual=True``: ckpt's pre-norm residual MLP (``ckpt.build_mlp(residual=True)``) with one
+      block per hidden layer size (all equal); ``coefs_``/``intercepts_`` then hold every Dense
+      layer's arrays in chain order (input projection, two per block, output layer).
 
     Binary and multilabel targets use logistic output units with binary cross-entropy,
     multiclass targets a softmax with cross-entropy. ``coefs_[i]`` (n_in, n_out) and
