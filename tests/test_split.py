@@ -357,3 +357,39 @@ def test_default_threads_respect_the_affinity_mask():
     limit = cgroup_cpu_limit()
     if limit is not None:
         assert n <= limit
+
+
+CLI_SMALL = ["train", "--epochs", "1", "--depth", "3", "--width", "16", "--lr", "0.01", "--json"]
+
+
+def _cli_results(capsys, argv):
+    import json
+    from ckpt.cli import main
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr()[0].strip().splitlines()[-1])
+
+
+def test_ckpt_train_chooses_threads_by_default(capsys, threads):
+    threads(2)
+    default = _cli_results(capsys, CLI_SMALL)
+    assert default["threads"] == 2 and default["threads_mode"] == "split"
+    one = _cli_results(capsys, CLI_SMALL + ["--threads", "1"])
+    assert one["threads"] == 1 and one["threads_mode"] == "blas"
+    blas = _cli_results(capsys, CLI_SMALL + ["--threads-mode", "blas"])
+    assert blas["threads"] == 2 and blas["threads_mode"] == "blas"
+    assert ckpt.get_num_threads() == 2
+    # The same seed trains to results equal within summation tolerance, split or not.
+    assert abs(default["train_loss"] - blas["train_loss"]) < 1e-4
+
+
+def test_fit_splits_by_default(threads):
+    threads(2)
+    layers = build_mlp(8, 3, 16, 3, "relu", np.float32, seed=0)
+    model = SegmentCheckpointer(layers)
+    assert model.slices(32) == 2
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((96, 8)).astype(np.float32)
+    y = rng.integers(0, 3, 96)
+    history = ckpt.fit(model, X, y, epochs=2, batch_size=32, seed=0)
+    assert np.isfinite(history["loss"]).all()
+    assert model.memory_tracker.gradient_bytes == 0

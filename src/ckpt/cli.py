@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ckpt import _core, get_num_threads, set_num_threads
+from ckpt.threads import MODES, threading_mode
 from ckpt.checkpoint import SegmentCheckpointer
 from ckpt.losses import softmax_cross_entropy
 from ckpt.optim import OPTIMIZERS
@@ -285,9 +286,13 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
     how.add_argument("--budget", type=_size, default=None, metavar="SIZE",
                      help="plan the checkpoints to hold at most SIZE of activations and gradient "
                           "buffers (e.g. 200KiB, 4MiB); see `ckpt plan`")
-    p.add_argument("--threads", type=_positive_int, default=1,
-                   help="OpenBLAS threads (default 1: a default run's matrices are too small "
-                        "to gain from more)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="threads of a training step (default: the cores ckpt may use, from the "
+                        "affinity mask and the cgroup CPU quota, bounded by OPENBLAS_NUM_THREADS "
+                        "or threadpoolctl)")
+    p.add_argument("--threads-mode", choices=list(MODES), default="auto",
+                   help="split: each thread runs a slice of the batch; blas: OpenBLAS threads "
+                        "each matrix product; auto (default): split for small matrix products")
     p.add_argument("--save", metavar="FILE", help="save parameters and optimizer state (.npz)")
     p.add_argument("--json", action="store_true",
                    help="end the output with one line of JSON holding the results")
@@ -296,9 +301,11 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     threads = get_num_threads()
-    set_num_threads(args.threads)
+    if args.threads is not None:
+        set_num_threads(args.threads)
     try:
-        return _train(args)
+        with threading_mode(args.threads_mode):
+            return _train(args)
     finally:
         set_num_threads(threads)
 
@@ -377,6 +384,8 @@ def _train(args: argparse.Namespace) -> int:
         "recompute_flops_fraction": extra,
         "optimizer_state_bytes": optimizer.state_bytes,
         "parameter_count": model.parameter_count,
+        "threads": get_num_threads(),
+        "threads_mode": "split" if model.slices(batch) > 1 else "blas",
     }
     saving = 1 - peak / peak_plain if peak_plain else 0.0
     print(f"test accuracy     {test['accuracy']:.2%}   (loss {test['loss']:.4f}; "
@@ -388,6 +397,8 @@ def _train(args: argparse.Namespace) -> int:
     print(f"recomputation     {recomputed} of {len(model)} element forwards per step, "
           f"+{extra:.1%} of a step's FLOPs")
     print(f"optimizer state   {_kib(optimizer.state_bytes)}")
+    print(f"threads           {results['threads']}, {results['threads_mode']} "
+          f"({args.threads_mode} mode)")
     if args.save:
         print(f"saved             {args.save}")
     if args.json:
