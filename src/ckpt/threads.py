@@ -13,7 +13,8 @@ Modes (``SegmentCheckpointer(threads_mode=...)``, or :func:`threading_mode` for 
   copy, then each gradient value is reduced as ((g + slice 0) + slice 1) + ... in that fixed
   order: results depend on T (the split), never on timing.
 - ``"blas"``: one slice; OpenBLAS uses its T threads inside each GEMM.
-- ``"auto"`` (the default): ``"split"`` when T > 1 and the chain's largest GEMM,
+- ``"auto"`` (the default; the environment variable ``CKPT_THREADS_MODE`` changes the
+  process default): ``"split"`` when T > 1 and the chain's largest GEMM,
   batch x n_in x n_out of its widest Dense layer, is at most ``SPLIT_CROSSOVER`` multiply-adds
   per thread times T, else ``"blas"``. The crossover was measured by ``bench/sweep_split.py``.
 """
@@ -31,7 +32,6 @@ MODES = ("split", "blas", "auto")
 # bench/sweep_split.py on the 2-core development machine (see README, "Threads").
 SPLIT_CROSSOVER = 64 * 1024 * 1024
 
-_mode: contextvars.ContextVar = contextvars.ContextVar("ckpt_threading_mode", default="auto")
 
 
 def check_mode(mode: object, name: str = "threads_mode") -> str:
@@ -43,8 +43,19 @@ def check_mode(mode: object, name: str = "threads_mode") -> str:
     return mode
 
 
+def _environment_mode() -> str:
+    """The process default: CKPT_THREADS_MODE if set (split, blas or auto), else "auto"."""
+    value = os.environ.get("CKPT_THREADS_MODE", "").strip()
+    return check_mode(value, "CKPT_THREADS_MODE") if value else "auto"
+
+
+_mode: contextvars.ContextVar = contextvars.ContextVar("ckpt_threading_mode",
+                                                       default=_environment_mode())
+
+
 def get_threading_mode() -> str:
-    """The mode in effect in this thread/context ("auto" unless :func:`threading_mode` set it)."""
+    """The mode in effect in this thread/context: :func:`threading_mode`'s, else the process
+    default ("auto", or CKPT_THREADS_MODE)."""
     return _mode.get()
 
 
