@@ -13,7 +13,7 @@ import pytest
 
 import ckpt
 from ckpt import Dense, Dropout, LayerNorm, Residual, SegmentCheckpointer, _core
-from ckpt.threads import (SPLIT_CROSSOVER, cgroup_cpu_limit, choose_slices,
+from ckpt.threads import (SPLIT_CROSSOVER, SPLIT_MIN, cgroup_cpu_limit, choose_slices,
                           default_num_threads)
 from ckpt.train import build_mlp
 
@@ -161,7 +161,8 @@ def test_forced_modes_and_the_context_manager(threads):
     model = SegmentCheckpointer(dense_chain(np.float32), 1)
     assert model.threads_mode is None
     assert ckpt.get_threading_mode() == "auto"
-    assert model.slices(10) == 2            # tiny GEMMs: auto splits
+    assert model.slices(10) == 1            # tiny GEMMs: auto keeps one slice
+    assert model.slices(2048) == 2          # 2048 x 24 x 24 >= SPLIT_MIN x 2: auto splits
     with ckpt.threading_mode("blas") as mode:
         assert mode == "blas" and ckpt.get_threading_mode() == "blas"
         assert model.slices(10) == 1
@@ -196,18 +197,21 @@ def test_a_python_path_chain_never_splits(threads):
 
 
 def test_the_auto_rule_depends_on_gemm_size_and_threads():
-    # At the crossover (per thread) and below: split; above: BLAS threads.
+    # Between SPLIT_MIN and SPLIT_CROSSOVER (per thread), bounds included: split; else BLAS.
     assert choose_slices("auto", 2, 64, SPLIT_CROSSOVER * 2 // 64) == 2
     assert choose_slices("auto", 2, 64, SPLIT_CROSSOVER * 2 // 64 + 1) == 1
     assert choose_slices("auto", 4, 64, SPLIT_CROSSOVER * 2 // 64 + 1) == 4
-    assert choose_slices("auto", 1, 64, 1) == 1
+    assert choose_slices("auto", 2, 64, SPLIT_MIN * 2 // 64) == 2
+    assert choose_slices("auto", 2, 64, SPLIT_MIN * 2 // 64 - 1) == 1
+    assert choose_slices("auto", 1, 64, SPLIT_MIN) == 1
     assert choose_slices("split", 8, 3, 10**12) == 3
     assert choose_slices("blas", 8, 300, 1) == 1
     big = SegmentCheckpointer([Dense(1024, 1024, dtype=np.float32, rng=0)], 1)
     small = SegmentCheckpointer([Dense(64, 64, dtype=np.float32, rng=0)], 1)
     assert big._typed_chain().max_dense_product == 1024 * 1024
     with ckpt.threading_mode("auto"):
-        assert small.slices(32) == min(32, ckpt.get_num_threads())
+        assert small.slices(32) == 1
+        assert small.slices(512) == min(512, ckpt.get_num_threads())
         assert big.slices(4096) == 1
 
 
@@ -359,7 +363,9 @@ def test_default_threads_respect_the_affinity_mask():
         assert n <= limit
 
 
-CLI_SMALL = ["train", "--epochs", "1", "--depth", "3", "--width", "16", "--lr", "0.01", "--json"]
+# Batch 64 x 128 x 128 = 1 Mi multiply-adds: within auto's split band at T = 2.
+CLI_SMALL = ["train", "--epochs", "1", "--depth", "3", "--width", "128", "--batch-size", "64",
+             "--lr", "0.01", "--json"]
 
 
 def _cli_results(capsys, argv):
@@ -384,12 +390,38 @@ def test_ckpt_train_chooses_threads_by_default(capsys, threads):
 
 def test_fit_splits_by_default(threads):
     threads(2)
-    layers = build_mlp(8, 3, 16, 3, "relu", np.float32, seed=0)
+    layers = build_mlp(8, 3, 128, 3, "relu", np.float32, seed=0)
     model = SegmentCheckpointer(layers)
-    assert model.slices(32) == 2
+    assert model.slices(64) == 2
     rng = np.random.default_rng(0)
-    X = rng.standard_normal((96, 8)).astype(np.float32)
-    y = rng.integers(0, 3, 96)
-    history = ckpt.fit(model, X, y, epochs=2, batch_size=32, seed=0)
+    X = rng.standard_normal((192, 8)).astype(np.float32)
+    y = rng.integers(0, 3, 192)
+    history = ckpt.fit(model, X, y, epochs=2, batch_size=64, seed=0)
     assert np.isfinite(history["loss"]).all()
     assert model.memory_tracker.gradient_bytes == 0
+
+
+def test_parallel_update_and_zero_grad_match_one_thread(threads):
+    """sgd_update and zero_grad are cut across the pool for large parameters: the same values."""
+    layers = [Dense(512, 600, "relu", dtype=np.float32, rng=0), Dense(600, 7, dtype=np.float32, rng=1)]
+    model = SegmentCheckpointer(layers, 1)
+    chain = model._typed_chain()
+    rng = np.random.default_rng(0)
+    for g in model.gradients():
+        g[...] = rng.standard_normal(g.shape)
+    before = [p.copy() for p in model.params()]
+    lr = np.float32(0.1)
+    expected = [p - lr * g for p, g in zip(before, model.gradients())]
+    results = {}
+    for t in (1, 2, 3):
+        threads(t)
+        assert chain.elementwise_slices == min(t, chain.parameter_size // (1 << 17))
+        for p, b in zip(model.params(), before):
+            p[...] = b
+        model.update(0.1)
+        results[t] = [p.copy() for p in model.params()]
+    for t in (2, 3):
+        assert all(np.array_equal(a, b) for a, b in zip(results[t], results[1]))
+    assert all(np.array_equal(a, b) for a, b in zip(results[1], expected))
+    model.zero_grad()
+    assert all(not g.any() for g in model.gradients())

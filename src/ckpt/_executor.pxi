@@ -94,6 +94,8 @@ cdef struct Job:
     bint is_double
     bint backward
     void **grads            # the real gradients (slice 0's)
+    void **params           # the parameters (for the update)
+    double lr               # the update's learning rate
     void **copies           # (n_slices - 1) x n_params: the other slices' gradient copies
     Py_ssize_t *sizes
     Py_ssize_t n_params
@@ -681,24 +683,50 @@ cdef class Chain:
             raise ValueError(f"the arena must be a writable 1-D C-contiguous {self.dtype} array")
         return 0
 
+    cdef int _elementwise_job(self, Job *job, double lr) noexcept:
+        """A job over all parameter values, cut into equal ranges: T of them (T =
+        get_num_threads()) when there are at least ELEMENTWISE_PARALLEL_MIN values per thread,
+        else one. Elementwise work gives the same values however it is cut."""
+        cdef int threads = ckpt_pool_blas_threads()
+        if threads <= 0:
+            threads = scipy_openblas_get_num_threads()
+        job.n_slices = max(1, min(threads, self.parameter_size // ELEMENTWISE_PARALLEL_MIN))
+        job.is_double = self.is_double
+        job.grads = self.grads
+        job.params = self.params
+        job.sizes = self.sizes
+        job.n_params = self.n_params
+        job.total = self.parameter_size
+        job.lr = lr
+        return 0
+
     def sgd_update(self, double learning_rate):
-        """p -= lr * grad for every parameter of the chain, in one call."""
-        cdef Py_ssize_t i
+        """p -= lr * grad for every parameter of the chain, in one call (split across ckpt's
+        pool when the parameters are large; the values do not depend on the split)."""
+        cdef Job job
+        self._elementwise_job(&job, learning_rate)
         with nogil:
-            for i in range(self.n_params):
-                if self.is_double:
-                    sgd_step_ptr(<double *>self.params[i], <double *>self.grads[i],
-                                 self.sizes[i], learning_rate)
-                else:
-                    sgd_step_ptr(<float *>self.params[i], <float *>self.grads[i],
-                                 self.sizes[i], <float>learning_rate)
+            if job.n_slices == 1:
+                _update_task(&job, 0)
+            else:
+                ckpt_pool_run(<int>job.n_slices, _update_task, &job)
 
     def zero_grad(self):
-        """Set every gradient of the chain to zero, in one call."""
-        cdef Py_ssize_t i, itemsize = 8 if self.is_double else 4
+        """Set every gradient of the chain to zero, in one call (split like sgd_update)."""
+        cdef Job job
+        self._elementwise_job(&job, 0.0)
         with nogil:
-            for i in range(self.n_params):
-                memset(self.grads[i], 0, self.sizes[i] * itemsize)
+            if job.n_slices == 1:
+                _zero_task(&job, 0)
+            else:
+                ckpt_pool_run(<int>job.n_slices, _zero_task, &job)
+
+    @property
+    def elementwise_slices(self):
+        """Ranges sgd_update and zero_grad are cut into now (1: not parallel)."""
+        cdef Job job
+        self._elementwise_job(&job, 0.0)
+        return job.n_slices
 
 
 cdef void _phase_task(void *arg, int index) noexcept nogil:
@@ -736,6 +764,43 @@ cdef void _reduce_task(void *arg, int index) noexcept nogil:
                 else:
                     _add_into(<float *>job.grads[i] + a,
                               <const float *>job.copies[(s - 1) * job.n_params + i] + a, b - a)
+        at += job.sizes[i]
+
+
+# Parameter values per thread below which sgd_update / zero_grad stay on one thread.
+cdef Py_ssize_t ELEMENTWISE_PARALLEL_MIN = 1 << 17
+
+
+cdef void _update_task(void *arg, int index) noexcept nogil:
+    """Pool task: p -= lr * grad over the index-th of n_slices equal ranges of the values."""
+    cdef Job *job = <Job *>arg
+    cdef Py_ssize_t lo = index * job.total // job.n_slices
+    cdef Py_ssize_t hi = (index + 1) * job.total // job.n_slices
+    cdef Py_ssize_t i, at = 0, a, b
+    for i in range(job.n_params):
+        a = max(lo, at) - at
+        b = min(hi, at + job.sizes[i]) - at
+        if a < b:
+            if job.is_double:
+                sgd_step_ptr(<double *>job.params[i] + a, <const double *>job.grads[i] + a,
+                             b - a, job.lr)
+            else:
+                sgd_step_ptr(<float *>job.params[i] + a, <const float *>job.grads[i] + a,
+                             b - a, <float>job.lr)
+        at += job.sizes[i]
+
+
+cdef void _zero_task(void *arg, int index) noexcept nogil:
+    """Pool task: zero the index-th of n_slices equal ranges of the gradient values."""
+    cdef Job *job = <Job *>arg
+    cdef Py_ssize_t lo = index * job.total // job.n_slices
+    cdef Py_ssize_t hi = (index + 1) * job.total // job.n_slices
+    cdef Py_ssize_t i, at = 0, a, b, itemsize = 8 if job.is_double else 4
+    for i in range(job.n_params):
+        a = max(lo, at) - at
+        b = min(hi, at + job.sizes[i]) - at
+        if a < b:
+            memset(<char *>job.grads[i] + a * itemsize, 0, (b - a) * itemsize)
         at += job.sizes[i]
 
 

@@ -14,9 +14,11 @@ Modes (``SegmentCheckpointer(threads_mode=...)``, or :func:`threading_mode` for 
   order: results depend on T (the split), never on timing.
 - ``"blas"``: one slice; OpenBLAS uses its T threads inside each GEMM.
 - ``"auto"`` (the default; the environment variable ``CKPT_THREADS_MODE`` changes the
-  process default): ``"split"`` when T > 1 and the chain's largest GEMM,
-  batch x n_in x n_out of its widest Dense layer, is at most ``SPLIT_CROSSOVER`` multiply-adds
-  per thread times T, else ``"blas"``. The crossover was measured by ``bench/sweep_split.py``.
+  process default): ``"split"`` when T > 1 and the chain's largest GEMM, batch x n_in x n_out
+  of its widest Dense layer, is between ``SPLIT_MIN`` x T and ``SPLIT_CROSSOVER`` x T
+  multiply-adds, else ``"blas"``. Both bounds were measured by ``bench/sweep_split.py``: below
+  SPLIT_MIN per thread the slices are too small to pay for waking a second core (OpenBLAS then
+  runs single-threaded anyway); above SPLIT_CROSSOVER OpenBLAS's own threads are efficient.
 """
 from __future__ import annotations
 
@@ -28,8 +30,11 @@ from typing import Iterator, Optional
 
 MODES = ("split", "blas", "auto")
 
-# Largest per-GEMM m*n*k (full batch), per thread, at which "auto" splits the batch. From
-# bench/sweep_split.py on the 2-core development machine (see README, "Threads").
+# The per-GEMM m*n*k (full batch) per thread between which "auto" splits the batch. From
+# bench/sweep_split.py on the shared 2-core development machine (see README, "Threads"): split
+# lost at 65,536 per thread in every sweep and won from 262,144 on; BLAS threading is kept
+# above 64 Mi, where the issue measured OpenBLAS at 72-88% of the 2-core peak.
+SPLIT_MIN = 256 * 1024
 SPLIT_CROSSOVER = 64 * 1024 * 1024
 
 
@@ -81,7 +86,8 @@ def choose_slices(mode: str, threads: int, batch: int, max_dense_product: int) -
         return 1
     if mode == "split":
         return split
-    return split if batch * max_dense_product <= SPLIT_CROSSOVER * threads else 1
+    size = batch * max_dense_product
+    return split if SPLIT_MIN * threads <= size <= SPLIT_CROSSOVER * threads else 1
 
 
 def cgroup_cpu_limit(root: str = "/sys/fs/cgroup") -> Optional[int]:
