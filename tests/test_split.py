@@ -22,8 +22,8 @@ TOL = {np.float32: dict(rtol=2e-5, atol=2e-6), np.float64: dict(rtol=1e-12, atol
 
 def dense_chain(dtype, seed=0):
     rng = np.random.default_rng(seed)
-    return [Dense(12, 24, "relu", dtype=dtype, rng=rng), Dense(24, 24, "tanh", dtype=dtype, rng=rng),
-            Dense(24, 5, dtype=dtype, rng=rng)]
+    return [Dense(12, 24, "relu", dtype=dtype, rng=rng),
+            Dense(24, 24, "tanh", dtype=dtype, rng=rng), Dense(24, 5, dtype=dtype, rng=rng)]
 
 
 def layernorm_chain(dtype, seed=0):
@@ -403,7 +403,8 @@ def test_fit_splits_by_default(threads):
 
 def test_parallel_update_and_zero_grad_match_one_thread(threads):
     """sgd_update and zero_grad are cut across the pool for large parameters: the same values."""
-    layers = [Dense(512, 600, "relu", dtype=np.float32, rng=0), Dense(600, 7, dtype=np.float32, rng=1)]
+    layers = [Dense(2048, 1600, "relu", dtype=np.float32, rng=0),
+              Dense(1600, 7, dtype=np.float32, rng=1)]
     model = SegmentCheckpointer(layers, 1)
     chain = model._typed_chain()
     rng = np.random.default_rng(0)
@@ -415,7 +416,7 @@ def test_parallel_update_and_zero_grad_match_one_thread(threads):
     results = {}
     for t in (1, 2, 3):
         threads(t)
-        assert chain.elementwise_slices == min(t, chain.parameter_size // (1 << 17))
+        assert chain.elementwise_slices == min(t, chain.parameter_size // (1 << 20))
         for p, b in zip(model.params(), before):
             p[...] = b
         model.update(0.1)

@@ -767,8 +767,9 @@ cdef void _reduce_task(void *arg, int index) noexcept nogil:
         at += job.sizes[i]
 
 
-# Parameter values per thread below which sgd_update / zero_grad stay on one thread.
-cdef Py_ssize_t ELEMENTWISE_PARALLEL_MIN = 1 << 17
+# Parameter values per thread below which sgd_update / zero_grad stay on one thread: at 128 Ki
+# (the small benchmark workload, 256 Ki values) waking the pool cost more than it saved.
+cdef Py_ssize_t ELEMENTWISE_PARALLEL_MIN = 1 << 20
 
 
 cdef void _update_task(void *arg, int index) noexcept nogil:
