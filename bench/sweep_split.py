@@ -76,8 +76,8 @@ def main() -> None:
         size = m * w * w
         rows.append({"m": m, "w": w, "layers": n_layers, "mnk": size, "mnk_per_thread": size / T,
                      "split_s": split, "blas_s": blas, "split_speedup": blas / split})
-        print(f"{m:>5} {w:>5} {n_layers:>3} {size / T:>12,.0f} {split * 1e3:>9.3f} {blas * 1e3:>9.3f} "
-              f"{blas / split:>14.2f}")
+        print(f"{m:>5} {w:>5} {n_layers:>3} {size / T:>12,.0f} {split * 1e3:>9.3f} "
+              f"{blas * 1e3:>9.3f} {blas / split:>14.2f}")
     won = [r["mnk_per_thread"] for r in rows if r["split_speedup"] >= 1]
     lost = [r["mnk_per_thread"] for r in rows if r["split_speedup"] < 1]
     print(f"split won up to m*w*w/T = {max(won) if won else 0:,.0f}; "

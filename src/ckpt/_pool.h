@@ -17,7 +17,9 @@
  *
  * fork: a pthread_atfork child handler resets the pool to "no workers, not busy" -- the
  * workers do not exist in the child -- so a forked process (joblib, multiprocessing) starts
- * its own workers on its first job instead of waiting forever for the parent's. */
+ * its own workers on its first job instead of waiting forever for the parent's. A fork taken
+ * while another thread's job runs leaves the child's OpenBLAS at the job's one thread
+ * (restoring it from inside an atfork handler would start OpenBLAS threads there). */
 #ifndef CKPT_POOL_H
 #define CKPT_POOL_H
 
