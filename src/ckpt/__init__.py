@@ -13,6 +13,7 @@ from ckpt.costs import ChainCosts, ElementCost
 from ckpt.layers import Dense, Dropout, Layer, LayerNorm, Residual
 from ckpt.losses import mse_loss, softmax_cross_entropy
 from ckpt.optim import SGD, Adam, AdamW
+from ckpt.threads import get_threading_mode, threading_mode
 from ckpt.tracker import MemoryUsageTracker
 from ckpt.train import build_mlp, evaluate, fit, predict
 
@@ -28,6 +29,11 @@ def __getattr__(name: str):
         from ckpt import estimators
         return getattr(estimators, name)
     raise AttributeError(f"module 'ckpt' has no attribute {name!r}")
+
+# Bound ckpt's threads by the cores it may use (affinity mask, cgroup quota); see ckpt.threads.
+from ckpt.threads import apply_default_num_threads as _apply_default_num_threads
+
+_apply_default_num_threads()
 
 __all__ = [
     "SGD",
@@ -49,6 +55,7 @@ __all__ = [
     "evaluate",
     "fit",
     "get_num_threads",
+    "get_threading_mode",
     "load",
     "load_model",
     "mse_loss",
@@ -56,5 +63,6 @@ __all__ = [
     "save",
     "set_num_threads",
     "softmax_cross_entropy",
+    "threading_mode",
     "__version__",
 ]

@@ -314,8 +314,13 @@ def sgd_step(floating[::1] p, const floating[::1] g, double lr):
 # --------------------------------------------------------------------------------------------
 
 def get_num_threads():
-    """Number of threads ckpt's OpenBLAS uses."""
-    return scipy_openblas_get_num_threads()
+    """Number of threads ckpt's OpenBLAS uses (the T of batch-split steps).
+
+    While a batch-split job of ckpt's pool runs, OpenBLAS is set to one thread for it; this
+    still reports the count the job restores afterwards.
+    """
+    cdef int saved = ckpt_pool_blas_threads()
+    return saved if saved > 0 else scipy_openblas_get_num_threads()
 
 
 def max_num_threads():
@@ -332,7 +337,10 @@ def max_num_threads():
 
 
 def set_num_threads(n):
-    """Set the number of threads of ckpt's OpenBLAS, 1 <= n <= max_num_threads()."""
+    """Set the number of threads of ckpt's OpenBLAS, 1 <= n <= max_num_threads(), which also
+    bounds ckpt's pool. Called while a batch-split job runs (in another thread), the new count
+    takes effect when the job ends.
+    """
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         raise TypeError(f"the number of threads must be an integer, got {type(n).__name__} {n!r}")
     if n < 1:
@@ -341,7 +349,13 @@ def set_num_threads(n):
     if n > limit:
         raise ValueError(f"the number of threads must be at most {limit} (this OpenBLAS's "
                          f"MAX_THREADS; more than the cores is allowed up to there), got {n}")
-    scipy_openblas_set_num_threads(n)
+    if not ckpt_pool_defer_blas(<int>n):
+        scipy_openblas_set_num_threads(n)
+
+
+def pool_workers():
+    """Worker threads ckpt's pool has started in this process (0 in a fresh fork)."""
+    return ckpt_pool_workers()
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,6 +7,14 @@
 # construction against what these loops need. ckpt.schedule builds the rows.
 
 from libc.stdint cimport uint64_t
+from cpython.mem cimport PyMem_Realloc
+
+cdef extern from "_pool.h" nogil:
+    ctypedef void (*ckpt_task)(void *arg, int index) noexcept nogil
+    int ckpt_pool_run(int n, ckpt_task fn, void *arg)
+    int ckpt_pool_blas_threads()
+    int ckpt_pool_defer_blas(int n)
+    int ckpt_pool_workers()
 
 # A compiled row: (op, element, output offset, recompute flag, tape offset, scratch offset);
 # offsets in elements per batch row (-1: none), multiplied by the batch size here.
@@ -56,6 +64,42 @@ cdef struct Step:
     bint training
     void **params
     void **grads
+
+
+# One batch slice of a step: its rows, its activation and tape tables, its part of the arena
+# and of the gradient buffers. A step that is not split is one slice of the whole batch.
+cdef struct Slice:
+    Step step               # m = the slice's rows, row0 = the step's row offset + its start
+    void **a                # n_elements + 1 activation pointers
+    void **tapes
+    void *output            # its rows of the caller's output
+    void *arena             # its base: the arena's per-row size times its start
+    const void *grad_output
+    void *buf0
+    void *buf1
+    void *grad_input        # its rows of the input gradient, or NULL
+    ckpt_counters *c        # slice 0 only (NULL for the others): see count_rows
+    Py_ssize_t count_rows   # rows the tracker counts for each event (slice 0: the whole batch)
+    Py_ssize_t status
+
+
+# What the pool's tasks read: one phase (or the gradient reduction) of a split step.
+cdef struct Job:
+    const Element *table
+    Py_ssize_t n_elements
+    const int64_t *rows
+    Py_ssize_t n_rows
+    Slice *slices
+    Py_ssize_t n_slices
+    bint is_double
+    bint backward
+    void **grads            # the real gradients (slice 0's)
+    void **params           # the parameters (for the update)
+    double lr               # the update's learning rate
+    void **copies           # (n_slices - 1) x n_params: the other slices' gradient copies
+    Py_ssize_t *sizes
+    Py_ssize_t n_params
+    Py_ssize_t total        # sum of sizes
 
 
 cdef inline Py_ssize_t _pingpong(const Element *e) noexcept nogil:
@@ -220,10 +264,18 @@ cdef class Chain:
     cdef void **params
     cdef void **grads
     cdef Py_ssize_t *sizes
-    cdef void **a           # a[i]: where activation i lives this step, NULL when not held
-    cdef void **tapes       # tapes[i]: the internals kept beside a[i], or NULL
-    cdef void *output       # the caller's array for a[N]
-    cdef Step step
+    cdef readonly Py_ssize_t parameter_size   # values in all parameters together
+    cdef readonly Py_ssize_t max_dense_product  # largest n_in * n_out of a Dense element
+    # Per slice (capacity max_slices): a[i], where activation i lives this step (NULL when not
+    # held), and tapes[i], the internals kept beside it.
+    cdef Slice *slices
+    cdef void **tables      # 2 * (n_elements + 1) pointers per slice: its a, then its tapes
+    cdef Py_ssize_t max_slices
+    cdef readonly Py_ssize_t n_slices   # slices of the pending step (1: not split)
+    cdef Py_ssize_t m_total
+    cdef void *copy_data    # the gradient copies of slices 1 .. n_slices - 1
+    cdef Py_ssize_t copy_values
+    cdef void **copy_ptrs   # (max_slices - 1) x n_params pointers into copy_data
     cdef list _keep
 
     def __cinit__(self, const int64_t[:, ::1] ints, const double[:, ::1] reals,
@@ -242,10 +294,8 @@ cdef class Chain:
         self.params = <void **>PyMem_Malloc((len(params) + 1) * sizeof(void *))
         self.grads = <void **>PyMem_Malloc((len(params) + 1) * sizeof(void *))
         self.sizes = <Py_ssize_t *>PyMem_Malloc((len(params) + 1) * sizeof(Py_ssize_t))
-        self.a = <void **>PyMem_Malloc((n_elements + 1) * sizeof(void *))
-        self.tapes = <void **>PyMem_Malloc((n_elements + 1) * sizeof(void *))
-        if (self.table == NULL or self.params == NULL or self.grads == NULL or self.sizes == NULL
-                or self.a == NULL or self.tapes == NULL):
+        if (self.table == NULL or self.params == NULL or self.grads == NULL
+                or self.sizes == NULL):
             raise MemoryError()
         self.n_table = n
         self.n_elements = n_elements
@@ -272,8 +322,16 @@ cdef class Chain:
         self.max_width = self.table[0].n_in
         for i in range(n_elements):
             self.max_width = max(self.max_width, self.table[i].n_out)
-        memset(self.a, 0, (n_elements + 1) * sizeof(void *))
-        memset(self.tapes, 0, (n_elements + 1) * sizeof(void *))
+        self.max_dense_product = 0
+        for i in range(n):
+            if self.table[i].kind == KIND_DENSE:
+                self.max_dense_product = max(self.max_dense_product,
+                                             self.table[i].n_in * self.table[i].n_out)
+        self.parameter_size = 0
+        for i in range(self.n_params):
+            self.parameter_size += self.sizes[i]
+        self._reserve_slices(1)
+        self.n_slices = 1
         self.busy = False
 
     def __dealloc__(self):
@@ -281,8 +339,56 @@ cdef class Chain:
         PyMem_Free(self.params)
         PyMem_Free(self.grads)
         PyMem_Free(self.sizes)
-        PyMem_Free(self.a)
-        PyMem_Free(self.tapes)
+        PyMem_Free(self.slices)
+        PyMem_Free(self.tables)
+        PyMem_Free(self.copy_data)
+        PyMem_Free(self.copy_ptrs)
+
+    cdef int _reserve_slices(self, Py_ssize_t n) except -1:
+        """Room for n slices' tables (never shrinks; only between phases)."""
+        cdef Py_ssize_t width = self.n_elements + 1, s
+        cdef void *grown
+        if n <= self.max_slices:
+            return 0
+        grown = PyMem_Realloc(self.slices, n * sizeof(Slice))
+        if grown == NULL:
+            raise MemoryError()
+        self.slices = <Slice *>grown
+        grown = PyMem_Realloc(self.tables, 2 * n * width * sizeof(void *))
+        if grown == NULL:
+            raise MemoryError()
+        self.tables = <void **>grown
+        memset(self.tables, 0, 2 * n * width * sizeof(void *))
+        memset(self.slices, 0, n * sizeof(Slice))
+        for s in range(n):
+            self.slices[s].a = self.tables + 2 * s * width
+            self.slices[s].tapes = self.tables + (2 * s + 1) * width
+        self.max_slices = n
+        return 0
+
+    cdef int _reserve_copies(self, Py_ssize_t n) except -1:
+        """Gradient copies for slices 1 .. n - 1 (kept across steps, never shrinks)."""
+        cdef Py_ssize_t values = (n - 1) * self.parameter_size, s, i, at
+        cdef Py_ssize_t itemsize = 8 if self.is_double else 4
+        cdef void *grown
+        if values > self.copy_values or self.copy_ptrs == NULL:
+            grown = PyMem_Realloc(self.copy_data, max(values, 1) * itemsize)
+            if grown == NULL:
+                raise MemoryError()
+            self.copy_data = grown
+            self.copy_values = values
+        grown = PyMem_Realloc(self.copy_ptrs, (max(n - 1, 1) * self.n_params + 1)
+                              * sizeof(void *))
+        if grown == NULL:
+            raise MemoryError()
+        self.copy_ptrs = <void **>grown
+        at = 0
+        for s in range(n - 1):
+            for i in range(self.n_params):
+                self.copy_ptrs[s * self.n_params + i] = \
+                    <void *>(<char *>self.copy_data + at * itemsize)
+                at += self.sizes[i]
+        return 0
 
     cdef int _check_params(self, list params, list grads) except -1:
         cdef Py_ssize_t i
@@ -430,15 +536,22 @@ cdef class Chain:
 
     def run_forward(self, const int64_t[:, ::1] rows, x, y, arena,
                     AtomicCounters counters=None, uint64_t seed=0, int64_t row0=0,
-                    bint training=True):
+                    bint training=True, Py_ssize_t slices=1):
         """Hold x as a[0], then run the forward phase of a schedule; a[N] is written into y.
 
         ``seed`` keys the step's Dropout masks with ``row0``, the global index of x's first row.
+        ``slices`` > 1 splits the batch into that many contiguous slices of rows (at most one
+        per row), each run on its own thread of ckpt's pool with single-threaded BLAS; the
+        backward phase uses the same split. The arena is shared by rows: slice s, starting at
+        row r, uses the arena from (arena size / batch) * r on.
         """
-        cdef Py_ssize_t m = x.shape[0] if x.ndim == 2 else 0, status
+        cdef Py_ssize_t m = x.shape[0] if x.ndim == 2 else 0, status, n, k, start, room
+        cdef Py_ssize_t n_in = self.table[0].n_in
+        cdef Py_ssize_t n_out = self.table[self.n_elements - 1].n_out
+        cdef Py_ssize_t itemsize = 8 if self.is_double else 4
         cdef ckpt_counters *c = &counters.c if counters is not None else NULL
-        for arr, width, name in ((x, self.table[0].n_in, "x"),
-                                 (y, self.table[self.n_elements - 1].n_out, "y")):
+        cdef Slice *sl
+        for arr, width, name in ((x, n_in, "x"), (y, n_out, "y")):
             if arr.dtype != self.dtype or not arr.flags.c_contiguous or arr.shape != (m, width):
                 raise ValueError(f"{name} must be a C-contiguous {self.dtype} array of shape "
                                  f"({m}, {width}), got {arr.dtype} {arr.shape}")
@@ -449,27 +562,43 @@ cdef class Chain:
         _check_blas_dim(m, "batch size")
         if row0 < 0:
             raise ValueError(f"row0 must be non-negative, got {row0}")
+        if slices < 1:
+            raise ValueError(f"slices must be at least 1, got {slices}")
+        n = max(1, min(slices, m))
         self._enter()
-        memset(self.a, 0, (self.n_elements + 1) * sizeof(void *))
-        memset(self.tapes, 0, (self.n_elements + 1) * sizeof(void *))
-        self.step.m = m
-        self.step.row0 = row0
-        self.step.seed = seed
-        self.step.training = training
-        self.step.params = self.params
-        self.step.grads = self.grads
-        self.a[0] = <void *><Py_ssize_t>x.ctypes.data
-        self.output = <void *><Py_ssize_t>y.ctypes.data
-        cdef void *arena_ptr = <void *><Py_ssize_t>arena.ctypes.data
+        try:
+            self._reserve_slices(n)
+        except MemoryError:
+            self.busy = False
+            raise
+        room = arena.shape[0] // m if m > 0 else 0
+        cdef char *x_ptr = <char *><Py_ssize_t>x.ctypes.data
+        cdef char *y_ptr = <char *><Py_ssize_t>y.ctypes.data
+        cdef char *arena_ptr = <char *><Py_ssize_t>arena.ctypes.data
+        for k in range(n):
+            start = k * m // n
+            sl = &self.slices[k]
+            memset(sl.a, 0, (self.n_elements + 1) * sizeof(void *))
+            memset(sl.tapes, 0, (self.n_elements + 1) * sizeof(void *))
+            sl.step.m = (k + 1) * m // n - start
+            sl.step.row0 = row0 + start
+            sl.step.seed = seed
+            sl.step.training = training
+            sl.step.params = self.params
+            sl.step.grads = self.grads
+            sl.a[0] = x_ptr + start * n_in * itemsize
+            sl.output = y_ptr + start * n_out * itemsize
+            sl.arena = arena_ptr + start * room * itemsize
+            sl.grad_output = NULL
+            sl.buf0 = sl.buf1 = sl.grad_input = NULL
+            sl.c = c if k == 0 else NULL
+            sl.count_rows = m
+            sl.status = -1
+        self.n_slices = n
+        self.m_total = m
         if c != NULL:
             ckpt_record_stored(c, x.nbytes)
-        with nogil:
-            if self.is_double:
-                status = _run(self, rows, <double *>arena_ptr, <double *>NULL, <double *>NULL,
-                              <double *>NULL, <double *>NULL, c)
-            else:
-                status = _run(self, rows, <float *>arena_ptr, <float *>NULL, <float *>NULL,
-                              <float *>NULL, <float *>NULL, c)
+        status = self._dispatch(rows, False)
         self.busy = False
         if status >= 0:
             raise ValueError(f"schedule row {status} uses an activation that is not held")
@@ -477,47 +606,95 @@ cdef class Chain:
     def run_backward(self, const int64_t[:, ::1] rows, grad_output, arena, grad_buffers,
                      grad_input, AtomicCounters counters=None):
         """Run the backward phase of a schedule, from grad_output (of a[N]) to grad_input (of
-        a[0]; None when not wanted). grad_buffers holds at least 2 * batch * max_width values."""
-        cdef Py_ssize_t m = self.step.m, status
+        a[0]; None when not wanted). grad_buffers holds at least 2 * batch * max_width values.
+
+        A split step (see run_forward) runs each slice's backward on its own thread: slice 0
+        accumulates into the real gradients, slice s >= 1 into its own zeroed copy; then every
+        gradient value g is reduced as ((g + slice 0) + slice 1) + ... + slice T-1, in that
+        order, whatever the timing (the reduction is itself split across the pool by value
+        ranges, each value summed by one thread in that order). The copies are counted as
+        gradient bytes in the tracker while the backward runs.
+        """
+        cdef Py_ssize_t m = self.m_total, status, n = self.n_slices, k, start
+        cdef Py_ssize_t n_in = self.table[0].n_in
         cdef Py_ssize_t n_out = self.table[self.n_elements - 1].n_out
+        cdef Py_ssize_t w = self.max_width
+        cdef Py_ssize_t itemsize = 8 if self.is_double else 4
         cdef ckpt_counters *c = &counters.c if counters is not None else NULL
+        cdef Slice *sl
         if (grad_output.dtype != self.dtype or not grad_output.flags.c_contiguous
                 or grad_output.shape != (m, n_out)):
             raise ValueError(f"grad_output must be a C-contiguous {self.dtype} array of shape "
                              f"({m}, {n_out}), got {grad_output.dtype} {grad_output.shape}")
         if (grad_buffers.dtype != self.dtype or grad_buffers.ndim != 1
                 or not grad_buffers.flags.c_contiguous
-                or grad_buffers.shape[0] < 2 * m * self.max_width):
-            raise ValueError(f"grad_buffers must hold {2 * m * self.max_width} {self.dtype} values")
+                or grad_buffers.shape[0] < 2 * m * w):
+            raise ValueError(f"grad_buffers must hold {2 * m * w} {self.dtype} values")
         if grad_input is not None and (grad_input.dtype != self.dtype
                                        or not grad_input.flags.c_contiguous
-                                       or grad_input.shape != (m, self.table[0].n_in)):
+                                       or grad_input.shape != (m, n_in)):
             raise ValueError(f"grad_input must be a C-contiguous {self.dtype} array of shape "
-                             f"({m}, {self.table[0].n_in})")
+                             f"({m}, {n_in})")
         self._check_arena(arena)
         self._check_rows(rows, m, arena.shape[0])
+        if n > 1:
+            self._reserve_copies(n)
         self._enter()
-        cdef void *arena_ptr = <void *><Py_ssize_t>arena.ctypes.data
-        cdef void *g_ptr = <void *><Py_ssize_t>grad_output.ctypes.data
-        cdef void *buf0 = <void *><Py_ssize_t>grad_buffers.ctypes.data
-        cdef void *gin = NULL
-        cdef int64_t grad_bytes = 2 * m * self.max_width * grad_buffers.itemsize
+        cdef char *g_ptr = <char *><Py_ssize_t>grad_output.ctypes.data
+        cdef char *buf_ptr = <char *><Py_ssize_t>grad_buffers.ctypes.data
+        cdef char *gin = NULL
+        cdef int64_t grad_bytes = 2 * m * w * itemsize
+        cdef int64_t copy_bytes = (n - 1) * self.parameter_size * itemsize
         if grad_input is not None:
-            gin = <void *><Py_ssize_t>grad_input.ctypes.data
+            gin = <char *><Py_ssize_t>grad_input.ctypes.data
+        for k in range(n):
+            start = k * m // n
+            sl = &self.slices[k]
+            sl.grad_output = g_ptr + start * n_out * itemsize
+            sl.buf0 = buf_ptr + 2 * start * w * itemsize
+            sl.buf1 = <char *>sl.buf0 + sl.step.m * w * itemsize
+            sl.grad_input = gin + start * n_in * itemsize if gin != NULL else NULL
+            sl.step.grads = self.grads if k == 0 else self.copy_ptrs + (k - 1) * self.n_params
+            sl.status = -1
         if c != NULL:
-            ckpt_record_gradient(c, grad_bytes)
-        with nogil:
-            if self.is_double:
-                status = _run(self, rows, <double *>arena_ptr, <double *>g_ptr, <double *>buf0,
-                              <double *>buf0 + m * self.max_width, <double *>gin, c)
-            else:
-                status = _run(self, rows, <float *>arena_ptr, <float *>g_ptr, <float *>buf0,
-                              <float *>buf0 + m * self.max_width, <float *>gin, c)
-            if c != NULL:
-                ckpt_release_gradient(c, grad_bytes)
+            ckpt_record_gradient(c, grad_bytes + copy_bytes)
+        status = self._dispatch(rows, True)
+        if c != NULL:
+            ckpt_release_gradient(c, grad_bytes + copy_bytes)
         self.busy = False
         if status >= 0:
             raise ValueError(f"schedule row {status} uses an activation that is not held")
+
+    cdef Py_ssize_t _dispatch(self, const int64_t[:, ::1] rows, bint backward) noexcept:
+        """Run one phase over the slices (in the pool when split), then, after a split
+        backward, reduce the gradient copies. Returns -1 or the first failing row."""
+        cdef Job job
+        cdef Py_ssize_t k, status = -1
+        job.table = self.table
+        job.n_elements = self.n_elements
+        job.rows = &rows[0, 0] if rows.shape[0] > 0 else NULL
+        job.n_rows = rows.shape[0]
+        job.slices = self.slices
+        job.n_slices = self.n_slices
+        job.is_double = self.is_double
+        job.backward = backward
+        job.grads = self.grads
+        job.copies = self.copy_ptrs
+        job.sizes = self.sizes
+        job.n_params = self.n_params
+        job.total = self.parameter_size
+        with nogil:
+            if job.n_slices == 1:
+                _phase_task(&job, 0)
+            else:
+                ckpt_pool_run(<int>job.n_slices, _phase_task, &job)
+                if backward:
+                    ckpt_pool_run(<int>job.n_slices, _reduce_task, &job)
+        for k in range(self.n_slices):
+            if self.slices[k].status >= 0:
+                status = self.slices[k].status
+                break
+        return status
 
     cdef int _check_arena(self, arena) except -1:
         if (not isinstance(arena, np.ndarray) or arena.dtype != self.dtype or arena.ndim != 1
@@ -525,71 +702,190 @@ cdef class Chain:
             raise ValueError(f"the arena must be a writable 1-D C-contiguous {self.dtype} array")
         return 0
 
+    cdef int _elementwise_job(self, Job *job, double lr) noexcept:
+        """A job over all parameter values, cut into equal ranges: T of them (T =
+        get_num_threads()) when there are at least ELEMENTWISE_PARALLEL_MIN values per thread,
+        else one. Elementwise work gives the same values however it is cut."""
+        cdef int threads = ckpt_pool_blas_threads()
+        if threads <= 0:
+            threads = scipy_openblas_get_num_threads()
+        job.n_slices = max(1, min(threads, self.parameter_size // ELEMENTWISE_PARALLEL_MIN))
+        job.is_double = self.is_double
+        job.grads = self.grads
+        job.params = self.params
+        job.sizes = self.sizes
+        job.n_params = self.n_params
+        job.total = self.parameter_size
+        job.lr = lr
+        return 0
+
     def sgd_update(self, double learning_rate):
-        """p -= lr * grad for every parameter of the chain, in one call."""
-        cdef Py_ssize_t i
+        """p -= lr * grad for every parameter of the chain, in one call (split across ckpt's
+        pool when the parameters are large; the values do not depend on the split)."""
+        cdef Job job
+        self._elementwise_job(&job, learning_rate)
         with nogil:
-            for i in range(self.n_params):
-                if self.is_double:
-                    sgd_step_ptr(<double *>self.params[i], <double *>self.grads[i],
-                                 self.sizes[i], learning_rate)
-                else:
-                    sgd_step_ptr(<float *>self.params[i], <float *>self.grads[i],
-                                 self.sizes[i], <float>learning_rate)
+            if job.n_slices == 1:
+                _update_task(&job, 0)
+            else:
+                ckpt_pool_run(<int>job.n_slices, _update_task, &job)
 
     def zero_grad(self):
-        """Set every gradient of the chain to zero, in one call."""
-        cdef Py_ssize_t i, itemsize = 8 if self.is_double else 4
+        """Set every gradient of the chain to zero, in one call (split like sgd_update)."""
+        cdef Job job
+        self._elementwise_job(&job, 0.0)
         with nogil:
-            for i in range(self.n_params):
-                memset(self.grads[i], 0, self.sizes[i] * itemsize)
+            if job.n_slices == 1:
+                _zero_task(&job, 0)
+            else:
+                ckpt_pool_run(<int>job.n_slices, _zero_task, &job)
+
+    @property
+    def elementwise_slices(self):
+        """Ranges sgd_update and zero_grad are cut into now (1: not parallel)."""
+        cdef Job job
+        self._elementwise_job(&job, 0.0)
+        return job.n_slices
 
 
-cdef Py_ssize_t _run(Chain chain, const int64_t[:, ::1] rows, floating *arena,
-                     const floating *grad_output, floating *buf0, floating *buf1,
-                     floating *grad_input, ckpt_counters *c) noexcept nogil:
-    """Run the rows of a compiled schedule; returns -1, or the first row that found an
-    activation it needs not held (the rows were bounds-checked, not replayed)."""
-    cdef Step *s = &chain.step
-    cdef Py_ssize_t r, op, i, m = s.m, last = chain.n_elements - 1
+cdef void _phase_task(void *arg, int index) noexcept nogil:
+    """Pool task: run one slice's phase (zeroing its gradient copy first in backward)."""
+    cdef Job *job = <Job *>arg
+    cdef Slice *sl = &job.slices[index]
+    cdef Py_ssize_t i, itemsize = 8 if job.is_double else 4
+    if job.backward and index > 0:
+        for i in range(job.n_params):
+            memset(sl.step.grads[i], 0, job.sizes[i] * itemsize)
+    if job.is_double:
+        sl.status = _run(job.table, job.n_elements, job.rows, job.n_rows, sl,
+                         <double *>sl.arena)
+    else:
+        sl.status = _run(job.table, job.n_elements, job.rows, job.n_rows, sl,
+                         <float *>sl.arena)
+
+
+cdef void _reduce_task(void *arg, int index) noexcept nogil:
+    """Pool task: for the index-th of n_slices equal ranges of all the gradient values (in the
+    order of the parameters), add the copies of slices 1, 2, ... into the real gradients, in
+    that order."""
+    cdef Job *job = <Job *>arg
+    cdef Py_ssize_t lo = index * job.total // job.n_slices
+    cdef Py_ssize_t hi = (index + 1) * job.total // job.n_slices
+    cdef Py_ssize_t i, s, at = 0, a, b
+    for i in range(job.n_params):
+        a = max(lo, at) - at
+        b = min(hi, at + job.sizes[i]) - at
+        if a < b:
+            for s in range(1, job.n_slices):
+                if job.is_double:
+                    _add_into(<double *>job.grads[i] + a,
+                              <const double *>job.copies[(s - 1) * job.n_params + i] + a, b - a)
+                else:
+                    _add_into(<float *>job.grads[i] + a,
+                              <const float *>job.copies[(s - 1) * job.n_params + i] + a, b - a)
+        at += job.sizes[i]
+
+
+# Parameter values per thread below which sgd_update / zero_grad stay on one thread: at 128 Ki
+# (the small benchmark workload, 256 Ki values) waking the pool cost more than it saved.
+cdef Py_ssize_t ELEMENTWISE_PARALLEL_MIN = 1 << 20
+
+
+cdef void _update_task(void *arg, int index) noexcept nogil:
+    """Pool task: p -= lr * grad over the index-th of n_slices equal ranges of the values."""
+    cdef Job *job = <Job *>arg
+    cdef Py_ssize_t lo = index * job.total // job.n_slices
+    cdef Py_ssize_t hi = (index + 1) * job.total // job.n_slices
+    cdef Py_ssize_t i, at = 0, a, b
+    for i in range(job.n_params):
+        a = max(lo, at) - at
+        b = min(hi, at + job.sizes[i]) - at
+        if a < b:
+            if job.is_double:
+                sgd_step_ptr(<double *>job.params[i] + a, <const double *>job.grads[i] + a,
+                             b - a, job.lr)
+            else:
+                sgd_step_ptr(<float *>job.params[i] + a, <const float *>job.grads[i] + a,
+                             b - a, <float>job.lr)
+        at += job.sizes[i]
+
+
+cdef void _zero_task(void *arg, int index) noexcept nogil:
+    """Pool task: zero the index-th of n_slices equal ranges of the gradient values."""
+    cdef Job *job = <Job *>arg
+    cdef Py_ssize_t lo = index * job.total // job.n_slices
+    cdef Py_ssize_t hi = (index + 1) * job.total // job.n_slices
+    cdef Py_ssize_t i, at = 0, a, b, itemsize = 8 if job.is_double else 4
+    for i in range(job.n_params):
+        a = max(lo, at) - at
+        b = min(hi, at + job.sizes[i]) - at
+        if a < b:
+            memset(<char *>job.grads[i] + a * itemsize, 0, (b - a) * itemsize)
+        at += job.sizes[i]
+
+
+cdef inline void _add_into(floating *dst, const floating *src, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t j
+    for j in range(n):
+        dst[j] += src[j]
+
+
+cdef Py_ssize_t _run(const Element *table, Py_ssize_t n_elements, const int64_t *rows,
+                     Py_ssize_t n_rows, Slice *sl, floating *arena) noexcept nogil:
+    """Run the rows of a compiled schedule over one slice; returns -1, or the first row that
+    found an activation it needs not held (the rows were bounds-checked, not replayed).
+
+    Only the slice holding the tracker (slice 0) records, each event for the whole batch
+    (count_rows): every slice runs the same rows, so the figures are those of all slices in
+    lock step -- the most any timing of the slices can hold at once.
+    """
+    cdef Step *s = &sl.step
+    cdef Py_ssize_t r, op, i, m = s.m, last = n_elements - 1
     cdef const Element *e
+    cdef const int64_t *row
     cdef floating *dst
     cdef floating *tape
     cdef floating *scratch
     cdef floating *d
     cdef floating *gx
     cdef floating *spare
-    cdef const floating *g = grad_output
-    cdef int64_t held, transient, unit = m * sizeof(floating)
-    for r in range(rows.shape[0]):
-        op, i = rows[r, 0], rows[r, 1]
+    cdef floating *buf0 = <floating *>sl.buf0
+    cdef floating *buf1 = <floating *>sl.buf1
+    cdef const floating *g = <const floating *>sl.grad_output
+    cdef ckpt_counters *c = sl.c
+    cdef void **a = sl.a
+    cdef void **tapes = sl.tapes
+    cdef int64_t held, transient, unit = sl.count_rows * sizeof(floating)
+    for r in range(n_rows):
+        row = rows + 6 * r
+        op, i = row[0], row[1]
         if op == OP_FREE:
-            if chain.a[i] != NULL and c != NULL:
-                ckpt_release_stored(c, unit * _held_units(chain, i))
-            chain.a[i] = NULL
-            chain.tapes[i] = NULL
+            if a[i] != NULL and c != NULL:
+                ckpt_release_stored(c, unit * _held_units(table, tapes, i))
+            a[i] = NULL
+            tapes[i] = NULL
             continue
-        e = chain.table + i
-        scratch = arena + m * rows[r, 5] if rows[r, 5] >= 0 else NULL
-        tape = arena + m * rows[r, 4] if rows[r, 4] >= 0 else NULL
+        e = table + i
+        scratch = arena + m * row[5] if row[5] >= 0 else NULL
+        tape = arena + m * row[4] if row[4] >= 0 else NULL
         if op == OP_FORWARD:
-            if chain.a[i] == NULL or chain.a[i + 1] != NULL:
+            if a[i] == NULL or a[i + 1] != NULL:
                 return r
-            dst = <floating *>chain.output if rows[r, 2] < 0 else arena + m * rows[r, 2]
-            chain.a[i + 1] = dst
-            chain.tapes[i + 1] = tape
+            dst = <floating *>sl.output if row[2] < 0 else arena + m * row[2]
+            a[i + 1] = dst
+            tapes[i + 1] = tape
             held = unit * (e.n_out + (e.tape if tape != NULL else 0))
             transient = unit * e.fwd_scratch
             if c != NULL:
                 ckpt_record_stored(c, held + transient)
-                if rows[r, 3]:
+                if row[3]:
                     ckpt_record_recomputed(c, held)
-            _forward(chain.table, e, s, <floating *>chain.a[i], dst, scratch, tape)
+            _forward(table, e, s, <floating *>a[i], dst, scratch, tape)
             if c != NULL and transient:
                 ckpt_release_stored(c, transient)
         else:
-            if (g == NULL or chain.a[i] == NULL or chain.a[i + 1] == NULL
-                    or (tape != NULL) != (chain.tapes[i + 1] != NULL)):
+            if (g == NULL or a[i] == NULL or a[i + 1] == NULL
+                    or (tape != NULL) != (tapes[i + 1] != NULL)):
                 return r
             spare = buf1 if g == buf0 else buf0
             # Element i's output is dead after its backward: it becomes the delta, except the
@@ -598,25 +894,26 @@ cdef Py_ssize_t _run(Chain chain, const int64_t[:, ::1] rows, floating *arena,
                 d = spare
                 spare = buf1 if d == buf0 else buf0
             else:
-                d = <floating *>chain.a[i + 1]
-            gx = grad_input if i == 0 else spare
+                d = <floating *>a[i + 1]
+            gx = <floating *>sl.grad_input if i == 0 else spare
             transient = unit * (e.bwd_scratch + (0 if tape != NULL else e.tape))
             if c != NULL and transient:
                 ckpt_record_stored(c, transient)
                 if tape == NULL and e.tape:     # the internals are rebuilt: recomputed too
                     ckpt_record_recomputed(c, unit * e.tape)
-            _backward(chain.table, e, s, <floating *>chain.a[i], <floating *>chain.a[i + 1], d,
-                      g, gx, scratch, <floating *>chain.tapes[i + 1])
+            _backward(table, e, s, <floating *>a[i], <floating *>a[i + 1], d,
+                      g, gx, scratch, <floating *>tapes[i + 1])
             if c != NULL:
-                ckpt_release_stored(c, transient + unit * _held_units(chain, i + 1))
+                ckpt_release_stored(c, transient + unit * _held_units(table, tapes, i + 1))
             g = gx
-            chain.a[i + 1] = NULL
-            chain.tapes[i + 1] = NULL
+            a[i + 1] = NULL
+            tapes[i + 1] = NULL
     return -1
 
 
-cdef inline Py_ssize_t _held_units(Chain chain, Py_ssize_t i) noexcept nogil:
+cdef inline Py_ssize_t _held_units(const Element *table, void **tapes,
+                                   Py_ssize_t i) noexcept nogil:
     """Elements per row held for a[i]: its width, plus its element's tape when kept."""
     if i == 0:
-        return chain.table[0].n_in
-    return chain.table[i - 1].n_out + (chain.table[i - 1].tape if chain.tapes[i] != NULL else 0)
+        return table[0].n_in
+    return table[i - 1].n_out + (table[i - 1].tape if tapes[i] != NULL else 0)

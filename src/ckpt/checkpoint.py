@@ -20,6 +20,7 @@ from ckpt.executor import build_chain
 from ckpt.layers import (Layer, Step, _as_generator, _check_learning_rate, as_batch,
                          dropout_streams, new_step, walk)
 from ckpt.schedule import CompiledSchedule, compile_schedule, uniform_ops
+from ckpt.threads import check_mode, choose_slices, get_threading_mode
 from ckpt.tracker import MemoryUsageTracker
 
 
@@ -215,6 +216,15 @@ class SegmentCheckpointer:
     Threads: a step begun by one thread belongs to it until its backward; a forward or backward
     from another thread meanwhile raises CheckpointStateError. Separate checkpointers run in
     parallel threads freely.
+
+    Cores inside a step (compiled executor; see :mod:`ckpt.threads`): ``threads_mode`` is
+    "split" (the batch split into T = ckpt.get_num_threads() contiguous slices, one per thread of
+    ckpt's pool, single-threaded BLAS; gradients reduced in the fixed order ((g + slice 0) +
+    slice 1) + ...), "blas" (OpenBLAS threads each GEMM) or "auto" (split for small GEMMs);
+    None (the default) follows :func:`ckpt.threading_mode`, itself "auto" by default. A split
+    step shares the budget as follows: the arena is the unsplit one, split by rows; the
+    gradient buffers likewise; the T - 1 gradient copies come on top and count as gradient
+    bytes (:meth:`gradient_workspace_bytes`, the tracker).
     """
 
     _CACHED_SCHEDULES = 8   # batch sizes whose compiled schedules are kept (least recent out)
@@ -223,7 +233,7 @@ class SegmentCheckpointer:
                  tracker: Optional[MemoryUsageTracker] = None, plan=None,
                  budget_bytes: Optional[int] = None,
                  seed: Union[None, int, np.random.Generator] = None,
-                 check_inputs: bool = False) -> None:
+                 check_inputs: bool = False, threads_mode: Optional[str] = None) -> None:
         if layers is None or isinstance(layers, (Layer, str, bytes)) \
                 or not isinstance(layers, Iterable):
             raise TypeError(f"layers must be a list of ckpt Layers, got {type(layers).__name__}")
@@ -245,6 +255,7 @@ class SegmentCheckpointer:
         if not isinstance(check_inputs, (bool, np.bool_)):
             raise TypeError(f"check_inputs must be a bool, got {type(check_inputs).__name__}")
         self.check_inputs = bool(check_inputs)
+        self._threads_mode = None if threads_mode is None else check_mode(threads_mode)
         self._input_checksum: Optional[int] = None
         self._rng = _as_generator(seed)
         self._lock = threading.Lock()
@@ -367,9 +378,25 @@ class SegmentCheckpointer:
                 self._chain = build_chain(self._layers, costs)
         return self._chain
 
+    @property
+    def threads_mode(self) -> Optional[str]:
+        """The mode this checkpointer fixes ("split", "blas", "auto"), or None: the context's."""
+        return self._threads_mode
+
+    def slices(self, batch_size: int) -> int:
+        """Batch slices a step of this batch size runs in now (1: not split), from the mode
+        and T = ckpt.get_num_threads(); the Python path never splits."""
+        chain = self._typed_chain()
+        if chain is None:
+            return 1
+        from ckpt._core import get_num_threads
+        mode = self._threads_mode or get_threading_mode()
+        return choose_slices(mode, get_num_threads(), batch_size, chain.max_dense_product)
+
     def schedule(self, batch_size: int) -> CompiledSchedule:
-        """The compiled schedule used for a batch size (budgets are planned per batch size)."""
-        key = batch_size if self._budget is not None else None
+        """The compiled schedule used for a batch size (budgets are planned per batch size and
+        number of batch slices, whose gradient copies come out of the budget)."""
+        key = (batch_size, self.slices(batch_size)) if self._budget is not None else None
         compiled = self._schedules.get(key)
         if compiled is not None:
             self._schedules.move_to_end(key)
@@ -405,9 +432,17 @@ class SegmentCheckpointer:
             raise ValueError(f"budget {format_size(self._budget)} at batch {batch_size}, less "
                              f"{format_size(workspace)} of gradient buffers: {exc}") from None
 
-    def gradient_workspace_bytes(self, batch_size: int) -> int:
-        """Bytes of the two gradient buffers the compiled executor keeps (outside a plan's peak)."""
-        return 2 * batch_size * self.costs.gradient_width() * self.dtype.itemsize
+    def gradient_workspace_bytes(self, batch_size: int, slices: Optional[int] = None) -> int:
+        """Bytes of the gradient workspace the compiled executor holds in backward (outside a
+        plan's peak): the two gradient buffers, plus the parameter-gradient copies of batch
+        slices 1 .. slices - 1 when the step is split (``slices``: default, what
+        :meth:`slices` chooses now)."""
+        if slices is None:
+            slices = self.slices(batch_size)
+        copies = 0
+        if slices > 1:
+            copies = (slices - 1) * sum(int(g.size) for g in self.gradients())
+        return (2 * batch_size * self.costs.gradient_width() + copies) * self.dtype.itemsize
 
     # ---------------------------------------------------------------- training
     def _check_owner(self) -> None:
@@ -452,6 +487,7 @@ class SegmentCheckpointer:
             raise TypeError(f"SegmentCheckpointer: the input must be a numpy array with a batch "
                             f"dimension, got {type(x).__name__}")
         compiled = self.schedule(x.shape[0])
+        slices = self.slices(x.shape[0]) if chain is not None else 1
         streams = self._dropout_streams()
         # A fresh seed keys each training step's Dropout masks (none needed without Dropout).
         if not (streams and self._training):
@@ -464,7 +500,7 @@ class SegmentCheckpointer:
             arena = np.empty(compiled.arena_units * x.shape[0], chain.dtype)
             y = np.empty((x.shape[0], self.widths[-1]), chain.dtype)
             chain.run_forward(compiled.forward_rows, x, y, arena, self.memory_tracker,
-                              seed, row_offset, self._training)
+                              seed, row_offset, self._training, slices)
             state = ("typed", x, y, arena, compiled.backward_rows, compiled, seed)
         else:
             step = Step(seed, row_offset, streams)

@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ckpt import _core, distributed, get_num_threads, set_num_threads
+from ckpt.threads import MODES, threading_mode
 from ckpt.checkpoint import SegmentCheckpointer
 from ckpt.losses import softmax_cross_entropy
 from ckpt.optim import OPTIMIZERS
@@ -295,9 +296,13 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
                      help="plan the checkpoints to hold at most SIZE of activations and gradient "
                           "buffers (e.g. 200KiB, 4MiB); see `ckpt plan`")
     p.add_argument("--threads", type=_positive_int, default=None,
-                   help="OpenBLAS threads (default 1: a default run's matrices are too small "
-                        "to gain from more; under mpiexec, per rank: the node's cores divided "
-                        "by its ranks)")
+                   help="threads of a training step (default: the cores ckpt may use, from the "
+                        "affinity mask and the cgroup CPU quota, bounded by OPENBLAS_NUM_THREADS "
+                        "or threadpoolctl; under mpiexec, per rank: the node's cores divided by "
+                        "its ranks)")
+    p.add_argument("--threads-mode", choices=list(MODES), default="auto",
+                   help="split: each thread runs a slice of the batch; blas: OpenBLAS threads "
+                        "each matrix product; auto (default): split for small matrix products")
     p.add_argument("--save", metavar="FILE", help="save parameters and optimizer state (.npz)")
     p.add_argument("--json", action="store_true",
                    help="end the output with one line of JSON holding the results")
@@ -309,10 +314,12 @@ def run_train(args: argparse.Namespace) -> int:
     if world is not None and world.size > 1:
         return _run_train_data_parallel(args, world)
     threads = get_num_threads()
-    set_num_threads(args.threads or 1)
+    if args.threads is not None:
+        set_num_threads(args.threads)
     status: Dict[str, Any] = {"epochs": 0, "saved": None}
     try:
-        return _train(args, status)
+        with threading_mode(args.threads_mode):
+            return _train(args, status)
     except KeyboardInterrupt:
         done = f"after epoch {status['epochs']}" if status["epochs"] else "before any epoch ended"
         saved = f"saved {status['saved']}" if status["saved"] else "nothing saved"
@@ -441,6 +448,8 @@ def _train(args: argparse.Namespace, status: Dict[str, Any]) -> int:
         "recompute_flops_fraction": extra,
         "optimizer_state_bytes": optimizer.state_bytes,
         "parameter_count": model.parameter_count,
+        "threads": get_num_threads(),
+        "threads_mode": "split" if model.slices(batch) > 1 else "blas",
     }
     saving = 1 - peak / peak_plain if peak_plain else 0.0
     print(f"test accuracy     {test['accuracy']:.2%}   (loss {test['loss']:.4f}; "
@@ -452,6 +461,8 @@ def _train(args: argparse.Namespace, status: Dict[str, Any]) -> int:
     print(f"recomputation     {recomputed} of {len(model)} element forwards per step, "
           f"+{extra:.1%} of a step's FLOPs")
     print(f"optimizer state   {_kib(optimizer.state_bytes)}")
+    print(f"threads           {results['threads']}, {results['threads_mode']} "
+          f"({args.threads_mode} mode)")
     if args.save:
         print(f"saved             {args.save}")
     if args.json:
