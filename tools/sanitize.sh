@@ -34,7 +34,7 @@ else
     python3 -m venv "$work/venv"
     python="$work/venv/bin/python"
     openblas="$(grep -o '"scipy-openblas32==[^"]*"' "$root/pyproject.toml" | head -1 | tr -d '"')"
-    "$python" -m pip install -q "setuptools>=64" "Cython>=3" "numpy>=2" "$openblas" "tqdm>=4.60" \
+    "$python" -m pip install -q "setuptools>=77" "Cython>=3" "numpy>=2" "$openblas" "tqdm>=4.60" \
         "pytest>=7" "hypothesis>=6" "threadpoolctl>=3.5"
 fi
 
