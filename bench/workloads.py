@@ -117,7 +117,7 @@ def initial_resmlp_params(w: Workload, seed: int = SEED) -> List[np.ndarray]:
     LayerNorm weight, bias; output W, b. Dense weights are (in, out) (torch's weight.T).
 
     He-normal Dense weights (std sqrt(2 / in)), zero biases, LayerNorm weight 1 and bias 0; each
-    block's Dense2 is scaled by 1 / sqrt(2 D), as ``ckpt.build_mlp(residual=True)`` does.
+    block's Dense2 is scaled by 1 / D, as ``ckpt.build_mlp(residual=True)`` does.
     Raises if any value is subnormal.
     """
     if w.kind != "resmlp":
@@ -133,7 +133,7 @@ def initial_resmlp_params(w: Workload, seed: int = SEED) -> List[np.ndarray]:
         return [np.ones(n, np.float32), np.zeros(n, np.float32)]
 
     params = dense()
-    branch_scale = 1.0 / math.sqrt(2 * w.depth)
+    branch_scale = 1.0 / w.depth
     for _ in range(w.depth):
         params += norm() + dense() + dense(branch_scale)
     params += norm() + dense()

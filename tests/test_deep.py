@@ -470,7 +470,7 @@ def test_residual_mlp_structure_and_branch_scaling():
     assert [type(layer).__name__ for layer in layers[1].layers] == \
         ["LayerNorm", "Dense", "Dropout", "Dense"]
     first, last = layers[1].layers[1], layers[1].layers[3]
-    # the branch's last Dense starts scaled down by 1 / sqrt(2 depth) from He-normal
+    # the branch's last Dense starts scaled down by 1 / depth from He-normal
     assert np.std(last.W) < 0.5 * np.std(first.W)
     s = SegmentCheckpointer(layers)
     assert s.checkpoint_every == 2 and s.executor == "compiled"     # floor(sqrt(7))

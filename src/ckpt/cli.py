@@ -44,8 +44,11 @@ DEFAULTS = {
     "dtype": "float32",
     "seed": 0,
 }
-# Learning rates that suit the digits MLP, per optimizer (SGD runs with momentum 0.9).
+# Learning rates that suit the digits MLP, per optimizer (SGD runs with momentum 0.9); the deep
+# residual MLP (--residual) generalises better with Adam at half the rate (97.2% against 95.8-96.7%
+# test accuracy at 128 blocks, bench/resmlp_accuracy.py).
 DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3, "adamw": 1e-3}
+DEFAULT_LR_RESIDUAL = {"sgd": 0.05, "adam": 5e-4, "adamw": 5e-4}
 TEST_FRACTION = 0.2
 
 
@@ -282,7 +285,8 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=_positive_int, default=DEFAULTS["epochs"],
                    help="default %(default)s")
     p.add_argument("--lr", type=_positive_float, default=None,
-                   help="learning rate (default: 1e-3 for adam and adamw, 0.05 for sgd)")
+                   help="learning rate (default: 1e-3 for adam and adamw, 5e-4 with --residual; "
+                        "0.05 for sgd)")
     p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=DEFAULTS["optimizer"],
                    help="default %(default)s (sgd uses momentum 0.9)")
     p.add_argument("--dtype", choices=["float32", "float64"], default=DEFAULTS["dtype"],
@@ -381,7 +385,8 @@ def _train(args: argparse.Namespace, status: Dict[str, Any]) -> int:
                 else {"checkpoint_every": args.checkpoint_every})
     model = SegmentCheckpointer(layers, **schedule, seed=args.seed)
     ranks = args.comm.Get_size() if args.comm is not None else 1
-    lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
+    lr = args.lr if args.lr is not None else \
+        (DEFAULT_LR_RESIDUAL if args.residual else DEFAULT_LR)[args.optimizer]
     optimizer = (OPTIMIZERS["sgd"](model, lr, momentum=0.9) if args.optimizer == "sgd"
                  else OPTIMIZERS[args.optimizer](model, lr))
     k = model.checkpoint_every

@@ -43,9 +43,9 @@ def build_mlp(n_in: int, depth: int, width: int, n_out: int, activation: Optiona
     width), then ``depth`` blocks x + f(x) with f = [LayerNorm -> Dense(width -> width,
     activation) -> Dropout(dropout) -> Dense(width -> width)] (no Dropout when dropout is 0),
     then a LayerNorm and the output layer Dense(width -> n_out). The last Dense of every branch
-    starts with its weights scaled by 1 / sqrt(2 depth), so each block starts close to the
-    identity and the sum of ``depth`` branches keeps the skip path's scale: deep stacks (128
-    blocks) train as shallow ones do. ``norm`` is then always LayerNorm.
+    starts with its He-normal weights scaled by 1 / depth, so each block starts close to the
+    identity and the ``depth`` branches together change the skip path by O(1) at first: deep
+    stacks (128 blocks) train as shallow ones do. ``norm`` is then always LayerNorm.
     """
     depth = check_size(depth, "depth")
     rng = _as_generator(seed)
@@ -70,7 +70,7 @@ def build_mlp(n_in: int, depth: int, width: int, n_out: int, activation: Optiona
 
 def _residual_mlp(n_in: int, depth: int, width: int, n_out: int, activation: Optional[str],
                   dtype: DTypeLike, rng: np.random.Generator, dropout: float) -> List[Layer]:
-    scale = 1.0 / math.sqrt(2 * depth)
+    scale = 1.0 / depth
     layers: List[Layer] = [Dense(n_in, width, None, dtype=dtype, rng=rng)]
     for _ in range(depth):
         branch: List[Layer] = [LayerNorm(width, dtype=dtype),
