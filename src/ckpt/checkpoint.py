@@ -237,7 +237,11 @@ class SegmentCheckpointer:
         self._budget = None
         if budget_bytes is not None:
             from ckpt.plan import parse_size
-            self._budget = parse_size(budget_bytes) if isinstance(budget_bytes, str) else budget_bytes
+            try:
+                self._budget = (parse_size(budget_bytes) if isinstance(budget_bytes, str)
+                                else budget_bytes)
+            except ValueError as exc:
+                raise ValueError(f"budget_bytes: {exc}") from None
             if isinstance(self._budget, bool) or not isinstance(self._budget, numbers.Integral) \
                     or self._budget <= 0:
                 raise ValueError(f"budget_bytes must be a positive integer, got {budget_bytes!r}")
@@ -343,6 +347,9 @@ class SegmentCheckpointer:
         return "compiled" if self._typed_chain() is not None else "python"
 
     def _check_plan(self, plan) -> None:
+        if not (hasattr(plan, "widths") and hasattr(plan, "ops")):
+            raise TypeError(f"plan must be a ckpt.plan.Plan (from ckpt.plan.plan), "
+                            f"got {type(plan).__name__}")
         widths = self.widths
         if widths is None or tuple(plan.widths) != widths:
             raise ValueError(f"the plan is for widths {tuple(plan.widths)}, "
@@ -369,6 +376,7 @@ class SegmentCheckpointer:
 
     def schedule(self, batch_size: int) -> CompiledSchedule:
         """The compiled schedule used for a batch size (budgets are planned per batch size)."""
+        batch_size = _check_batch_size(batch_size)
         key = batch_size if self._budget is not None else None
         compiled = self._schedules.get(key)
         if compiled is not None:
@@ -407,6 +415,7 @@ class SegmentCheckpointer:
 
     def gradient_workspace_bytes(self, batch_size: int) -> int:
         """Bytes of the two gradient buffers the compiled executor keeps (outside a plan's peak)."""
+        batch_size = _check_batch_size(batch_size)
         return 2 * batch_size * self.costs.gradient_width() * self.dtype.itemsize
 
     # ---------------------------------------------------------------- training
@@ -778,3 +787,13 @@ def _python_run(layers: Sequence[Layer], compiled: CompiledSchedule, ops, acts: 
     finally:
         tracker.release_gradient(held_grad)
     return grad
+
+
+def _check_batch_size(batch_size: object) -> int:
+    """A batch size: a non-negative integer (an empty batch is legitimate), or a clear error."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+        raise TypeError(f"batch_size must be a non-negative integer, got "
+                        f"{type(batch_size).__name__} {batch_size!r}")
+    if batch_size < 0:
+        raise ValueError(f"batch_size must be a non-negative integer, got {batch_size}")
+    return int(batch_size)
