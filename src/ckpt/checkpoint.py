@@ -439,9 +439,12 @@ class SegmentCheckpointer:
         (micro-batches, threads, MPI ranks) given one step_seed and their offsets see the masks
         of the whole batch; ``fit`` does this.
         """
+        # The kernels index rows as int64 row_offset + r, r below the 32-bit BLAS limit: the
+        # bound keeps every global row index in range (an OverflowError before).
         if isinstance(row_offset, bool) or not isinstance(row_offset, numbers.Integral) \
-                or row_offset < 0:
-            raise ValueError(f"row_offset must be a non-negative integer, got {row_offset!r}")
+                or not 0 <= row_offset <= 2**63 - 2**31:
+            raise ValueError(f"row_offset must be an integer in [0, 2**63 - 2**31], "
+                             f"got {row_offset!r}")
         if step_seed is not None and (isinstance(step_seed, bool)
                                       or not isinstance(step_seed, numbers.Integral)
                                       or not 0 <= step_seed < 2**64):
