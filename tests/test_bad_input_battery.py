@@ -281,9 +281,16 @@ def dense_cases(draw):
     what = draw(st.sampled_from(["in_features", "out_features", "activation", "dtype",
                                  "negative_slope", "rng", "forward", "backward", "set_params"]))
     if what in ("in_features", "out_features"):
-        value = draw(bad_size())
-        args = (value, 4) if what == "in_features" else (4, value)
-        return Case(f"Dense{args!r}", lambda w: ckpt.Dense(*args), (what, "features", "size"))
+        if draw(st.booleans()):
+            value = draw(bad_size())
+            args = (value, 4) if what == "in_features" else (4, value)
+            return Case(f"Dense{args!r}", lambda w: ckpt.Dense(*args), (what, "features"))
+        # Each size under the 32-bit BLAS limit, the product far beyond any memory (>= 2 PiB):
+        # a MemoryError naming the sizes, before allocating.
+        value = draw(st.integers(2**28, 2**31 - 1))
+        args = (value, 2**20) if what == "in_features" else (2**20, value)
+        return Case(f"Dense{args!r}", lambda w: ckpt.Dense(*args), (str(value),),
+                    memory_ok=True)
     if what == "activation":
         value = draw(st.one_of(st.sampled_from(["Relu ", "softmax", "", "abc"]),
                                st.sampled_from([1, 2.5, ["relu"]])))
@@ -320,6 +327,8 @@ def dense_cases(draw):
         call = lambda w: w.dense.backward(x, np.ones((BATCH, WIDTH), np.float32))  # noqa: E731
     else:
         label, g = array_case(draw, BATCH, WIDTH, paired=True)
+        if which == "output" and g is None:  # output=None is the default (recompute it)
+            g = "abc"
         if which == "grad_output":
             call = lambda w: w.dense.backward(w.x, g)  # noqa: E731
         else:
