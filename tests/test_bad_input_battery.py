@@ -114,6 +114,7 @@ class World:
                         self.tracker.gradient_bytes, self.tracker.peak_bytes),
             "pending": self.model._state is not None,
             "threads": ckpt.get_num_threads(),
+            "threading_mode": getattr(ckpt, "get_threading_mode", lambda: None)(),
             # The step a standalone Dropout/Residual backward would use, and their generators.
             "steps": [id(layer._last_step) for layer in (self.drop, self.res)],
             "rngs": [layer._rng.bit_generator.state for layer in (self.drop, self.res)],
@@ -848,7 +849,24 @@ COVERAGE: Dict[str, object] = {
     "softmax_cross_entropy": loss_cases("softmax_cross_entropy"),
     "__version__": NoInput("a string, not a callable"),
 }
+
+
+@st.composite
+def threading_mode_cases(draw):
+    value = draw(st.one_of(st.sampled_from(["", "Split", "threads", "blas "]), WRONG_TYPES))
+
+    def call(w):
+        with ckpt.threading_mode(value):
+            pass
+    return Case(f"threading_mode({value!r})", call, ("mode",))
+
+
+if hasattr(ckpt, "threading_mode"):  # the threads branch's context manager (issue 12)
+    COVERAGE["threading_mode"] = threading_mode_cases()
+    COVERAGE["get_threading_mode"] = NoInput("takes no arguments")
+
 STRATEGIES = {name: s for name, s in COVERAGE.items() if not isinstance(s, NoInput)}
+NO_ARGUMENTS = {"get_num_threads", "get_threading_mode"}
 
 
 def test_every_public_name_is_covered():
@@ -860,7 +878,7 @@ def test_every_public_name_is_covered():
             # Only exception classes and argument-less functions may skip the battery.
             obj = getattr(ckpt, name)
             assert (not callable(obj) or isinstance(obj, type) and issubclass(obj, Exception)
-                    or name == "get_num_threads"), name
+                    or name in NO_ARGUMENTS), name
         else:
             assert name in callables, name
 
