@@ -247,7 +247,11 @@ class SegmentCheckpointer:
         self._budget = None
         if budget_bytes is not None:
             from ckpt.plan import parse_size
-            self._budget = parse_size(budget_bytes) if isinstance(budget_bytes, str) else budget_bytes
+            try:
+                self._budget = (parse_size(budget_bytes) if isinstance(budget_bytes, str)
+                                else budget_bytes)
+            except ValueError as exc:
+                raise ValueError(f"budget_bytes: {exc}") from None
             if isinstance(self._budget, bool) or not isinstance(self._budget, numbers.Integral) \
                     or self._budget <= 0:
                 raise ValueError(f"budget_bytes must be a positive integer, got {budget_bytes!r}")
@@ -354,6 +358,9 @@ class SegmentCheckpointer:
         return "compiled" if self._typed_chain() is not None else "python"
 
     def _check_plan(self, plan) -> None:
+        if not (hasattr(plan, "widths") and hasattr(plan, "ops")):
+            raise TypeError(f"plan must be a ckpt.plan.Plan (from ckpt.plan.plan), "
+                            f"got {type(plan).__name__}")
         widths = self.widths
         if widths is None or tuple(plan.widths) != widths:
             raise ValueError(f"the plan is for widths {tuple(plan.widths)}, "
@@ -396,6 +403,7 @@ class SegmentCheckpointer:
     def schedule(self, batch_size: int) -> CompiledSchedule:
         """The compiled schedule used for a batch size (budgets are planned per batch size and
         number of batch slices, whose gradient copies come out of the budget)."""
+        batch_size = _check_batch_size(batch_size)
         key = (batch_size, self.slices(batch_size)) if self._budget is not None else None
         compiled = self._schedules.get(key)
         if compiled is not None:
@@ -437,6 +445,7 @@ class SegmentCheckpointer:
         plan's peak): the two gradient buffers, plus the parameter-gradient copies of batch
         slices 1 .. slices - 1 when the step is split (``slices``: default, what
         :meth:`slices` chooses now)."""
+        batch_size = _check_batch_size(batch_size)
         if slices is None:
             slices = self.slices(batch_size)
         copies = 0
@@ -465,9 +474,12 @@ class SegmentCheckpointer:
         (micro-batches, threads, MPI ranks) given one step_seed and their offsets see the masks
         of the whole batch; ``fit`` does this.
         """
+        # The kernels index rows as int64 row_offset + r, r below the 32-bit BLAS limit: the
+        # bound keeps every global row index in range (an OverflowError before).
         if isinstance(row_offset, bool) or not isinstance(row_offset, numbers.Integral) \
-                or row_offset < 0:
-            raise ValueError(f"row_offset must be a non-negative integer, got {row_offset!r}")
+                or not 0 <= row_offset <= 2**63 - 2**31:
+            raise ValueError(f"row_offset must be an integer in [0, 2**63 - 2**31], "
+                             f"got {row_offset!r}")
         if step_seed is not None and (isinstance(step_seed, bool)
                                       or not isinstance(step_seed, numbers.Integral)
                                       or not 0 <= step_seed < 2**64):
@@ -814,3 +826,13 @@ def _python_run(layers: Sequence[Layer], compiled: CompiledSchedule, ops, acts: 
     finally:
         tracker.release_gradient(held_grad)
     return grad
+
+
+def _check_batch_size(batch_size: object) -> int:
+    """A batch size: a non-negative integer (an empty batch is legitimate), or a clear error."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+        raise TypeError(f"batch_size must be a non-negative integer, got "
+                        f"{type(batch_size).__name__} {batch_size!r}")
+    if batch_size < 0:
+        raise ValueError(f"batch_size must be a non-negative integer, got {batch_size}")
+    return int(batch_size)

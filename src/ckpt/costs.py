@@ -56,6 +56,8 @@ class ElementCost:
     gradients: Tuple[np.ndarray, ...] = field(default=(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.kind, str) or not self.kind:
+            raise TypeError(f"ElementCost.kind must be a non-empty string, got {self.kind!r}")
         for name in ("in_width", "out_width", "stored", "forward_flops", "backward_flops",
                      "tape", "forward_scratch", "backward_scratch", "internal_flops",
                      "parameter_count"):
@@ -157,6 +159,9 @@ class ChainCosts:
     elements: Tuple[ElementCost, ...]
 
     def __post_init__(self) -> None:
+        if not isinstance(self.elements, (tuple, list)):
+            raise TypeError(f"ChainCosts.elements must be a tuple of ElementCost, got "
+                            f"{type(self.elements).__name__}")
         elements = tuple(self.elements)
         if not elements:
             raise ValueError("a chain needs at least one element")

@@ -501,9 +501,13 @@ class LayerNorm(Layer):
 
     def __init__(self, features: int, eps: float = 1e-5, *,
                  dtype: DTypeLike = np.float32) -> None:
-        self.features = check_size(features, "features")
+        # Dense's 32-bit BLAS limit bounds every width a LayerNorm can meet in a chain; the four
+        # parameter and gradient vectors are checked against memory before allocating.
+        self.features = check_blas_size(features, "features")
         self.eps = _check_eps(eps)
         self.dtype = check_float_dtype(dtype)
+        check_allocation(4 * self.features * self.dtype.itemsize,
+                         f"LayerNorm({self.features}, {self.dtype.name})")
         self.weight = np.ones(self.features, self.dtype)
         self.bias = np.zeros(self.features, self.dtype)
         self.grad_weight = np.zeros_like(self.weight)
@@ -590,8 +594,12 @@ class Dropout(Layer):
         return {"kind": "Dropout", "p": self.p}
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        self._last_step = new_step(self._rng, [])
-        return self.forward_step(x, self._last_step)
+        # A refused input must not draw a step: the next backward uses the last good forward's.
+        x = _float_batch(x, "the input", self.layer_type)
+        step = new_step(self._rng, [])
+        out = self.forward_step(x, step)
+        self._last_step = step
+        return out
 
     def backward(self, x: np.ndarray, grad_output: np.ndarray, *,
                  output: Optional[np.ndarray] = None) -> np.ndarray:
@@ -628,6 +636,9 @@ class Dropout(Layer):
 def _float_batch(x: object, name: str, owner: str) -> np.ndarray:
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{owner}: {name} must be a numpy array, got {type(x).__name__}")
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(f"{owner}: {name} is a masked array, whose mask ckpt would ignore; "
+                        f"fill or drop the masked values first")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{owner}: {name} must be float32 or float64, got {x.dtype}")
     if x.ndim != 2:
@@ -724,8 +735,18 @@ class Residual(Layer):
         return {"kind": "Residual", "layers": [layer_config(layer) for layer in self.layers]}
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        self._last_step = new_step(self._rng, self.layers)
-        return self.forward_step(x, self._last_step)
+        # A refused input must not draw a step: the next backward uses the last good forward's.
+        x = _float_batch(x, "the input", "Residual")
+        # An inner layer may still refuse x (its width): then the generator is rewound too.
+        rng_state = self._rng.bit_generator.state
+        step = new_step(self._rng, self.layers)
+        try:
+            out = self.forward_step(x, step)
+        except BaseException:
+            self._rng.bit_generator.state = rng_state
+            raise
+        self._last_step = step
+        return out
 
     def backward(self, x: np.ndarray, grad_output: np.ndarray, *,
                  output: Optional[np.ndarray] = None) -> np.ndarray:

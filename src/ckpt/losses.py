@@ -14,9 +14,16 @@ from ckpt import _core
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+def _refuse_masked(x: object, name: str) -> None:
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(f"{name} is a masked array, whose mask the loss would ignore; fill or "
+                        f"drop the masked values first")
+
+
 def _check_output(x: object, name: str, ndim: Optional[int] = None) -> np.ndarray:
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name} must be a numpy array, got {type(x).__name__}")
+    _refuse_masked(x, name)
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32 or float64, got {x.dtype}")
     if ndim is not None and x.ndim != ndim:
@@ -29,7 +36,8 @@ def _grad_buffer(out: Optional[np.ndarray], like: np.ndarray,
     """``out`` checked (or a new array): the kernel writes it while reading ``inputs``."""
     if out is None:
         return np.empty_like(like)
-    if (not isinstance(out, np.ndarray) or out.dtype != like.dtype or out.shape != like.shape
+    if (not isinstance(out, np.ndarray) or isinstance(out, np.ma.MaskedArray)
+            or out.dtype != like.dtype or out.shape != like.shape
             or not out.flags.c_contiguous or not out.flags.writeable):
         raise ValueError(f"out must be a writable C-contiguous {like.dtype} array of shape "
                          f"{like.shape}")
@@ -50,6 +58,7 @@ def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray, *,
     An empty batch has loss 0 and an empty gradient.
     """
     logits = _check_output(logits, "logits", ndim=2)
+    _refuse_masked(labels, "labels")
     labels = np.asarray(labels)
     if labels.dtype.kind not in "iu":
         raise TypeError(f"labels must be integers, got dtype {labels.dtype}")
@@ -77,6 +86,7 @@ def mse_loss(pred: np.ndarray, target: np.ndarray, *,
     there is one feature, and is converted to pred's dtype. An empty batch has loss 0.
     """
     pred = _check_output(pred, "pred", ndim=2)
+    _refuse_masked(target, "target")
     target = np.asarray(target)
     if not (np.issubdtype(target.dtype, np.floating) or np.issubdtype(target.dtype, np.integer)):
         raise TypeError(f"target must hold real numbers, got dtype {target.dtype}")

@@ -21,7 +21,8 @@ from ckpt.costs import (ChainCosts, dense_cost, dropout_cost, layernorm_cost,
                         residual_cost)
 from ckpt.distributed import shard_batches
 from ckpt.layers import (Dense, Dropout, DTypeLike, Layer, LayerNorm, Residual, _as_generator,
-                         check_float_dtype, check_size, walk)
+                         check_allocation, check_blas_size, check_float_dtype, check_size,
+                         walk)
 from ckpt.losses import get_loss
 from ckpt.optim import Adam, Optimizer
 
@@ -48,11 +49,14 @@ def build_mlp(n_in: int, depth: int, width: int, n_out: int, activation: Optiona
     stacks (128 blocks) train as shallow ones do. ``norm`` is then always LayerNorm.
     """
     depth = check_size(depth, "depth")
+    _check_mlp_memory(n_in, depth, width, n_out, dtype, residual)
     rng = _as_generator(seed)
     if norm not in (None, "layernorm"):
         raise ValueError(f"norm must be None or 'layernorm', got {norm!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
         raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+    if not isinstance(residual, (bool, np.bool_)):
+        raise TypeError(f"residual must be True or False, got {residual!r}")
     if residual:
         return _residual_mlp(n_in, depth, width, n_out, activation, dtype, rng, dropout)
     sizes = [n_in] + [width] * (depth - 1) + [n_out]
@@ -66,6 +70,27 @@ def build_mlp(n_in: int, depth: int, width: int, n_out: int, activation: Optiona
         if hidden and dropout > 0:
             layers.append(Dropout(dropout))
     return layers
+
+
+def _check_mlp_memory(n_in: object, depth: int, width: object, n_out: object, dtype: DTypeLike,
+                      residual: bool) -> None:
+    """Check the sizes, and that the weights and their gradients fit in memory, before building
+    any layer: a huge depth must not build layer after layer until memory runs out."""
+    n_in = check_blas_size(n_in, "n_in")
+    width = check_blas_size(width, "width")
+    n_out = check_blas_size(n_out, "n_out")
+    itemsize = check_float_dtype(dtype).itemsize
+    if residual:
+        weights = n_in * width + 2 * depth * width * width + width * n_out
+    elif depth == 1:
+        weights = n_in * n_out
+    else:
+        weights = n_in * width + (depth - 2) * width * width + width * n_out
+    # Each block also costs Python objects: about 1 KiB a layer, 5 KiB a residual block
+    # (measured with tracemalloc); 8 KiB a block bounds both, with norm and dropout.
+    check_allocation(2 * weights * itemsize + 8192 * depth,
+                     f"build_mlp(n_in={n_in}, depth={depth}, width={width}, n_out={n_out}, "
+                     f"{np.dtype(dtype).name}) layers")
 
 
 def _residual_mlp(n_in: int, depth: int, width: int, n_out: int, activation: Optional[str],
@@ -138,6 +163,10 @@ def as_model(model: Any):
 
 def model_dtype(model: Any) -> np.dtype:
     """The dtype of the model's parameters."""
+    for part in (model if isinstance(model, (list, tuple)) else [model]):
+        if not callable(getattr(part, "params", None)):
+            raise TypeError(f"model must be a layer, a SegmentCheckpointer or a list of layers, "
+                            f"got {type(part).__name__}")
     params = model.params() if not isinstance(model, (list, tuple)) else \
         [p for layer in model for p in layer.params()]
     if not params:
@@ -455,6 +484,8 @@ def predict(model: Any, X: np.ndarray, batch_size: int = 256) -> np.ndarray:
     X = np.asarray(X)
     if X.ndim != 2:
         raise ValueError(f"X must be 2-D (samples, features), got shape {X.shape}")
+    if not (np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer)):
+        raise TypeError(f"X must hold real numbers, got dtype {X.dtype}")
     X = np.ascontiguousarray(X, dtype=dtype)
     run = _forward_layers(model)
     # An empty X still runs one (empty) batch, so the result has the output's width.
