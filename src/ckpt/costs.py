@@ -16,6 +16,7 @@ element's backward, where they count as scratch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -150,7 +151,8 @@ def residual_cost(body: Sequence[ElementCost]) -> ElementCost:
 
 @dataclass(frozen=True)
 class ChainCosts:
-    """The descriptions of a chain's elements, checked to connect, and what follows from them.
+    """The descriptions of a chain's elements, checked to connect, and what follows from them
+    (the per-activation tuples are computed once: the training step reads them).
 
     Activation a_0 is the chain's input (``in_width`` of element 0 elements per row), a_{i+1}
     the output of element i (``stored`` elements per row).
@@ -186,12 +188,12 @@ class ChainCosts:
     def n(self) -> int:
         return len(self.elements)
 
-    @property
+    @cached_property
     def widths(self) -> Tuple[int, ...]:
         """Feature widths of a_0 .. a_N."""
         return (self.elements[0].in_width,) + tuple(e.out_width for e in self.elements)
 
-    @property
+    @cached_property
     def stored(self) -> Tuple[int, ...]:
         """Elements per row held for a_0 .. a_N (outputs only, no tapes)."""
         return (self.elements[0].in_width,) + tuple(e.stored for e in self.elements)
@@ -201,11 +203,11 @@ class ChainCosts:
         return (self.elements[0].in_width,) + tuple(e.held(keep_internals)
                                                    for e in self.elements)
 
-    @property
+    @cached_property
     def forward_flops(self) -> Tuple[int, ...]:
         return tuple(e.forward_flops for e in self.elements)
 
-    @property
+    @cached_property
     def forward_scratch(self) -> Tuple[int, ...]:
         return tuple(e.forward_scratch for e in self.elements)
 
