@@ -13,7 +13,7 @@ import pytest
 
 import ckpt
 from ckpt import Dense, Dropout, LayerNorm, Residual, SegmentCheckpointer, _core
-from ckpt.threads import (SPLIT_CROSSOVER, SPLIT_MIN, cgroup_cpu_limit, choose_slices,
+from ckpt.threads import (DEFAULT_MODE, SPLIT_CROSSOVER, SPLIT_MIN, cgroup_cpu_limit, choose_slices,
                           default_num_threads)
 from ckpt.train import build_mlp
 
@@ -160,9 +160,11 @@ def test_forced_modes_and_the_context_manager(threads):
     threads(2)
     model = SegmentCheckpointer(dense_chain(np.float32), 1)
     assert model.threads_mode is None
-    assert ckpt.get_threading_mode() == "auto"
-    assert model.slices(10) == 1            # tiny GEMMs: auto keeps one slice
-    assert model.slices(2048) == 2          # 2048 x 24 x 24 >= SPLIT_MIN x 2: auto splits
+    assert ckpt.get_threading_mode() == DEFAULT_MODE == "blas"
+    assert model.slices(2048) == 1          # the default never splits
+    with ckpt.threading_mode("auto"):
+        assert model.slices(10) == 1        # tiny GEMMs: auto keeps one slice
+        assert model.slices(2048) == 2      # 2048 x 24 x 24 >= SPLIT_MIN x 2: auto splits
     with ckpt.threading_mode("blas") as mode:
         assert mode == "blas" and ckpt.get_threading_mode() == "blas"
         assert model.slices(10) == 1
@@ -170,7 +172,7 @@ def test_forced_modes_and_the_context_manager(threads):
             assert model.slices(10) == 2
             assert model.slices(1) == 1     # never more slices than rows
         assert ckpt.get_threading_mode() == "blas"
-    assert ckpt.get_threading_mode() == "auto"
+    assert ckpt.get_threading_mode() == DEFAULT_MODE
     # A checkpointer's own mode wins over the context.
     fixed = SegmentCheckpointer(dense_chain(np.float32), 1, threads_mode="blas")
     with ckpt.threading_mode("split"):
@@ -224,7 +226,7 @@ def test_bad_modes_are_refused(bad, error):
     if bad is not None:
         with pytest.raises(error, match="threads_mode"):
             SegmentCheckpointer(dense_chain(np.float32), 1, threads_mode=bad)
-    assert ckpt.get_threading_mode() == "auto"
+    assert ckpt.get_threading_mode() == DEFAULT_MODE
 
 
 def test_bad_slice_count_changes_nothing():
@@ -377,21 +379,23 @@ def _cli_results(capsys, argv):
 
 def test_ckpt_train_chooses_threads_by_default(capsys, threads):
     threads(2)
-    default = _cli_results(capsys, CLI_SMALL)
-    assert default["threads"] == 2 and default["threads_mode"] == "split"
+    default = _cli_results(capsys, CLI_SMALL)          # the cores, in the default mode
+    assert default["threads"] == 2 and default["threads_mode"] == DEFAULT_MODE
+    split = _cli_results(capsys, CLI_SMALL + ["--threads-mode", "auto"])
+    assert split["threads"] == 2 and split["threads_mode"] == "split"
     one = _cli_results(capsys, CLI_SMALL + ["--threads", "1"])
     assert one["threads"] == 1 and one["threads_mode"] == "blas"
     blas = _cli_results(capsys, CLI_SMALL + ["--threads-mode", "blas"])
     assert blas["threads"] == 2 and blas["threads_mode"] == "blas"
     assert ckpt.get_num_threads() == 2
     # The same seed trains to results equal within summation tolerance, split or not.
-    assert abs(default["train_loss"] - blas["train_loss"]) < 1e-4
+    assert abs(split["train_loss"] - blas["train_loss"]) < 1e-4
 
 
-def test_fit_splits_by_default(threads):
+def test_fit_splits_in_auto_mode(threads):
     threads(2)
     layers = build_mlp(8, 3, 128, 3, "relu", np.float32, seed=0)
-    model = SegmentCheckpointer(layers)
+    model = SegmentCheckpointer(layers, threads_mode="auto")
     assert model.slices(64) == 2
     rng = np.random.default_rng(0)
     X = rng.standard_normal((192, 8)).astype(np.float32)

@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ckpt import _core, distributed, get_num_threads, set_num_threads
-from ckpt.threads import MODES, threading_mode
+from ckpt.threads import MODES, get_threading_mode, threading_mode
 from ckpt.checkpoint import SegmentCheckpointer
 from ckpt.losses import softmax_cross_entropy
 from ckpt.optim import OPTIMIZERS
@@ -304,9 +304,10 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
                         "affinity mask and the cgroup CPU quota, bounded by OPENBLAS_NUM_THREADS "
                         "or threadpoolctl; under mpiexec, per rank: the node's cores divided by "
                         "its ranks)")
-    p.add_argument("--threads-mode", choices=list(MODES), default="auto",
-                   help="split: each thread runs a slice of the batch; blas: OpenBLAS threads "
-                        "each matrix product; auto (default): split for small matrix products")
+    p.add_argument("--threads-mode", choices=list(MODES), default=None,
+                   help="split: each thread runs a slice of the batch; blas (default, or "
+                        "CKPT_THREADS_MODE): OpenBLAS threads each matrix product; auto: split "
+                        "for mid-sized matrix products")
     p.add_argument("--save", metavar="FILE", help="save parameters and optimizer state (.npz)")
     p.add_argument("--json", action="store_true",
                    help="end the output with one line of JSON holding the results")
@@ -322,7 +323,7 @@ def run_train(args: argparse.Namespace) -> int:
         set_num_threads(args.threads)
     status: Dict[str, Any] = {"epochs": 0, "saved": None}
     try:
-        with threading_mode(args.threads_mode):
+        with threading_mode(args.threads_mode or get_threading_mode()):
             return _train(args, status)
     except KeyboardInterrupt:
         done = f"after epoch {status['epochs']}" if status["epochs"] else "before any epoch ended"
@@ -467,7 +468,7 @@ def _train(args: argparse.Namespace, status: Dict[str, Any]) -> int:
           f"+{extra:.1%} of a step's FLOPs")
     print(f"optimizer state   {_kib(optimizer.state_bytes)}")
     print(f"threads           {results['threads']}, {results['threads_mode']} "
-          f"({args.threads_mode} mode)")
+          f"({args.threads_mode or get_threading_mode()} mode)")
     if args.save:
         print(f"saved             {args.save}")
     if args.json:

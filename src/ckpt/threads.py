@@ -12,9 +12,9 @@ Modes (``SegmentCheckpointer(threads_mode=...)``, or :func:`threading_mode` for 
   with single-threaded BLAS. Slice 0 accumulates into the gradients, slice s >= 1 into its own
   copy, then each gradient value is reduced as ((g + slice 0) + slice 1) + ... in that fixed
   order: results depend on T (the split), never on timing.
-- ``"blas"``: one slice; OpenBLAS uses its T threads inside each GEMM.
-- ``"auto"`` (the default; the environment variable ``CKPT_THREADS_MODE`` changes the
-  process default): ``"split"`` when T > 1 and the chain's largest GEMM, batch x n_in x n_out
+- ``"blas"`` (the default; the environment variable ``CKPT_THREADS_MODE`` changes the process
+  default): one slice; OpenBLAS uses its T threads inside each GEMM.
+- ``"auto"``: ``"split"`` when T > 1 and the chain's largest GEMM, batch x n_in x n_out
   of its widest Dense layer, is between ``SPLIT_MIN`` x T and ``SPLIT_CROSSOVER`` x T
   multiply-adds, else ``"blas"``. Both bounds were measured by ``bench/sweep_split.py``: below
   SPLIT_MIN per thread the slices are too small to pay for waking a second core (OpenBLAS then
@@ -29,6 +29,10 @@ import os
 from typing import Iterator, Optional
 
 MODES = ("split", "blas", "auto")
+# "blas" until "auto" is shown to win on an idle machine: in bench/run.py on a quiet 2-core
+# machine, auto (which splits the medium workload) ran its step in 32.5 ms against 16.5 ms for
+# blas, while the sweep that set its bounds ran on a heavily loaded one.
+DEFAULT_MODE = "blas"
 
 # The per-GEMM m*n*k (full batch) per thread between which "auto" splits the batch. From
 # bench/sweep_split.py on the shared 2-core development machine (see README, "Threads"): split
@@ -49,9 +53,9 @@ def check_mode(mode: object, name: str = "threads_mode") -> str:
 
 
 def _environment_mode() -> str:
-    """The process default: CKPT_THREADS_MODE if set (split, blas or auto), else "auto"."""
+    """The process default: CKPT_THREADS_MODE if set (split, blas or auto), else DEFAULT_MODE."""
     value = os.environ.get("CKPT_THREADS_MODE", "").strip()
-    return check_mode(value, "CKPT_THREADS_MODE") if value else "auto"
+    return check_mode(value, "CKPT_THREADS_MODE") if value else DEFAULT_MODE
 
 
 _mode: contextvars.ContextVar = contextvars.ContextVar("ckpt_threading_mode",
@@ -60,7 +64,7 @@ _mode: contextvars.ContextVar = contextvars.ContextVar("ckpt_threading_mode",
 
 def get_threading_mode() -> str:
     """The mode in effect in this thread/context: :func:`threading_mode`'s, else the process
-    default ("auto", or CKPT_THREADS_MODE)."""
+    default (DEFAULT_MODE, or CKPT_THREADS_MODE)."""
     return _mode.get()
 
 
