@@ -26,6 +26,22 @@ TOLERANCES = {
 }
 
 
+def numeric_gradient(loss, array, eps=1e-6):
+    """Central finite differences of loss() with respect to ``array`` (changed in place and
+    restored), in float64."""
+    grad = np.empty_like(array)
+    flat, gflat = array.reshape(-1), grad.reshape(-1)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + eps
+        up = loss()
+        flat[i] = old - eps
+        down = loss()
+        flat[i] = old
+        gflat[i] = (up - down) / (2 * eps)
+    return grad
+
+
 def _act_id(activation):
     return "identity" if activation is None else activation
 

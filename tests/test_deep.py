@@ -17,6 +17,7 @@ import pytest
 import ckpt
 from ckpt import (CheckpointedLayer, Dense, Dropout, ElementCost, Layer, LayerNorm, Residual,
                   SegmentCheckpointer, _core, _reference)
+from conftest import numeric_gradient
 from ckpt.cli import recompute_cost
 from ckpt.layers import Step
 from ckpt.schedule import compile_schedule, uniform_ops
@@ -115,20 +116,6 @@ def test_dropout_is_a_product_so_nan_propagates():
 # --------------------------------------------------------------------------------------------
 # Finite differences (float64)
 # --------------------------------------------------------------------------------------------
-
-def numeric_gradient(f, array, eps=1e-6):
-    grad = np.zeros_like(array)
-    flat, out = array.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + eps
-        plus = f()
-        flat[i] = old - eps
-        minus = f()
-        flat[i] = old
-        out[i] = (plus - minus) / (2 * eps)
-    return grad
-
 
 def check_layer_gradients(layer, x, forward, backward):
     """forward(x) -> y, backward(x, g) -> gx; loss = sum(y * g) with a fixed random g."""

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from conftest import numeric_gradient
 from ckpt import _core, _reference
 
 ALPHA = 0.2  # a leaky_relu slope far from the default, so a wrong slope shows
@@ -199,18 +200,6 @@ def test_activation_values_and_derivatives_match_closed_forms(impl, dtype, activ
 # --------------------------------------------------------------------------------------------
 
 
-def _numeric_gradient(loss, array, eps=1e-6):
-    grad = np.empty_like(array)
-    flat, gflat = array.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + eps
-        up = loss()
-        flat[i] = old - eps
-        down = loss()
-        flat[i] = old
-        gflat[i] = (up - down) / (2 * eps)
-    return grad
 
 
 @pytest.mark.parametrize("shape", [(4, 5, 3), (1, 2, 6)], ids=["4x5x3", "1x2x6"])
@@ -227,7 +216,7 @@ def test_gradients_match_finite_differences(impl, activation, shape, make_proble
 
     gx, gw, gb = impl.backward(x, w, b, r, activation, ALPHA)
     for name, analytic, param in (("grad_input", gx, x), ("grad_W", gw, w), ("grad_b", gb, b)):
-        numeric = _numeric_gradient(loss, param)
+        numeric = numeric_gradient(loss, param)
         np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-7, err_msg=name)
     assert np.abs(gw).max() > 1e-3  # a zero gradient would pass trivially
 
