@@ -63,7 +63,6 @@ def worker_step(name: str, seconds: float, threads: int, quick: bool) -> None:
     """Time data-parallel steps of workload `name`, global batch split over the ranks."""
     import ckpt
     from ckpt import distributed
-    from ckpt.layers import Dense
 
     comm = _world()
     size, rank = comm.Get_size(), comm.Get_rank()
@@ -71,14 +70,7 @@ def worker_step(name: str, seconds: float, threads: int, quick: bool) -> None:
     threads = threads or distributed.default_threads(world)
     ckpt.set_num_threads(threads)
     w = _workload(name, quick)
-    weights, biases = wl.initial_weights(w)
-    layers = []
-    for i in range(w.depth):
-        layer = Dense(w.widths[i], w.widths[i + 1], "relu" if i < w.depth - 1 else None,
-                      dtype=np.float32, rng=i)
-        layer.set_params([weights[i], biases[i]])
-        layers.append(layer)
-    model = ckpt.SegmentCheckpointer(layers, checkpoint_every=1)
+    model = ckpt.SegmentCheckpointer(wl.ckpt_dense_layers(w), checkpoint_every=1)
     optimizer = ckpt.SGD(model, wl.LEARNING_RATE)
     replicas = distributed.DataParallel(comm, model, optimizer)
     x, t = wl.batch_data(w)

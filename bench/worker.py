@@ -137,7 +137,6 @@ class CkptContender(Contender):
     @staticmethod
     def _build(w):
         """The workload's layers, with the shared initial parameters."""
-        from ckpt.layers import Dense
         if w.kind == "resmlp":
             from ckpt.train import build_mlp
             layers = build_mlp(w.width, w.depth, w.width, w.width, "relu", np.float32, 0,
@@ -150,14 +149,7 @@ class CkptContender(Contender):
             for p, v in zip(params, values):
                 p[...] = v
             return layers
-        weights, biases = wl.initial_weights(w)
-        layers = []
-        for i in range(w.depth):
-            layer = Dense(w.widths[i], w.widths[i + 1], "relu" if i < w.depth - 1 else None,
-                          dtype=np.float32, rng=i)
-            layer.set_params([weights[i], biases[i]])
-            layers.append(layer)
-        return layers
+        return wl.ckpt_dense_layers(w)
 
     def _setup_gemm_only(self, w, _core, rebuilds_internals: bool) -> None:
         """Buffers for ckpt's GEMMs alone: the same shapes through ckpt's own BLAS path.

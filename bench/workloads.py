@@ -111,6 +111,20 @@ def initial_weights(w: Workload, seed: int = SEED):
     return weights, biases
 
 
+def ckpt_dense_layers(w: Workload) -> list:
+    """The workload's ReLU MLP as ckpt Dense layers (the last one linear), holding
+    :func:`initial_weights` (imports ckpt: only the ckpt contenders call it)."""
+    from ckpt.layers import Dense
+    weights, biases = initial_weights(w)
+    layers = []
+    for i in range(w.depth):
+        layer = Dense(w.widths[i], w.widths[i + 1], "relu" if i < w.depth - 1 else None,
+                      dtype=np.float32, rng=i)
+        layer.set_params([weights[i], biases[i]])
+        layers.append(layer)
+    return layers
+
+
 def initial_resmlp_params(w: Workload, seed: int = SEED) -> List[np.ndarray]:
     """The residual MLP's parameters, float32, flat in ``params()`` order of the ckpt model:
     projection W, b; per block LayerNorm weight, bias, Dense1 W, b, Dense2 W, b; final

@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 
+from conftest import numeric_gradient
 from ckpt import _reference
 from ckpt.layers import Dense, Layer
 
@@ -88,18 +89,8 @@ def test_finite_differences_through_the_layer(activation):
     def loss():
         return float(np.sum(layer.forward(x) * r))
 
-    eps = 1e-6
     for analytic, param in ((gx, x), (layer.grad_W, layer.W), (layer.grad_b, layer.b)):
-        numeric = np.empty_like(param)
-        for idx in np.ndindex(param.shape):
-            old = param[idx]
-            param[idx] = old + eps
-            up = loss()
-            param[idx] = old - eps
-            down = loss()
-            param[idx] = old
-            numeric[idx] = (up - down) / (2 * eps)
-        np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(analytic, numeric_gradient(loss, param), rtol=1e-6, atol=1e-7)
 
 
 # --------------------------------------------------------------------------------------------
