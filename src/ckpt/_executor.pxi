@@ -8,6 +8,8 @@
 
 from libc.stdint cimport uint64_t
 from cpython.mem cimport PyMem_Realloc
+from cpython.exc cimport PyErr_Fetch, PyErr_Restore
+from cpython.ref cimport PyObject
 
 cdef extern from "_pool.h" nogil:
     ctypedef void (*ckpt_task)(void *arg, int index) noexcept nogil
@@ -15,6 +17,30 @@ cdef extern from "_pool.h" nogil:
     int ckpt_pool_blas_threads()
     int ckpt_pool_defer_blas(int n)
     int ckpt_pool_workers()
+
+cdef extern from "_interrupt.h" nogil:
+    ctypedef struct ckpt_interrupt:
+        void *exc_type
+        void *exc_value
+        void *exc_traceback
+    void ckpt_interrupt_begin(ckpt_interrupt *it, int poll)
+    int ckpt_interrupt_stopped(ckpt_interrupt *it)
+    void ckpt_interrupt_set(ckpt_interrupt *it)
+    int ckpt_interrupt_due(ckpt_interrupt *it)
+
+cdef extern from "Python.h":
+    # Declared here without Cython's "except -1", so that a nogil poll can take the exception.
+    int _check_signals "PyErr_CheckSignals" ()
+    unsigned long PyThread_get_thread_ident()
+
+import threading as _threading
+
+# Python runs signal handlers on its main thread only: phases started there poll for them.
+cdef unsigned long _MAIN_THREAD = _threading.main_thread().ident
+
+# _run's status when a signal handler raised during the phase (the phase stopped early).
+cdef enum:
+    INTERRUPTED = -2
 
 # A compiled row: (op, element, output offset, recompute flag, tape offset, scratch offset);
 # offsets in elements per batch row (-1: none), multiplied by the batch size here.
@@ -80,6 +106,7 @@ cdef struct Slice:
     void *grad_input        # its rows of the input gradient, or NULL
     ckpt_counters *c        # slice 0 only (NULL for the others): see count_rows
     Py_ssize_t count_rows   # rows the tracker counts for each event (slice 0: the whole batch)
+    ckpt_interrupt *intr    # the phase's stop flag and signal poll (shared by all slices)
     Py_ssize_t status
 
 
@@ -276,6 +303,7 @@ cdef class Chain:
     cdef void *copy_data    # the gradient copies of slices 1 .. n_slices - 1
     cdef Py_ssize_t copy_values
     cdef void **copy_ptrs   # (max_slices - 1) x n_params pointers into copy_data
+    cdef ckpt_interrupt intr    # Ctrl-C during the running phase (see _interrupt.h)
     cdef list _keep
 
     def __cinit__(self, const int64_t[:, ::1] ints, const double[:, ::1] reals,
@@ -600,6 +628,8 @@ cdef class Chain:
             ckpt_record_stored(c, x.nbytes)
         status = self._dispatch(rows, False)
         self.busy = False
+        if status == INTERRUPTED:
+            self._raise_interrupt()
         if status >= 0:
             raise ValueError(f"schedule row {status} uses an activation that is not held")
 
@@ -662,14 +692,21 @@ cdef class Chain:
         if c != NULL:
             ckpt_release_gradient(c, grad_bytes + copy_bytes)
         self.busy = False
+        if status == INTERRUPTED:
+            self._raise_interrupt()
         if status >= 0:
             raise ValueError(f"schedule row {status} uses an activation that is not held")
 
     cdef Py_ssize_t _dispatch(self, const int64_t[:, ::1] rows, bint backward) noexcept:
         """Run one phase over the slices (in the pool when split), then, after a split
-        backward, reduce the gradient copies. Returns -1 or the first failing row."""
+        backward, reduce the gradient copies. Returns -1, the first failing row, or INTERRUPTED
+        (a signal handler raised: the phase stopped between rows, what it held is released
+        from the tracker, and no reduction ran)."""
         cdef Job job
         cdef Py_ssize_t k, status = -1
+        ckpt_interrupt_begin(&self.intr, PyThread_get_thread_ident() == _MAIN_THREAD)
+        for k in range(self.n_slices):
+            self.slices[k].intr = &self.intr
         job.table = self.table
         job.n_elements = self.n_elements
         job.rows = &rows[0, 0] if rows.shape[0] > 0 else NULL
@@ -688,13 +725,36 @@ cdef class Chain:
                 _phase_task(&job, 0)
             else:
                 ckpt_pool_run(<int>job.n_slices, _phase_task, &job)
-                if backward:
+                if backward and not ckpt_interrupt_stopped(&self.intr):
                     ckpt_pool_run(<int>job.n_slices, _reduce_task, &job)
+        if ckpt_interrupt_stopped(&self.intr):
+            self._release_held()
+            return INTERRUPTED
         for k in range(self.n_slices):
             if self.slices[k].status >= 0:
                 status = self.slices[k].status
                 break
         return status
+
+    cdef void _release_held(self) noexcept:
+        """After a stopped phase: take every activation (and tape) slice 0 still holds out of
+        the tracker -- the step is dropped -- and forget where they were."""
+        cdef Slice *sl = &self.slices[0]
+        cdef Py_ssize_t i, k
+        cdef int64_t unit = sl.count_rows * (8 if self.is_double else 4)
+        for i in range(self.n_elements + 1):
+            if sl.a[i] != NULL and sl.c != NULL:
+                ckpt_release_stored(sl.c, unit * _held_units(self.table, sl.tapes, i))
+        for k in range(self.n_slices):
+            memset(self.slices[k].a, 0, (self.n_elements + 1) * sizeof(void *))
+            memset(self.slices[k].tapes, 0, (self.n_elements + 1) * sizeof(void *))
+
+    cdef int _raise_interrupt(self) except -1:
+        """Raise what the signal handler raised during the phase (KeyboardInterrupt)."""
+        PyErr_Restore(<PyObject *>self.intr.exc_type, <PyObject *>self.intr.exc_value,
+                      <PyObject *>self.intr.exc_traceback)
+        self.intr.exc_type = self.intr.exc_value = self.intr.exc_traceback = NULL
+        return -1
 
     cdef int _check_arena(self, arena) except -1:
         if (not isinstance(arena, np.ndarray) or arena.dtype != self.dtype or arena.ndim != 1
@@ -857,6 +917,8 @@ cdef Py_ssize_t _run(const Element *table, Py_ssize_t n_elements, const int64_t 
     cdef void **tapes = sl.tapes
     cdef int64_t held, transient, unit = sl.count_rows * sizeof(floating)
     for r in range(n_rows):
+        if _interrupted(sl.intr):
+            return INTERRUPTED
         row = rows + 6 * r
         op, i = row[0], row[1]
         if op == OP_FREE:
@@ -909,6 +971,21 @@ cdef Py_ssize_t _run(const Element *table, Py_ssize_t n_elements, const int64_t 
             a[i + 1] = NULL
             tapes[i + 1] = NULL
     return -1
+
+
+cdef inline bint _interrupted(ckpt_interrupt *it) noexcept nogil:
+    """True when the phase must stop: a signal handler raised, now (polled here) or earlier
+    (seen by another slice)."""
+    if ckpt_interrupt_stopped(it):
+        return True
+    if ckpt_interrupt_due(it):
+        with gil:
+            if _check_signals() != 0:
+                PyErr_Fetch(<PyObject **>&it.exc_type, <PyObject **>&it.exc_value,
+                            <PyObject **>&it.exc_traceback)
+                ckpt_interrupt_set(it)
+        return ckpt_interrupt_stopped(it)
+    return False
 
 
 cdef inline Py_ssize_t _held_units(const Element *table, void **tapes,

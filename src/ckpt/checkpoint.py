@@ -543,6 +543,10 @@ class SegmentCheckpointer:
 
         With ``input_grad=False`` the compiled executor skips the first element's input
         gradient (training rarely needs it) and None is returned.
+
+        An exception during the backward (Ctrl-C included: the compiled phase polls for it
+        between rows) drops the step, but the gradients keep what was accumulated before it:
+        zero them before the next step, as ``fit`` does.
         """
         with self._lock:
             self._check_owner()
