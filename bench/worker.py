@@ -126,9 +126,9 @@ class CkptContender(Contender):
             if sorted(self.recomputed) != wl.uniform_recomputed_layers(w.n_elements, k):
                 raise AssertionError("ckpt's schedule recomputes other elements than the "
                                      "uniform count")
-            if k == 1 and w.kind == "resmlp" and not compiled.keep_internals:
+            if k == 1 and w.kind == "resmlp" and compiled.rebuilt_layers:
                 raise AssertionError("plain backprop must keep the blocks' internals")
-        self._setup_gemm_only(w, _core, rebuilds_internals=not compiled.keep_internals)
+        self._setup_gemm_only(w, _core, rebuilt=compiled.rebuilt_layers)
         extra["recomputed_gemms"] = len(self._gemm_fw) - sum(w.dense_per_element)
         if variant == "uniform" and extra["recomputed_gemms"] != wl.recomputed_gemms(w, "ckpt", k):
             raise AssertionError("ckpt recomputes another number of GEMMs than counted")
@@ -151,12 +151,12 @@ class CkptContender(Contender):
             return layers
         return wl.ckpt_dense_layers(w)
 
-    def _setup_gemm_only(self, w, _core, rebuilds_internals: bool) -> None:
+    def _setup_gemm_only(self, w, _core, rebuilt) -> None:
         """Buffers for ckpt's GEMMs alone: the same shapes through ckpt's own BLAS path.
 
         Forward GEMMs: every Dense once, the Dense layers of every recomputed element again,
-        and (when the blocks' internals are not kept) every block's body once more, rebuilt
-        in its backward. Backward: every Dense once."""
+        and the body of every block whose internals were not kept (``rebuilt``) once more,
+        rebuilt in its backward. Backward: every Dense once."""
         from ckpt.layers import Dense, walk
         rng = np.random.default_rng(0)
         widest = max(w.widths)
@@ -168,8 +168,8 @@ class CkptContender(Contender):
         forward = [d for layer in self.layers for d in dense_in(layer)]
         for i in self.recomputed:
             forward += dense_in(self.layers[i])
-        if rebuilds_internals:
-            forward += [d for layer in self.layers if layer.children() for d in dense_in(layer)]
+        for i in rebuilt:
+            forward += dense_in(self.layers[i])
         backward = [d for layer in reversed(self.layers) for d in reversed(dense_in(layer))]
         self._ga = rng.standard_normal((w.batch, widest)).astype(np.float32)
         self._gb = rng.standard_normal((w.batch, widest)).astype(np.float32)

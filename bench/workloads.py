@@ -215,8 +215,10 @@ def torch_recomputed_layers(depth: int, k: int) -> List[int]:
 def recomputed_gemms(w: Workload, contender: str, k: int) -> int:
     """W x W forward GEMMs a contender runs again in one step at checkpoint_every k.
 
-    - ckpt: the elements of :func:`uniform_recomputed_layers`; and for k != 1 (internals not
-      kept), every block's backward rebuilds its body (both Dense layers) first.
+    - ckpt: the elements of :func:`uniform_recomputed_layers`; a recomputed segment keeps its
+      blocks' internals, but a block whose output is a checkpoint read again by a recomputation
+      after backwards ran (the start of any segment but the first and the last) does not, and
+      its backward rebuilds its body (both Dense layers) first.
     - numpy: the same segments; a recomputation keeps the blocks' internals, so nothing is
       rebuilt twice; a segment's last element is not run again, except a block's first Dense
       (its backward needs that Dense's output; the second Dense's output it does not need).
@@ -231,7 +233,9 @@ def recomputed_gemms(w: Workload, contender: str, k: int) -> int:
     if k == 1 or w.kind == "mlp":
         return count
     if contender == "ckpt":
-        return count + 2 * w.depth
+        kk = n if k <= 0 or k > n else k
+        starts = list(range(0, n, kk))
+        return count + 2 * sum(1 for start in starts[1:-1] if 1 <= start - 1 <= w.depth)
     if contender == "numpy":
         kk = n if k <= 0 or k > n else k
         ends = [min(start + kk, n) - 1 for start in range(0, n, kk)]

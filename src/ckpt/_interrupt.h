@@ -21,13 +21,20 @@ typedef struct {
     int stop;               /* set once a handler raised: every slice leaves at its next row */
     int poll;               /* the phase was started on the main thread */
     pthread_t caller;       /* that thread: only it takes the GIL to poll */
-    int64_t next_ns;        /* CLOCK_MONOTONIC time of the next poll */
+    int64_t next_ns;        /* CKPT_POLL_CLOCK time of the next poll */
     void *exc_type, *exc_value, *exc_traceback;   /* what the handler raised (owned refs) */
 } ckpt_interrupt;
 
+/* The coarse clock (a few ms resolution, a memory read in the vDSO): this runs every row. */
+#ifdef CLOCK_MONOTONIC_COARSE
+#define CKPT_POLL_CLOCK CLOCK_MONOTONIC_COARSE
+#else
+#define CKPT_POLL_CLOCK CLOCK_MONOTONIC
+#endif
+
 static inline int64_t ckpt_now_ns(void) {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(CKPT_POLL_CLOCK, &ts);
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 

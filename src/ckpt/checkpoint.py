@@ -19,7 +19,7 @@ from ckpt.costs import ChainCosts, ElementCost, describe_chain
 from ckpt.executor import build_chain
 from ckpt.layers import (Layer, Step, _as_generator, _check_learning_rate, as_batch,
                          dropout_streams, new_step, walk)
-from ckpt.schedule import CompiledSchedule, compile_schedule, uniform_ops
+from ckpt.schedule import KEEP_AUTO, CompiledSchedule, compile_schedule, uniform_ops
 from ckpt.threads import check_mode, choose_slices, get_threading_mode
 from ckpt.tracker import MemoryUsageTracker
 
@@ -418,9 +418,11 @@ class SegmentCheckpointer:
             chosen = self._plan_for_budget(batch_size)
             ops, keep = chosen.ops, getattr(chosen, "keep_internals", False)
         else:
-            ops, keep = uniform_ops(n, self.checkpoint_every), self.checkpoint_every == 1
+            # Recomputed segments (and plain backprop's outputs) keep their internals, so their
+            # backward does not rebuild them a second time; checkpoints do not.
+            ops, keep = uniform_ops(n, self.checkpoint_every), KEEP_AUTO
         # Only the compiled executor keeps internals; a layer's own backward recomputes them.
-        compiled = compile_schedule(ops, costs, keep and compiled_path)
+        compiled = compile_schedule(ops, costs, keep if compiled_path else False)
         self._schedules[key] = compiled
         if len(self._schedules) > self._CACHED_SCHEDULES:
             self._schedules.popitem(last=False)

@@ -247,8 +247,7 @@ def recompute_cost(model: SegmentCheckpointer, batch: int) -> Tuple[int, float]:
     compiled = model.schedule(batch)
     flops = costs.forward_flops
     extra = sum(flops[i] for i in compiled.recomputed_layers)
-    if not compiled.keep_internals:
-        extra += sum(e.internal_flops for e in costs.elements)
+    extra += sum(costs.elements[i].internal_flops for i in compiled.rebuilt_layers)
     return len(compiled.recomputed_layers), extra / costs.step_flops()
 
 

@@ -650,10 +650,10 @@ class Residual(Layer):
     """A residual block, y = x + f(x), f being the chain of ``layers`` (its output width must
     equal its input width).
 
-    Inside a checkpointer the block is one element: it stores at most its output, and its
-    backward recomputes f's internals from its input (they count as the element's backward
-    scratch); plain backprop (``checkpoint_every=1``) keeps them instead. ``params()`` are the
-    inner layers' parameters in order.
+    Inside a checkpointer the block is one element: it stores at most its output. Its internals
+    are kept beside the output when it goes straight into the backward sweep (plain backprop,
+    a recomputed segment); otherwise its backward recomputes them from its input (they count as
+    the element's backward scratch). ``params()`` are the inner layers' parameters in order.
 
     Initialisation is the inner layers' own; :func:`ckpt.build_mlp` scales the last Dense of
     each branch down (see there) so that deep stacks start close to the identity.

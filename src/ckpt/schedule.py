@@ -20,9 +20,19 @@ and the reports all use it. :func:`compile_schedule` then places every activatio
 operation's scratch, in one arena with static offsets (so a step allocates one block, not one per
 activation) and emits the integer rows that ckpt's typed executor runs.
 
-With ``keep_internals`` (plain backprop) each forward also keeps its element's internals (its
-tape, see :mod:`ckpt.costs`) beside the output, and the backward reuses them; otherwise a
-backward recomputes them in its scratch.
+An element with internals (its tape, see :mod:`ckpt.costs`: a Residual block's inner
+activations) either keeps them beside its output from its forward to its backward, or its
+backward rebuilds them in scratch. ``keep_internals`` says which:
+
+- ``False``: every backward rebuilds;
+- ``True``: every forward keeps them (plain backprop);
+- ``"auto"`` (:data:`KEEP_AUTO`): a forward keeps them when its output goes straight into the
+  backward sweep: the output is held until its element's backward, and every forward reading
+  it runs before the sweep moves on (no backward operation between this forward and the last
+  read). That is plain backprop's outputs, the last segment of the forward phase and every
+  recomputed segment -- whose backward then needs no second rebuild -- but not checkpoints,
+  which wait for many backwards and are read again by a recomputation. The memory this costs is
+  in the trace's peak like everything else.
 """
 from __future__ import annotations
 
@@ -39,6 +49,7 @@ from ckpt.costs import ChainCosts
 
 Op = Tuple[str, int]
 FORWARD, BACKWARD, FREE = "forward", "backward", "free"
+KEEP_AUTO = "auto"
 
 # Columns of a compiled row. Offsets are in elements per batch row: the executor scales them.
 ROW_KIND, ROW_INDEX, ROW_OUTPUT, ROW_RECOMPUTE, ROW_TAPE, ROW_SCRATCH = range(6)
@@ -83,9 +94,11 @@ def as_costs(chain: Union[ChainCosts, Sequence[int]]) -> ChainCosts:
 class Trace:
     """A checked schedule and what it costs, in elements per batch row.
 
-    ``events`` has one (kind, index, recompute, released) entry per operation, ``released``
-    being the activations that operation lets go (a backward's output, a free's target);
-    the releases at the end are in ``final_released``. (A compiled schedule keeps its trace
+    ``events`` has one (kind, index, recompute, released, kept) entry per operation,
+    ``released`` being the activations that operation lets go (a backward's output, a free's
+    target) and ``kept`` whether a forward keeps its element's internals; the releases at the
+    end are in ``final_released``. ``rebuilt`` lists the elements whose backward rebuilt their
+    internals (elements without internals never appear). (A compiled schedule keeps its trace
     without the ops and events: its rows hold them.)
     """
 
@@ -98,24 +111,73 @@ class Trace:
     stored_by_first_sweep: Tuple[int, ...]   # held after the forward phase, a_N aside
     held_after_forward_units: int       # elements per row the forward phase leaves held
     recomputed: Tuple[int, ...]         # elements forwarded again, in order
-    keep_internals: bool
+    keep_internals: Union[bool, str]
+    rebuilt: Tuple[int, ...] = ()       # elements whose backward rebuilt their internals
+
+
+def check_keep_internals(keep_internals: object) -> Union[bool, str]:
+    if keep_internals is True or keep_internals is False or keep_internals == KEEP_AUTO:
+        return keep_internals
+    if isinstance(keep_internals, (bool, np.bool_)):
+        return bool(keep_internals)
+    raise ValueError(f"keep_internals must be True, False or {KEEP_AUTO!r}, "
+                     f"got {keep_internals!r}")
+
+
+def _kept_automatically(ops: Sequence, n: int) -> list:
+    """For each operation, whether it is a forward whose output goes straight into the backward
+    sweep (see the module docstring). Malformed operations are skipped: replay rejects them."""
+    kept = [False] * len(ops)
+    produced_at: dict = {}    # activation -> (operation that made it, backwards before it)
+    spoiled: set = set()      # activations read again after a backward that followed them
+    backwards = 0
+    for q, op in enumerate(ops):
+        try:
+            kind, i = op
+            i = int(i)
+        except (TypeError, ValueError):
+            continue
+        if kind == FORWARD:
+            made = produced_at.get(i)
+            if made is not None and backwards > made[1]:
+                spoiled.add(i)
+            produced_at[i + 1] = (q, backwards)
+            spoiled.discard(i + 1)
+        elif kind == BACKWARD:
+            made = produced_at.pop(i + 1, None)
+            if made is not None and i + 1 not in spoiled:
+                kept[made[0]] = True
+            backwards += 1
+        elif kind == FREE:
+            produced_at.pop(i, None)
+    return kept
 
 
 def replay(ops: Iterable[Op], chain: Union[ChainCosts, Sequence[int]],
-           keep_internals: bool = False) -> Trace:
+           keep_internals: Union[bool, str] = False) -> Trace:
     """Check a schedule against the rules of the module docstring and measure it.
 
     The peak counts what is held plus the scratch of the operation running (forward scratch,
     backward scratch, and a backward's internals when they were not kept).
     """
     costs = as_costs(chain)
+    keep_internals = check_keep_internals(keep_internals)
     n = costs.n
-    held_units = costs.held(keep_internals)
+    elements = costs.elements
+    ops = list(ops)
+    if keep_internals == KEEP_AUTO:
+        auto_kept = _kept_automatically(ops, n) if costs.has_internals else [False] * len(ops)
+    else:
+        auto_kept = None
     fwd_scratch = costs.forward_scratch
-    bwd_scratch = costs.backward_scratch(keep_internals)
     held = [False] * (n + 1)
     held[0] = True
-    current = peak = held_units[0]
+    # What each held activation costs: its element's stored size, plus the tape when kept.
+    units = [0] * (n + 1)
+    units[0] = costs.widths[0]
+    tape_kept = [False] * (n + 1)
+    rebuilt: list = []
+    current = peak = units[0]
     counts = [0] * n
     next_backward = n - 1
     full: list = []
@@ -143,11 +205,14 @@ def replay(ops: Iterable[Op], chain: Union[ChainCosts, Sequence[int]],
                 raise ValueError(f"operation {step}: forward {i} needs a_{i} held and "
                                  f"a_{i + 1} not")
             held[i + 1] = True
-            current += held_units[i + 1]
+            kept = bool(keep_internals if auto_kept is None else auto_kept[step])
+            tape_kept[i + 1] = kept and elements[i].tape > 0
+            units[i + 1] = elements[i].held(tape_kept[i + 1])
+            current += units[i + 1]
             peak = max(peak, current + fwd_scratch[i])
             if counts[i]:
                 recomputed.append(i)
-            events.append((FORWARD, i, bool(counts[i]), ()))
+            events.append((FORWARD, i, bool(counts[i]), (), tape_kept[i + 1]))
             counts[i] += 1
         elif kind == BACKWARD:
             if not counts[n - 1]:
@@ -157,31 +222,38 @@ def replay(ops: Iterable[Op], chain: Union[ChainCosts, Sequence[int]],
                                  f"{next_backward}")
             if not (held[i] and held[i + 1]):
                 raise ValueError(f"operation {step}: backward {i} needs a_{i} and a_{i + 1} held")
-            peak = max(peak, current + bwd_scratch[i])
+            peak = max(peak, current + elements[i].backward_transient(tape_kept[i + 1]))
+            if elements[i].tape and not tape_kept[i + 1]:
+                rebuilt.append(i)
             held[i + 1] = False
-            current -= held_units[i + 1]
+            current -= units[i + 1]
             next_backward -= 1
-            events.append((BACKWARD, i, False, (i + 1,)))
+            events.append((BACKWARD, i, False, (i + 1,), False))
         else:
             if i == 0:
                 raise ValueError(f"operation {step}: a_0 is held for the whole schedule")
             if not held[i]:
                 raise ValueError(f"operation {step}: free {i} but a_{i} is not held")
             held[i] = False
-            current -= held_units[i]
-            events.append((FREE, i, False, (i,)))
+            current -= units[i]
+            events.append((FREE, i, False, (i,), False))
         full.append((kind, i))
     if next_backward >= 0:
         raise ValueError(f"the schedule ends before backward {next_backward}")
     assert forward_length is not None  # backward N-1 came after the output
     after_forward = _held_after(full[:forward_length], n)
+    # What the forward phase leaves held, with the tapes its forwards kept.
+    first_kept = {i + 1: event[4] for event in events[:forward_length]
+                  for kind, i in [event[:2]] if kind == FORWARD}
     final = tuple(j for j in range(n + 1) if held[j])
     return Trace(
         ops=tuple(full), events=tuple(events), final_released=final, peak_units=peak,
         forward_counts=tuple(counts), forward_length=forward_length,
         stored_by_first_sweep=tuple(j for j in sorted(after_forward) if j < n),
-        held_after_forward_units=sum(held_units[j] for j in after_forward),
-        recomputed=tuple(recomputed), keep_internals=keep_internals)
+        held_after_forward_units=sum(
+            costs.widths[0] if j == 0 else elements[j - 1].held(first_kept.get(j, False))
+            for j in after_forward),
+        recomputed=tuple(recomputed), keep_internals=keep_internals, rebuilt=tuple(rebuilt))
 
 
 def _held_after(ops: Sequence[Op], n: int) -> set:
@@ -248,8 +320,13 @@ class CompiledSchedule:
         return self.trace.peak_units
 
     @property
-    def keep_internals(self) -> bool:
+    def keep_internals(self) -> Union[bool, str]:
         return self.trace.keep_internals
+
+    @property
+    def rebuilt_layers(self) -> Tuple[int, ...]:
+        """Elements whose backward rebuilds their internals (they were not kept)."""
+        return self.trace.rebuilt
 
     @property
     def recomputed_layers(self) -> Tuple[int, ...]:
@@ -263,7 +340,7 @@ class CompiledSchedule:
 
 
 def compile_schedule(ops: Iterable[Op], chain: Union[ChainCosts, Sequence[int]],
-                     keep_internals: bool = False) -> CompiledSchedule:
+                     keep_internals: Union[bool, str] = False) -> CompiledSchedule:
     """Check a schedule (:func:`replay`) and place its activations and scratch in an arena.
 
     ``chain`` is the elements' ChainCosts, or the activation widths of a Dense chain.
@@ -273,7 +350,6 @@ def compile_schedule(ops: Iterable[Op], chain: Union[ChainCosts, Sequence[int]],
     n = costs.n
     elements = costs.elements
     fwd_scratch = costs.forward_scratch
-    bwd_scratch = costs.backward_scratch(keep_internals)
     arena = _Arena()
     tapes = {0: _NONE}     # activation -> offset of its element's tape
     owned = {0: _NONE}     # activation -> the arena block it owns (output and tape together)
@@ -283,10 +359,10 @@ def compile_schedule(ops: Iterable[Op], chain: Union[ChainCosts, Sequence[int]],
         tapes.pop(j)
         arena.release(owned.pop(j))
 
-    for kind, i, recompute, released in trace.events:
+    for kind, i, recompute, released, kept in trace.events:
         if kind == FORWARD:
             e = elements[i]
-            tape_units = e.tape if keep_internals else 0
+            tape_units = e.tape if kept else 0
             if i == n - 1:        # the output goes to the caller's array
                 out = _NONE
                 tape = owned[i + 1] = arena.allocate(tape_units)
@@ -298,7 +374,7 @@ def compile_schedule(ops: Iterable[Op], chain: Union[ChainCosts, Sequence[int]],
             arena.release(scratch)
             rows.append((OP_CODES[FORWARD], i, out, int(recompute), tape, scratch))
         elif kind == BACKWARD:
-            scratch = arena.allocate(bwd_scratch[i])
+            scratch = arena.allocate(elements[i].backward_transient(tapes[i + 1] != _NONE))
             arena.release(scratch)
             rows.append((OP_CODES[BACKWARD], i, _NONE, 0, tapes[i + 1], scratch))
         else:
