@@ -593,13 +593,17 @@ def write_plot(path: Path, result: dict) -> None:
                     v = e.get(f"speedup_vs_{other}")
                     if v is not None:
                         parts.append(f"{v:.2f}× vs {lab}")
+                one = e.get("by_threads", {}).get("1")
+                if result["meta"]["threads"] > 1 and one and one["speedup_vs_numpy"] is not None:
+                    parts.append(f"({one['speedup_vs_numpy']:.2f}× on 1 thread)")
+                second = []      # on its own line: the figures of ckpt's step alone
                 if e.get("blas_efficiency") is not None:
-                    parts.append(f"BLAS eff {e['blas_efficiency']:.2f}")
+                    second.append(f"BLAS eff {e['blas_efficiency']:.2f}")
                 if e.get("mode"):
-                    parts.append(_mode_label(e))
+                    second.append("mode " + _mode_label(e))
                 if e.get("peak_fraction") is not None:
-                    parts.append(f"{e['peak_fraction']:.2f} of peak")
-                text.append(" ".join(parts))
+                    second.append(f"{e['peak_fraction']:.2f} of peak")
+                text.append(" ".join(parts) + ("\n    " + ", ".join(second) if second else ""))
         axes[0][col].set_xlabel("ckpt " + "\nckpt ".join(text), fontsize=7)
         axes[0][col].legend(fontsize=7, loc="best")
     fig.suptitle("ckpt vs NumPy vs PyTorch: one SGD step (forward + backward + update), float32")
