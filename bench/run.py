@@ -21,7 +21,11 @@ segments, SGD) when importable. Each contender runs in its own process
 The full run unsets OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE for the contenders (so OpenBLAS picks
 its kernel for this CPU) and records what runs; --quick (tiny sizes, a few seconds; run by
 tests/test_bench.py) leaves the environment as it is. Every contender gets the same thread count
-(default: all cores).
+(default: all cores). With more than one thread, ckpt and NumPy also run in one-thread processes
+that take their turn in the same rounds (uniform schedules), and ckpt's BLAS is timed on one
+large float32 GEMM at both counts, for the step's fraction of that peak. ckpt's threads mode
+(split or blas) is the one its SegmentCheckpointer resolves to: set CKPT_THREADS_MODE to ask
+for one.
 """
 from __future__ import annotations
 
