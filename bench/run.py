@@ -498,7 +498,8 @@ def _threads_section(result: dict) -> list:
     peak_text = ", ".join(f"{peaks[c]:.0f} GFLOP/s on {c} thread{'s' if c != '1' else ''}"
                           for c in counts if peaks.get(c))
     used = {c: usable_peak(peaks, int(c)) for c in counts}
-    L = ["", "## Per workload: threads mode, 1 and " + many + " threads, fraction of the sgemm peak",
+    title = " and ".join(counts) + (" threads" if many != "1" else " thread")
+    L = ["", f"## Per workload: threads mode, {title}, fraction of the sgemm peak",
          "", f"Peak: ckpt's BLAS on one {meta['gemm_peak_n']}³ float32 GEMM, best of 5 or more: "
          f"{peak_text or 'not measured'}. Peak frac. = the step's GEMM FLOPs / median step "
          f"time / the best peak measured with up to as many threads ("
@@ -625,7 +626,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(HERE / "results"), help="output folder")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="BLAS/OpenMP threads for every contender (default: all cores)")
-    p.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 9; quick 3)")
+    p.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 11; quick 3)")
     p.add_argument("--workloads", default=None,
                    help="comma-separated subset, e.g. small,deep or resmlp")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if importable")
