@@ -6,8 +6,8 @@ Reads one JSON command per line on stdin and answers one JSON line on stdout:
 
 - ``{"cmd": "setup", "workload": {...}, "k": K, "variant": "uniform"|"planned", ...}``: build the
   network from the shared initial weights, measure memory over one step, warm up, calibrate;
-- ``{"cmd": "run", "steps": N}``: time N steps (ckpt also times its GEMM-only sequence after
-  each step, interleaved, for the BLAS efficiency);
+- ``{"cmd": "run", "steps": N, "gemm": true}``: time N steps (ckpt also times its GEMM-only
+  sequence after each step, interleaved, for the BLAS efficiency, unless "gemm" is false);
 - ``{"cmd": "check"}``: one more forward + backward; counts subnormal values, reports the loss;
 - ``{"cmd": "info"}``: library versions and threadpoolctl.threadpool_info() of this process;
 - ``{"cmd": "quit"}``.
@@ -122,6 +122,7 @@ class CkptContender(Contender):
         self.recomputed = list(compiled.recomputed_layers)
         extra["schedule_peak_bytes"] = int(compiled.peak_units * w.batch * 4)
         extra["executor"] = self.model.executor
+        extra.update(self._threads_mode(w.batch))
         if variant == "uniform":
             if sorted(self.recomputed) != wl.uniform_recomputed_layers(w.n_elements, k):
                 raise AssertionError("ckpt's schedule recomputes other elements than the "
@@ -133,6 +134,16 @@ class CkptContender(Contender):
         if variant == "uniform" and extra["recomputed_gemms"] != wl.recomputed_gemms(w, "ckpt", k):
             raise AssertionError("ckpt recomputes another number of GEMMs than counted")
         return {"recomputed_layers": len(self.recomputed), "note": note, **extra}
+
+    def _threads_mode(self, batch: int) -> dict:
+        """How the step uses the threads: the mode asked for (the checkpointer's, else the
+        context's: CKPT_THREADS_MODE or ckpt's default) and the one it resolved to at this
+        batch and thread count ("split" into ``slices`` batch slices, or "blas": one slice,
+        OpenBLAS threads each GEMM)."""
+        import ckpt
+        slices = self.model.slices(batch)
+        return {"threads_mode": self.model.threads_mode or ckpt.get_threading_mode(),
+                "mode": "split" if slices > 1 else "blas", "slices": slices}
 
     @staticmethod
     def _build(w):
@@ -471,7 +482,7 @@ def main() -> None:
                     c.step()
                     t1 = time.perf_counter()
                     steps.append(t1 - t0)
-                    if name == "ckpt":
+                    if name == "ckpt" and msg.get("gemm", True):
                         c.gemm_only()
                         gemms.append(time.perf_counter() - t1)
                 reply({"ok": True, "steps": steps, "gemm": gemms})
@@ -482,7 +493,8 @@ def main() -> None:
                 reply({"ok": True, "loss": loss, "subnormals": sub, "finite": finite,
                        "values_checked": int(sum(np.asarray(a).size for a in arrays))})
             elif cmd == "gemm_peak":
-                reply({"ok": True, "gflops": gemm_peak(msg.get("n", 1024))})
+                reply({"ok": True, "gflops": gemm_peak(msg.get("n", 2048), c.threads,
+                                                        seconds=msg.get("seconds", 0.0))})
             else:
                 reply({"ok": False, "error": f"unknown command {cmd}"})
         except Exception as exc:  # report, keep serving
@@ -490,9 +502,14 @@ def main() -> None:
                    "traceback": traceback.format_exc()})
 
 
-def gemm_peak(n: int) -> float:
-    """GFLOP/s of one n x n x n float32 GEMM through ckpt's BLAS path (best of a few)."""
+def gemm_peak(n: int, threads: int, repeats: int = 5, seconds: float = 0.0) -> float:
+    """GFLOP/s of one n x n x n float32 GEMM through ckpt's BLAS path on ``threads`` threads,
+    the best of at least ``repeats`` runs and ``seconds`` of runs after a warm-up (more runs
+    find an undisturbed one on a busy machine): the practical peak a step's FLOP/s is compared
+    with."""
+    import ckpt
     from ckpt import _core
+    ckpt.set_num_threads(threads)
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n)).astype(np.float32)
     b = rng.standard_normal((n, n)).astype(np.float32)
@@ -500,12 +517,14 @@ def gemm_peak(n: int) -> float:
     z = np.zeros(n, np.float32)
     _core.dense_forward(a, b, z, y, 0)
     best = float("inf")
-    for _ in range(5):
+    runs = 0
+    end = time.perf_counter() + seconds
+    while runs < repeats or time.perf_counter() < end:
         t0 = time.perf_counter()
         _core.dense_forward(a, b, z, y, 0)
         best = min(best, time.perf_counter() - t0)
+        runs += 1
     return 2.0 * n ** 3 / best / 1e9
-
 
 if __name__ == "__main__":
     main()

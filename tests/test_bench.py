@@ -158,3 +158,83 @@ def test_numpy_resmlp_matches_ckpt(k):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12, err_msg=f"gradient {i}")
     assert net.recomputed_layers == len(wl.uniform_recomputed_layers(w.n_elements, k))
     assert net.recomputed_gemms == wl.recomputed_gemms(w, "numpy", k)
+
+
+def test_threads_mode_and_peak_fraction(quick_run):
+    """Per workload and k: ckpt's resolved threads mode, ckpt's and NumPy's step at 1 thread and
+    at the run's thread count (timed in the same rounds), and the fraction of the sgemm peak."""
+    out, res = quick_run
+    threads = res["meta"]["threads"]
+    counts = {"1", str(threads)}
+    peaks = res["meta"]["gemm_peak_gflops_by_threads"]
+    assert set(peaks) == counts and all(g > 0 for g in peaks.values())
+    assert res["ratios"]
+    for e in res["ratios"]:
+        assert e["mode"] in {"split", "blas"} and e["threads_mode"] in {"split", "blas", "auto"}
+        assert (e["mode"] == "split") == (e["slices"] > 1)
+        assert set(e["by_threads"]) == counts
+        assert e["by_threads"]["1"]["mode"] == "blas" and e["by_threads"]["1"]["slices"] == 1
+        for d in e["by_threads"].values():
+            assert d["ckpt_time_s"] > 0 and d["numpy_time_s"] > 0
+            assert d["speedup_vs_numpy"] == pytest.approx(d["numpy_time_s"] / d["ckpt_time_s"])
+            assert 0 < d["ckpt_peak_fraction"] < 1.5 and 0 < d["numpy_peak_fraction"] < 1.5
+        assert e["peak_fraction"] == e["by_threads"][str(threads)]["ckpt_peak_fraction"]
+    for r in res["rows"]:
+        if r["status"] != "ok":
+            continue
+        assert r["threads"] == threads and 0 < r["peak_fraction"] < 1.5
+        one = r.get("one_thread")
+        if threads == 1 or r["schedule"] != "uniform" or r["contender"] not in ("ckpt", "numpy"):
+            assert one is None
+            continue
+        assert one["status"] == "ok" and one["time_s"]["n"] >= 9
+        assert one["loss0"] == pytest.approx(r["loss0"], rel=1e-4)   # the same network
+        assert one["gflops_per_s"] == pytest.approx(
+            r["flops"]["total"] / one["time_s"]["median"] / 1e9)
+    md = (out / "results.md").read_text()
+    assert "## Per workload: threads mode" in md and "ckpt mode, 1 thr." in md
+
+
+def test_targets_follow_the_issues(quick_run):
+    """Each target's verdict is at the ks it names: small's PyTorch target is 6× at k = 1 and
+    10× at k = floor(sqrt(N)); every verdict names the issue it comes from."""
+    _, res = quick_run
+    sys.path.insert(0, str(BENCH))
+    import workloads as wl
+    small = next(w for w in wl.QUICK if w.name == "small")
+    torch_targets = {t["checkpoint_every"]: t["target"] for t in res["targets"]
+                     if t["workload"] == "small" and t["metric"] == "speedup_vs_torch"}
+    assert torch_targets == {1: 6.0, small.sqrt_k: 10.0}
+    assert all(t["source"].startswith("issue") for t in res["targets"])
+    memory = [t for t in res["targets"] if t["metric"] == "memory_ratio_sqrt_vs_plain"]
+    assert {(t["workload"], t["checkpoint_every"]) for t in memory} == {
+        (w.name, w.sqrt_k) for w in wl.QUICK if w.name in ("deep", "resmlp")}
+    for t in res["targets"]:
+        assert t["met"] is None if t["value"] is None else t["met"] == (
+            t["value"] >= t["target"] if t["op"] == ">=" else t["value"] <= t["target"])
+
+
+def test_usable_peak_is_the_best_with_at_most_the_threads():
+    sys.path.insert(0, str(BENCH))
+    from run import usable_peak
+    assert usable_peak({1: 80.0, 2: 1.5}, 2) == 80.0          # a loaded machine's 2-thread GEMM
+    assert usable_peak({1: 80.0, 2: 150.0}, 2) == 150.0
+    assert usable_peak({"1": 80.0, "2": 150.0}, 1) == 80.0    # keys as in results.json
+    assert usable_peak({1: None}, 1) is None and usable_peak({}, 4) is None
+
+
+@pytest.mark.parametrize("mode, threads, expected", [
+    ("split", 2, ("split", 2)), ("blas", 2, ("blas", 1)), ("split", 1, ("blas", 1))])
+def test_ckpt_worker_reports_the_mode_it_runs(mode, threads, expected):
+    """The benchmark's ckpt contender reports the mode its SegmentCheckpointer resolves to."""
+    sys.path.insert(0, str(BENCH))
+    import workloads as wl
+    from worker import CkptContender
+    w = next(w for w in wl.QUICK if w.name == "small")
+    before = ckpt.get_num_threads()
+    try:
+        with ckpt.threading_mode(mode):
+            prep = CkptContender(threads).prepare(w, 1, "uniform")
+    finally:
+        ckpt.set_num_threads(before)
+    assert (prep["mode"], prep["slices"]) == expected and prep["threads_mode"] == mode
