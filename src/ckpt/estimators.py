@@ -19,6 +19,7 @@ scikit-learn (>= 1.6) is needed only here: ``pip install 'ckpt-cpu[sklearn]'``.
 from __future__ import annotations
 
 import numbers
+import os
 import re
 import sys
 import warnings
@@ -26,6 +27,7 @@ from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import scipy_openblas32
 
 _SKLEARN_EXTRA = "pip install 'ckpt-cpu[sklearn]'"
 try:
@@ -38,6 +40,7 @@ try:
     from sklearn.utils import check_random_state, column_or_1d, gen_batches, shuffle
     from sklearn.utils.multiclass import check_classification_targets, type_of_target, unique_labels
     from sklearn.utils.validation import check_is_fitted, validate_data
+    from threadpoolctl import ThreadpoolController
 except ImportError as exc:  # scikit-learn missing, or older than 1.6 (no validate_data)
     raise ImportError(f"ckpt.MLPClassifier and ckpt.MLPRegressor need scikit-learn >= 1.6 "
                       f"({exc}); install it with: {_SKLEARN_EXTRA}") from exc
@@ -114,16 +117,35 @@ def _hidden_sizes(value: object) -> List[int]:
 
 @contextmanager
 def _blas_threads(n_threads: Optional[int]) -> Iterator[None]:
-    """Run with ckpt's OpenBLAS on n_threads threads (None: leave it), then restore."""
-    if n_threads is None:
-        yield
-        return
-    previous = _core.get_num_threads()
-    _core.set_num_threads(n_threads)
-    try:
-        yield
-    finally:
-        _core.set_num_threads(previous)
+    """Run with ckpt's OpenBLAS on n_threads threads (None: leave it) and every other BLAS in
+    the process on one thread, then restore both.
+
+    NumPy (and SciPy) bring their own OpenBLAS, whose threads busy-wait for a while after each
+    threaded call. One such call per mini-batch kept a NumPy thread spinning through the whole
+    fit, and with ckpt's threads on the same cores a 2-thread float64 fit ran 3-4x slower than a
+    1-thread one. The fit loop itself makes no NumPy BLAS call (see ``_squared_weights``); this
+    guard keeps any other (scikit-learn's helpers, a subclass) from waking a competing pool.
+    """
+    with _other_blas().limit(limits=1):
+        if n_threads is None:
+            yield
+            return
+        previous = _core.get_num_threads()
+        _core.set_num_threads(n_threads)
+        try:
+            yield
+        finally:
+            _core.set_num_threads(previous)
+
+
+def _other_blas() -> ThreadpoolController:
+    """threadpoolctl's controller of the BLAS libraries loaded in the process other than ckpt's
+    own OpenBLAS (the ``scipy_openblas32`` wheel's): NumPy's, SciPy's."""
+    ours = os.path.realpath(scipy_openblas32.get_lib_dir()) + os.sep
+    controller = ThreadpoolController()
+    return controller.select(filepath=[
+        lib.filepath for lib in controller.lib_controllers
+        if lib.user_api == "blas" and not os.path.realpath(lib.filepath).startswith(ours)])
 
 
 # ------------------------------------------------------------------------------ optimizers
@@ -548,10 +570,15 @@ class _BaseMLP(BaseEstimator):
                 np.copyto(target, best)
 
     def _squared_weights(self) -> float:
+        """||W||^2 over the weights, for the L2 term of the loss (once per mini-batch).
+
+        einsum's own loop, not np.dot: np.dot would run NumPy's OpenBLAS, whose ddot is
+        threaded above 10,000 elements, and its threads would then spin against ckpt's.
+        """
         total = 0.0
         for coef in self.coefs_:
             flat = coef.reshape(-1)
-            total += float(np.dot(flat, flat))
+            total += float(np.einsum("i,i->", flat, flat))
         return total
 
     def _update_no_improvement_count(self, p: Dict[str, Any], X_val: Optional[np.ndarray],
