@@ -117,30 +117,29 @@ def _hidden_sizes(value: object) -> List[int]:
 
 @contextmanager
 def _blas_threads(n_threads: Optional[int]) -> Iterator[None]:
-    """Run with ckpt's OpenBLAS on n_threads threads (None: leave it) and every other BLAS in
-    the process on one thread, then restore both.
-
-    NumPy (and SciPy) bring their own OpenBLAS, whose threads busy-wait for a while after each
-    threaded call. One such call per mini-batch kept a NumPy thread spinning through the whole
-    fit, and with ckpt's threads on the same cores a 2-thread float64 fit ran 3-4x slower than a
-    1-thread one. The fit loop itself makes no NumPy BLAS call (see ``_squared_weights``); this
-    guard keeps any other (scikit-learn's helpers, a subclass) from waking a competing pool.
-    """
-    with _other_blas().limit(limits=1):
-        if n_threads is None:
-            yield
-            return
-        previous = _core.get_num_threads()
-        _core.set_num_threads(n_threads)
-        try:
-            yield
-        finally:
-            _core.set_num_threads(previous)
+    """Run with ckpt's OpenBLAS on n_threads threads (None: leave it), then restore."""
+    if n_threads is None:
+        yield
+        return
+    previous = _core.get_num_threads()
+    _core.set_num_threads(n_threads)
+    try:
+        yield
+    finally:
+        _core.set_num_threads(previous)
 
 
 def _other_blas() -> ThreadpoolController:
     """threadpoolctl's controller of the BLAS libraries loaded in the process other than ckpt's
-    own OpenBLAS (the ``scipy_openblas32`` wheel's): NumPy's, SciPy's."""
+    own OpenBLAS (the ``scipy_openblas32`` wheel's): NumPy's, SciPy's.
+
+    ``fit`` holds them at one thread. Their OpenBLAS threads busy-wait for a while after each
+    threaded call: one NumPy call per mini-batch (``np.dot`` in the L2 term, before
+    ``_squared_weights`` avoided BLAS) kept a NumPy thread spinning through the whole fit, and
+    ckpt's 2-thread float64 fits ran 3-4x slower than 1-thread ones. The fit loop makes no
+    NumPy BLAS call now; the limit keeps any other (scikit-learn's helpers, a subclass) from
+    waking a competing pool.
+    """
     ours = os.path.realpath(scipy_openblas32.get_lib_dir()) + os.sep
     controller = ThreadpoolController()
     return controller.select(filepath=[
@@ -477,7 +476,7 @@ class _BaseMLP(BaseEstimator):
             self._check_network(p, units)
         if not incremental or not hasattr(self, "_optimizer"):
             self._optimizer = self._new_optimizer(p)
-        with _blas_threads(p["n_threads"]):
+        with _other_blas().limit(limits=1), _blas_threads(p["n_threads"]):
             self._model.set_training(True)
             self._fit_stochastic(p, X, Y, labels, sample_weight, incremental)
             self._model.set_training(False)
@@ -535,7 +534,8 @@ class _BaseMLP(BaseEstimator):
                         grad = grads[rows] = np.empty((rows, Y.shape[1]), X.dtype)
                     output = self._model.forward(X[idx])
                     loss = _core.output_loss_kernel(output, Y[idx], w, grad, code)
-                    loss += 0.5 * p["alpha"] * self._squared_weights() / weight
+                    if p["alpha"]:
+                        loss += 0.5 * p["alpha"] * self._squared_weights() / weight
                     self._model.zero_grad()
                     self._model.backward(grad, input_grad=False)
                     optimizer.step(p["alpha"] / weight)
