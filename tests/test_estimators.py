@@ -3,6 +3,7 @@ import copy
 import importlib
 import io
 import numbers
+import os
 import pickle
 import subprocess
 import sys
@@ -385,6 +386,52 @@ def test_n_threads_is_restored():
         model = MLPRegressor(hidden_layer_sizes=(4,), max_iter=1, n_threads=1).fit(X, y)
     model.predict(X)
     assert ckpt.get_num_threads() == before
+
+
+def _blas_threads_by_library():
+    """{"ckpt": ckpt's OpenBLAS threads, "others": [every other BLAS library's]}."""
+    from threadpoolctl import threadpool_info
+    import scipy_openblas32
+    ours = os.path.realpath(scipy_openblas32.get_lib_dir()) + os.sep
+    infos = [info for info in threadpool_info() if info["user_api"] == "blas"]
+    return {"ckpt": ckpt.get_num_threads(),
+            "others": [info["num_threads"] for info in infos
+                       if not os.path.realpath(info["filepath"]).startswith(ours)]}
+
+
+@pytest.mark.parametrize("Estimator, data", [(MLPClassifier, _classification),
+                                             (MLPRegressor, _regression)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fit_holds_numpys_blas_at_one_thread_and_restores_it(Estimator, data, dtype,
+                                                            monkeypatch):
+    # NumPy's OpenBLAS threads spin after a threaded call and fought ckpt's for the cores:
+    # during fit every BLAS but ckpt's runs on one thread, and gets its count back after.
+    from threadpoolctl import threadpool_limits
+    from ckpt.checkpoint import SegmentCheckpointer
+    seen = []
+    forward = SegmentCheckpointer.forward
+
+    def observed_forward(self, *args, **kwargs):
+        seen.append(_blas_threads_by_library())
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(SegmentCheckpointer, "forward", observed_forward)
+    X, y = data()
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = _blas_threads_by_library()
+        if not before["others"] or max(before["others"]) < 2:
+            pytest.skip("NumPy's BLAS cannot run 2 threads here (one CPU?)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            model = Estimator(hidden_layer_sizes=(8,), max_iter=2, batch_size=40, dtype=dtype,
+                              n_threads=2).fit(X, y)
+        assert _blas_threads_by_library() == before
+        model.predict(X)
+        assert _blas_threads_by_library() == before
+    assert len(seen) >= 2
+    for during in seen:
+        assert during["others"] == [1] * len(before["others"])
+        assert during["ckpt"] == 2
 
 
 def test_importing_ckpt_does_not_import_scikit_learn():

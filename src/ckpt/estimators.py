@@ -19,6 +19,7 @@ scikit-learn (>= 1.6) is needed only here: ``pip install 'ckpt-cpu[sklearn]'``.
 from __future__ import annotations
 
 import numbers
+import os
 import re
 import sys
 import warnings
@@ -26,6 +27,7 @@ from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import scipy_openblas32
 
 _SKLEARN_EXTRA = "pip install 'ckpt-cpu[sklearn]'"
 try:
@@ -38,6 +40,7 @@ try:
     from sklearn.utils import check_random_state, column_or_1d, gen_batches, shuffle
     from sklearn.utils.multiclass import check_classification_targets, type_of_target, unique_labels
     from sklearn.utils.validation import check_is_fitted, validate_data
+    from threadpoolctl import ThreadpoolController
 except ImportError as exc:  # scikit-learn missing, or older than 1.6 (no validate_data)
     raise ImportError(f"ckpt.MLPClassifier and ckpt.MLPRegressor need scikit-learn >= 1.6 "
                       f"({exc}); install it with: {_SKLEARN_EXTRA}") from exc
@@ -124,6 +127,24 @@ def _blas_threads(n_threads: Optional[int]) -> Iterator[None]:
         yield
     finally:
         _core.set_num_threads(previous)
+
+
+def _other_blas() -> ThreadpoolController:
+    """threadpoolctl's controller of the BLAS libraries loaded in the process other than ckpt's
+    own OpenBLAS (the ``scipy_openblas32`` wheel's): NumPy's, SciPy's.
+
+    ``fit`` holds them at one thread. Their OpenBLAS threads busy-wait for a while after each
+    threaded call: one NumPy call per mini-batch (``np.dot`` in the L2 term, before
+    ``_squared_weights`` avoided BLAS) kept a NumPy thread spinning through the whole fit, and
+    ckpt's 2-thread float64 fits ran 3-4x slower than 1-thread ones. The fit loop makes no
+    NumPy BLAS call now; the limit keeps any other (scikit-learn's helpers, a subclass) from
+    waking a competing pool.
+    """
+    ours = os.path.realpath(scipy_openblas32.get_lib_dir()) + os.sep
+    controller = ThreadpoolController()
+    return controller.select(filepath=[
+        lib.filepath for lib in controller.lib_controllers
+        if lib.user_api == "blas" and not os.path.realpath(lib.filepath).startswith(ours)])
 
 
 # ------------------------------------------------------------------------------ optimizers
@@ -455,7 +476,7 @@ class _BaseMLP(BaseEstimator):
             self._check_network(p, units)
         if not incremental or not hasattr(self, "_optimizer"):
             self._optimizer = self._new_optimizer(p)
-        with _blas_threads(p["n_threads"]):
+        with _other_blas().limit(limits=1), _blas_threads(p["n_threads"]):
             self._model.set_training(True)
             self._fit_stochastic(p, X, Y, labels, sample_weight, incremental)
             self._model.set_training(False)
@@ -513,7 +534,8 @@ class _BaseMLP(BaseEstimator):
                         grad = grads[rows] = np.empty((rows, Y.shape[1]), X.dtype)
                     output = self._model.forward(X[idx])
                     loss = _core.output_loss_kernel(output, Y[idx], w, grad, code)
-                    loss += 0.5 * p["alpha"] * self._squared_weights() / weight
+                    if p["alpha"]:
+                        loss += 0.5 * p["alpha"] * self._squared_weights() / weight
                     self._model.zero_grad()
                     self._model.backward(grad, input_grad=False)
                     optimizer.step(p["alpha"] / weight)
@@ -548,10 +570,15 @@ class _BaseMLP(BaseEstimator):
                 np.copyto(target, best)
 
     def _squared_weights(self) -> float:
+        """||W||^2 over the weights, for the L2 term of the loss (once per mini-batch).
+
+        einsum's own loop, not np.dot: np.dot would run NumPy's OpenBLAS, whose ddot is
+        threaded above 10,000 elements, and its threads would then spin against ckpt's.
+        """
         total = 0.0
         for coef in self.coefs_:
             flat = coef.reshape(-1)
-            total += float(np.dot(flat, flat))
+            total += float(np.einsum("i,i->", flat, flat))
         return total
 
     def _update_no_improvement_count(self, p: Dict[str, Any], X_val: Optional[np.ndarray],
