@@ -8,6 +8,10 @@ and a RUNPATH of exactly ``$ORIGIN/../scipy_openblas32/lib``: every ``-rpath`` i
 (sysconfig's LDFLAGS put the interpreter's library folder there) and the ``-L`` to the interpreter's
 own folders are filtered out.
 
+Every build compiles without floating-point contraction (``-ffp-contract=off``: no fused
+multiply-add): the AVX-512 copies of the elementwise kernels (``src/ckpt/_simd.h``) could fuse
+where the baseline copy cannot, and every copy must compute the same values.
+
 Set ``CKPT_DEBUG_CYTHON=1`` for a debug build: bounds, wraparound and initialisation checks back on,
 and ``-g -Og`` so gdb can step through the kernels.
 """
@@ -41,11 +45,11 @@ HOST_SPECIFIC = ("-march=native", "-mtune=native", "-mcpu=native")
 
 if DEBUG:
     # -O3 from the interpreter's flags comes first; the last -O wins.
-    COMPILE_ARGS = ["-g", "-Og"]
+    COMPILE_ARGS = ["-g", "-Og", "-ffp-contract=off"]
     LINK_ARGS = []
 else:
     # No errno from libm: lets gcc vectorise sqrt/exp loops; ckpt never reads errno.
-    COMPILE_ARGS = ["-O3", "-fno-math-errno", "-g0"]
+    COMPILE_ARGS = ["-O3", "-fno-math-errno", "-ffp-contract=off", "-g0"]
     LINK_ARGS = ["-Wl,--strip-debug"]
 
 
@@ -145,6 +149,8 @@ extensions = [
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
         extra_compile_args=COMPILE_ARGS,
         extra_link_args=LINK_ARGS,
+        # Rebuild when a header changes (_simd.h includes _simd_kernels.h, which Cython never sees).
+        depends=[str(h.relative_to(here)) for h in sorted((here / "src" / "ckpt").glob("*.h"))],
     )
     for pyx in sorted((here / "src" / "ckpt").glob("*.pyx"))
 ]
