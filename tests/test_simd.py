@@ -9,6 +9,7 @@ and that only the dispatched AVX copies contain AVX instructions (the wheel stay
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -374,3 +375,12 @@ def test_avx_instructions_only_in_the_dispatched_copies():
     assert "ymm" in vector_width.get("avx2", ())
     assert "zmm" not in vector_width.get("avx2", ())
     assert "zmm" in vector_width.get("avx512", ())
+
+
+def test_ckpt_train_json_reports_the_variant(capsys):
+    from ckpt.cli import main
+
+    _core._set_simd("baseline")
+    assert main(["train", "--epochs", "1", "--depth", "2", "--width", "8", "--json"]) == 0
+    results = json.loads(capsys.readouterr()[0].strip().splitlines()[-1])
+    assert results["simd"] == "baseline"
