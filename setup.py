@@ -10,7 +10,11 @@ own folders are filtered out.
 
 Every build compiles without floating-point contraction (``-ffp-contract=off``: no fused
 multiply-add): the AVX-512 copies of the elementwise kernels (``src/ckpt/_simd.h``) could fuse
-where the baseline copy cannot, and every copy must compute the same values.
+where the baseline copy cannot, and every copy must compute the same values. Nor does any build
+keep floating-point exceptions observable (``-fno-trapping-math``; ckpt never reads the FP
+status flags, and the values are the same): otherwise gcc may not compute a product before
+knowing it is wanted, and ``g * (v > 0 ? 1 : alpha)`` (the ReLU delta) becomes a branch per
+value, mispredicted on every other one.
 
 Set ``CKPT_DEBUG_CYTHON=1`` for a debug build: bounds, wraparound and initialisation checks back on,
 and ``-g -Og`` so gdb can step through the kernels.
@@ -45,11 +49,11 @@ HOST_SPECIFIC = ("-march=native", "-mtune=native", "-mcpu=native")
 
 if DEBUG:
     # -O3 from the interpreter's flags comes first; the last -O wins.
-    COMPILE_ARGS = ["-g", "-Og", "-ffp-contract=off"]
+    COMPILE_ARGS = ["-g", "-Og", "-ffp-contract=off", "-fno-trapping-math"]
     LINK_ARGS = []
 else:
     # No errno from libm: lets gcc vectorise sqrt/exp loops; ckpt never reads errno.
-    COMPILE_ARGS = ["-O3", "-fno-math-errno", "-ffp-contract=off", "-g0"]
+    COMPILE_ARGS = ["-O3", "-fno-math-errno", "-ffp-contract=off", "-fno-trapping-math", "-g0"]
     LINK_ARGS = ["-Wl,--strip-debug"]
 
 
