@@ -342,6 +342,7 @@ FUNCTION = re.compile(r"^[0-9a-f]+ <(.+)>:$")
 # legacy ones that do too are the segment-verification instructions verr/verw.
 AVX_INSTRUCTION = re.compile(r"^\s*[0-9a-f]+:\s+(v(?!err|erw)\w+)|%[yz]mm\d|%k[0-7]\b")
 FMA_INSTRUCTION = re.compile(r"^\s*[0-9a-f]+:\s+vf(n?)m(add|sub)")
+PACKED_SSE = re.compile(r"^\s*[0-9a-f]+:\s+(add|sub|mul)p[sd]\s")
 
 
 def _disassembly(path):
@@ -353,11 +354,13 @@ def _disassembly(path):
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump (binutils)")
 def test_avx_instructions_only_in_the_dispatched_copies():
     """No function of ckpt's extensions uses AVX unless it is an _avx2 / _avx512 copy of a
-    kernel (what a -march=native build would break); those do use the wide registers; and no
+    kernel (what a -march=native build would break); those do, with the wide registers when the
+    build vectorises (the baseline copies use packed SSE: not so under -Og or ASan); and no
     function fuses multiply-add (the build has -ffp-contract=off)."""
     from ckpt import _planner
 
     vector_width = {}
+    baseline_packed = False
     for module in (_core, _planner):
         function = None
         for line in _disassembly(module.__file__).splitlines():
@@ -365,6 +368,8 @@ def test_avx_instructions_only_in_the_dispatched_copies():
             if match:
                 function = match.group(1)
                 continue
+            if re.search(r"_baseline\b", function or "") and PACKED_SSE.search(line):
+                baseline_packed = True
             assert not FMA_INSTRUCTION.search(line), f"{function} contracts: {line.strip()}"
             if AVX_INSTRUCTION.search(line):
                 copy = re.search(r"_(avx2|avx512)\b", function or "")
@@ -372,9 +377,11 @@ def test_avx_instructions_only_in_the_dispatched_copies():
                               f"of a kernel, has an AVX instruction: {line.strip()}")
                 vector_width.setdefault(copy.group(1), set()).update(
                     re.findall(r"%([yz]mm)", line))
-    assert "ymm" in vector_width.get("avx2", ())
-    assert "zmm" not in vector_width.get("avx2", ())
-    assert "zmm" in vector_width.get("avx512", ())
+    assert set(vector_width) == {"avx2", "avx512"}
+    assert "zmm" not in vector_width["avx2"]
+    if baseline_packed:
+        assert "ymm" in vector_width["avx2"]
+        assert "zmm" in vector_width["avx512"]
 
 
 def test_ckpt_train_json_reports_the_variant(capsys):
