@@ -8,6 +8,14 @@ and a RUNPATH of exactly ``$ORIGIN/../scipy_openblas32/lib``: every ``-rpath`` i
 (sysconfig's LDFLAGS put the interpreter's library folder there) and the ``-L`` to the interpreter's
 own folders are filtered out.
 
+Every build compiles without floating-point contraction (``-ffp-contract=off``: no fused
+multiply-add): the AVX-512 copies of the elementwise kernels (``src/ckpt/_simd.h``) could fuse
+where the baseline copy cannot, and every copy must compute the same values. Nor does any build
+keep floating-point exceptions observable (``-fno-trapping-math``; ckpt never reads the FP
+status flags, and the values are the same): otherwise gcc may not compute a product before
+knowing it is wanted, and ``g * (v > 0 ? 1 : alpha)`` (the ReLU delta) becomes a branch per
+value, mispredicted on every other one.
+
 Set ``CKPT_DEBUG_CYTHON=1`` for a debug build: bounds, wraparound and initialisation checks back on,
 and ``-g -Og`` so gdb can step through the kernels.
 """
@@ -41,11 +49,11 @@ HOST_SPECIFIC = ("-march=native", "-mtune=native", "-mcpu=native")
 
 if DEBUG:
     # -O3 from the interpreter's flags comes first; the last -O wins.
-    COMPILE_ARGS = ["-g", "-Og"]
+    COMPILE_ARGS = ["-g", "-Og", "-ffp-contract=off", "-fno-trapping-math"]
     LINK_ARGS = []
 else:
     # No errno from libm: lets gcc vectorise sqrt/exp loops; ckpt never reads errno.
-    COMPILE_ARGS = ["-O3", "-fno-math-errno", "-g0"]
+    COMPILE_ARGS = ["-O3", "-fno-math-errno", "-ffp-contract=off", "-fno-trapping-math", "-g0"]
     LINK_ARGS = ["-Wl,--strip-debug"]
 
 
@@ -145,6 +153,8 @@ extensions = [
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
         extra_compile_args=COMPILE_ARGS,
         extra_link_args=LINK_ARGS,
+        # Rebuild when a header changes (_simd.h includes _simd_kernels.h, which Cython never sees).
+        depends=[str(h.relative_to(here)) for h in sorted((here / "src" / "ckpt").glob("*.h"))],
     )
     for pyx in sorted((here / "src" / "ckpt").glob("*.pyx"))
 ]

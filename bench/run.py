@@ -749,6 +749,7 @@ def main(argv=None) -> dict:
             "contender_env": {k: v["env"] for k, v in infos.items()},
             "blas_summary": "; ".join(blas),
             "gemm_peak_gflops": peak.get("gflops"), "gemm_peak_n": n_peak,
+            "ckpt_simd": infos["ckpt"]["info"]["ckpt_simd"],
             "elapsed_seconds": None,
         },
         "workloads": [w.as_dict() for w in chosen],

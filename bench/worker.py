@@ -92,7 +92,8 @@ class CkptContender(Contender):
         import ckpt
         d = super().info()
         d.update({"ckpt": ckpt.__version__, "ckpt_file": ckpt.__file__,
-                  "ckpt_blas_threads": ckpt.get_num_threads()})
+                  "ckpt_blas_threads": ckpt.get_num_threads(),
+                  "ckpt_simd": ckpt.simd_variant()})
         return d
 
     def prepare(self, w, k, variant):

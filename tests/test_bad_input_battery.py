@@ -865,8 +865,10 @@ if hasattr(ckpt, "threading_mode"):  # the threads branch's context manager (iss
     COVERAGE["threading_mode"] = threading_mode_cases()
     COVERAGE["get_threading_mode"] = NoInput("takes no arguments")
 
+COVERAGE["simd_variant"] = NoInput("takes no arguments")
+
 STRATEGIES = {name: s for name, s in COVERAGE.items() if not isinstance(s, NoInput)}
-NO_ARGUMENTS = {"get_num_threads", "get_threading_mode"}
+NO_ARGUMENTS = {"get_num_threads", "get_threading_mode", "simd_variant"}
 
 
 def test_every_public_name_is_covered():

@@ -52,6 +52,7 @@ def test_json_rows(quick_run):
     meta = res["meta"]
     assert meta["quick"] is True and meta["threads"] >= 1
     assert meta["contenders"]["ckpt"]["threadpool_info"], "threadpoolctl info is recorded"
+    assert meta["ckpt_simd"] in ("baseline", "avx2", "avx512")
     expected_contenders = {"ckpt", "numpy", "torch"}
     for w in wl.QUICK:
         for k in w.intervals:

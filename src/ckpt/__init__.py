@@ -6,7 +6,7 @@ memory falls from O(N) to O(sqrt(N)) for N layers, for about one extra forward p
 # Preload the OpenBLAS of the scipy-openblas32 wheel before the extension that links to it.
 import scipy_openblas32  # noqa: F401
 
-from ckpt._core import get_num_threads, set_num_threads
+from ckpt._core import get_num_threads, set_num_threads, simd_variant
 from ckpt.checkpoint import CheckpointedLayer, CheckpointStateError, SegmentCheckpointer
 from ckpt.io import ModelFileError, load, load_model, save
 from ckpt.costs import ChainCosts, ElementCost
@@ -62,6 +62,7 @@ __all__ = [
     "predict",
     "save",
     "set_num_threads",
+    "simd_variant",
     "softmax_cross_entropy",
     "threading_mode",
     "__version__",

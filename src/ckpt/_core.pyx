@@ -4,10 +4,10 @@
 #
 # Each kernel has two layers (as in scikit-learn's _cython_blas): a `noexcept nogil` function on raw
 # pointers, and a thin wrapper that validates shapes with the GIL held, then releases it.
-# The pure-NumPy twin of every kernel is ckpt._reference.
+# The pure-NumPy twin of every kernel is ckpt._reference. The elementwise loops are C
+# (_simd_kernels.h), compiled for several instruction sets and chosen at run time (_simd.h).
 
 from cython cimport floating
-from libc.math cimport exp, expm1, log1p, tanh, erf, fabs, M_SQRT1_2
 from libc.stdint cimport int64_t
 from libc.limits cimport INT_MAX
 from libc.string cimport memset
@@ -18,23 +18,21 @@ from ._blas cimport (
     scipy_cblas_sgemm, scipy_cblas_dgemm,
     scipy_openblas_set_num_threads, scipy_openblas_get_num_threads, scipy_openblas_get_config,
 )
+from ._simd cimport (
+    ACT_IDENTITY, ACT_RELU, ACT_LEAKY_RELU, ACT_TANH, ACT_SIGMOID, ACT_GELU, ACT_SOFTPLUS,
+    ACT_COUNT, SIMD_COUNT, ckpt_simd_kernels, ckpt_simd_supported, ckpt_simd_best,
+    ckpt_simd_select, ckpt_simd_active, ckpt_simd_name,
+)
 
 import numbers
+import os
+import warnings
 
 import numpy as np
 
 # --------------------------------------------------------------------------------------------
 # Activations
 # --------------------------------------------------------------------------------------------
-
-cdef enum:
-    ACT_IDENTITY = 0
-    ACT_RELU = 1
-    ACT_LEAKY_RELU = 2
-    ACT_TANH = 3
-    ACT_SIGMOID = 4
-    ACT_GELU = 5
-    ACT_SOFTPLUS = 6
 
 ACTIVATION_CODES = {
     None: ACT_IDENTITY,
@@ -49,50 +47,7 @@ ACTIVATION_CODES = {
 # GELU's derivative is not a function of its output, so its backward needs the pre-activation.
 NEEDS_PREACTIVATION = frozenset({ACT_GELU})
 
-cdef double INV_SQRT_2PI = 0.3989422804014327
-
-
-cdef inline floating _activate(floating z, int act, floating alpha) noexcept nogil:
-    """y = act(z)"""
-    cdef double e
-    # Written as `z <= 0` so that NaN propagates, as np.maximum does.
-    if act == ACT_RELU:
-        return 0 if z <= 0 else z
-    if act == ACT_LEAKY_RELU:
-        return alpha * z if z <= 0 else z
-    if act == ACT_TANH:
-        return <floating>tanh(z)
-    if act == ACT_SIGMOID:
-        # Two branches so exp never overflows.
-        if z >= 0:
-            return <floating>(1.0 / (1.0 + exp(-z)))
-        e = exp(z)
-        return <floating>(e / (1.0 + e))
-    if act == ACT_GELU:
-        # Exact GELU, z * Phi(z) with the normal CDF (PyTorch's approximate='none').
-        return <floating>(0.5 * z * (1.0 + erf(z * M_SQRT1_2)))
-    if act == ACT_SOFTPLUS:
-        # log(1 + e^z) = max(z, 0) + log1p(e^-|z|), stable for any z.
-        return <floating>((z if z > 0 else 0) + log1p(exp(-fabs(z))))
-    return z
-
-
-cdef inline floating _derivative(floating v, int act, floating alpha) noexcept nogil:
-    """act'(z), from v = act(z) (the output), or from v = z for GELU."""
-    if act == ACT_RELU:
-        return 1 if v > 0 else 0
-    if act == ACT_LEAKY_RELU:
-        return 1 if v > 0 else alpha
-    if act == ACT_TANH:
-        return 1 - v * v
-    if act == ACT_SIGMOID:
-        return v * (1 - v)
-    if act == ACT_GELU:
-        return <floating>(0.5 * (1.0 + erf(v * M_SQRT1_2)) + v * INV_SQRT_2PI * exp(-0.5 * v * v))
-    if act == ACT_SOFTPLUS:
-        # softplus' = sigmoid(z) = 1 - e^-y; expm1 keeps it accurate for tiny y.
-        return <floating>(-expm1(-v))
-    return 1
+# The codes, each activation's forward and its derivative are in _simd_kernels.h, side by side.
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,27 +68,11 @@ cdef inline void _gemm(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, Py_ssize_t m, Py_
 
 cdef void _bias_activate(floating *y, const floating *b, Py_ssize_t m, Py_ssize_t n, int act,
                          floating alpha) noexcept nogil:
-    """y = act(y + b), one pass. The activation is chosen once, outside the loops, so that the
-    common cases compile to branch-free loops gcc can vectorise."""
-    cdef Py_ssize_t i, j
-    cdef floating *row
-    cdef floating z
-    for i in range(m):
-        row = y + i * n
-        if act == ACT_IDENTITY:
-            for j in range(n):
-                row[j] = row[j] + b[j]
-        elif act == ACT_RELU:
-            for j in range(n):
-                z = row[j] + b[j]
-                row[j] = 0 if z <= 0 else z   # NaN stays NaN, as with np.maximum
-        elif act == ACT_LEAKY_RELU:
-            for j in range(n):
-                z = row[j] + b[j]
-                row[j] = alpha * z if z <= 0 else z
-        else:
-            for j in range(n):
-                row[j] = _activate(row[j] + b[j], act, alpha)
+    """y = act(y + b), one pass."""
+    if floating is float:
+        ckpt_simd_kernels().bias_activate_f(y, b, m, n, act, alpha)
+    else:
+        ckpt_simd_kernels().bias_activate_d(y, b, m, n, act, alpha)
 
 
 cdef void dense_forward_ptr(const floating *x, const floating *w, const floating *b, floating *y,
@@ -155,36 +94,20 @@ cdef void dense_preactivation_ptr(const floating *x, const floating *w, const fl
 
 cdef void _delta(const floating *g, const floating *v, floating *d, Py_ssize_t size, int act,
                  floating alpha) noexcept nogil:
-    """d = g * act'(v), elementwise; d may alias g or v. Branch-free for the ReLU family, and a
-    true product (NaN in g stays NaN, as in the reference)."""
-    cdef Py_ssize_t i
-    cdef floating one = 1, zero = 0
-    if act == ACT_RELU:
-        for i in range(size):
-            d[i] = g[i] * (one if v[i] > 0 else zero)
-    elif act == ACT_LEAKY_RELU:
-        for i in range(size):
-            d[i] = g[i] * (one if v[i] > 0 else alpha)
-    elif act == ACT_TANH:
-        for i in range(size):
-            d[i] = g[i] * (1 - v[i] * v[i])
-    elif act == ACT_SIGMOID:
-        for i in range(size):
-            d[i] = g[i] * (v[i] * (1 - v[i]))
+    """d = g * act'(v), elementwise; d may alias g or v."""
+    if floating is float:
+        ckpt_simd_kernels().delta_f(g, v, d, size, act, alpha)
     else:
-        for i in range(size):
-            d[i] = g[i] * _derivative(v[i], act, alpha)
+        ckpt_simd_kernels().delta_d(g, v, d, size, act, alpha)
 
 
 cdef void _column_sums(const floating *d, floating *gb, Py_ssize_t m,
                        Py_ssize_t n) noexcept nogil:
-    """gb += d.sum(axis=0), row after row (a vectorisable inner loop)."""
-    cdef Py_ssize_t i, j
-    cdef const floating *row
-    for i in range(m):
-        row = d + i * n
-        for j in range(n):
-            gb[j] += row[j]
+    """gb += d.sum(axis=0), row after row."""
+    if floating is float:
+        ckpt_simd_kernels().column_sums_f(d, gb, m, n)
+    else:
+        ckpt_simd_kernels().column_sums_d(d, gb, m, n)
 
 
 cdef void dense_backward_ptr(const floating *x, const floating *w, const floating *g,
@@ -219,7 +142,7 @@ cdef int _check_blas_dim(Py_ssize_t value, str what) except -1:
 
 
 cdef int _check_act(int act, double alpha) except -1:
-    if act < ACT_IDENTITY or act > ACT_SOFTPLUS:
+    if act < 0 or act >= ACT_COUNT:
         raise ValueError(f"unknown activation code {act}")
     return 0
 
@@ -294,9 +217,10 @@ def dense_backward(const floating[:, ::1] x, const floating[:, ::1] w, const flo
 
 cdef void sgd_step_ptr(floating *p, const floating *g, Py_ssize_t n, floating lr) noexcept nogil:
     """p -= lr * g"""
-    cdef Py_ssize_t i
-    for i in range(n):
-        p[i] -= lr * g[i]
+    if floating is float:
+        ckpt_simd_kernels().sgd_step_f(p, g, n, lr)
+    else:
+        ckpt_simd_kernels().sgd_step_d(p, g, n, lr)
 
 
 def sgd_step(floating[::1] p, const floating[::1] g, double lr):
@@ -356,6 +280,69 @@ def set_num_threads(n):
 def pool_workers():
     """Worker threads ckpt's pool has started in this process (0 in a fresh fork)."""
     return ckpt_pool_workers()
+
+
+# --------------------------------------------------------------------------------------------
+# Instruction-set variants of the elementwise kernels (runtime CPU dispatch: see _simd.h)
+# --------------------------------------------------------------------------------------------
+
+SIMD_VARIANTS = tuple(ckpt_simd_name(v).decode("ascii") for v in range(SIMD_COUNT))
+
+
+def simd_variant():
+    """The instruction set ckpt's elementwise kernels run in: "baseline", "avx2" or "avx512".
+
+    The best the CPU supports unless the environment variable CKPT_SIMD, read at import, asks
+    for another. Every variant computes the same values.
+    """
+    return SIMD_VARIANTS[ckpt_simd_active()]
+
+
+def _supported_simd():
+    """The variants this CPU (and OS) can run, baseline first."""
+    return tuple(name for v, name in enumerate(SIMD_VARIANTS) if ckpt_simd_supported(v))
+
+
+def _set_simd(name):
+    """Run the elementwise kernels in the variant `name` from now on (for tests and benchmarks;
+    not while a step runs in another thread). ValueError if the CPU cannot run it."""
+    if name not in SIMD_VARIANTS:
+        raise ValueError(f"unknown SIMD variant {name!r}; the variants are "
+                         f"{', '.join(SIMD_VARIANTS)}")
+    if ckpt_simd_select(SIMD_VARIANTS.index(name)) != 0:
+        raise ValueError(f"this CPU cannot run the {name} variant; it supports "
+                         f"{', '.join(_supported_simd())}")
+
+
+def _choose_simd(value):
+    """The variant for the value of CKPT_SIMD (None when unset), and a warning or None.
+
+    Unset, empty or "auto": the best the CPU supports. A variant the CPU cannot run: the best it
+    can, with a warning (so that one setting can serve several machines). Any other value: a
+    ValueError, since a typo would otherwise go unnoticed.
+    """
+    best = SIMD_VARIANTS[ckpt_simd_best()]
+    name = (value or "").strip().lower()
+    if name in ("", "auto"):
+        return best, None
+    if name not in SIMD_VARIANTS:
+        raise ValueError(f"CKPT_SIMD={value!r} is not a SIMD variant: use one of "
+                         f"{', '.join(SIMD_VARIANTS)}, or auto (the same as unset: the best "
+                         f"the CPU supports)")
+    if name not in _supported_simd():
+        return best, (f"CKPT_SIMD={name}: this CPU cannot run {name}; ckpt's elementwise "
+                      f"kernels run in {best}, the best it supports")
+    return name, None
+
+
+def _apply_simd_environment():
+    name, warning = _choose_simd(os.environ.get("CKPT_SIMD"))
+    if warning is not None:
+        warnings.warn(warning, RuntimeWarning, stacklevel=2)
+    _set_simd(name)
+
+
+_apply_simd_environment()
 
 
 # --------------------------------------------------------------------------------------------

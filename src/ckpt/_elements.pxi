@@ -1,75 +1,28 @@
 # LayerNorm and Dropout kernels (included into _core.pyx), in the two layers of the Dense ones:
 # `noexcept nogil` functions on raw pointers, and memoryview wrappers that validate first.
-# Their NumPy twins are ckpt._reference.layernorm_* and ckpt._reference.dropout_*.
+# Their NumPy twins are ckpt._reference.layernorm_* and ckpt._reference.dropout_*. The loops are
+# in _simd_kernels.h, run in the variant _simd.h chose for this CPU.
 
-from libc.math cimport sqrt
 from libc.stdint cimport uint64_t
 from libc.string cimport memcpy
 
 cdef extern from "_rng.h" nogil:
     uint64_t ckpt_dropout_key(uint64_t seed, uint64_t stream)
-    uint64_t ckpt_dropout_bits(uint64_t key, uint64_t row, uint64_t column)
 
 
 # --------------------------------------------------------------------------------------------
 # LayerNorm (as PyTorch: biased variance, eps inside the square root)
 # --------------------------------------------------------------------------------------------
 
-# Row sums run in 8 interleaved double accumulators, added pairwise at the end: a fixed order
-# (results do not depend on alignment or timing) that breaks the add latency chain and lets
-# gcc vectorise the loops without -ffast-math.
-DEF LANES = 8
-
-
-cdef inline double _lanes_total(const double *acc) noexcept nogil:
-    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
-
-
-cdef inline void _row_stats(const floating *row, Py_ssize_t n, double eps, double *mean,
-                            double *rstd) noexcept nogil:
-    """Mean and 1 / sqrt(var + eps) of one row, two passes in double."""
-    cdef Py_ssize_t j, l, body = n - n % LANES
-    cdef double acc[LANES]
-    cdef double total, d, var
-    for l in range(LANES):
-        acc[l] = 0
-    for j in range(0, body, LANES):
-        for l in range(LANES):
-            acc[l] += row[j + l]
-    total = _lanes_total(acc)
-    for j in range(body, n):
-        total += row[j]
-    mean[0] = total / n
-    for l in range(LANES):
-        acc[l] = 0
-    for j in range(0, body, LANES):
-        for l in range(LANES):
-            d = row[j + l] - mean[0]
-            acc[l] += d * d
-    var = _lanes_total(acc)
-    for j in range(body, n):
-        d = row[j] - mean[0]
-        var += d * d
-    rstd[0] = 1.0 / sqrt(var / n + eps)
-
-
 cdef void layernorm_forward_ptr(const floating *x, const floating *gamma, const floating *beta,
                                 floating *y, Py_ssize_t m, Py_ssize_t n,
                                 double eps) noexcept nogil:
-    """y = (x - mean(x)) / sqrt(var(x) + eps) * gamma + beta, row by row."""
-    cdef Py_ssize_t i, j
-    cdef double mean, rstd
-    cdef floating mu, r
-    cdef const floating *row
-    cdef floating *out
-    for i in range(m):
-        row = x + i * n
-        out = y + i * n
-        _row_stats(row, n, eps, &mean, &rstd)
-        mu = <floating>mean
-        r = <floating>rstd
-        for j in range(n):
-            out[j] = (row[j] - mu) * r * gamma[j] + beta[j]
+    """y = (x - mean(x)) / sqrt(var(x) + eps) * gamma + beta, row by row; the statistics in
+    double, the sums in 8 interleaved accumulators added pairwise (a fixed order)."""
+    if floating is float:
+        ckpt_simd_kernels().layernorm_forward_f(x, gamma, beta, y, m, n, eps)
+    else:
+        ckpt_simd_kernels().layernorm_forward_d(x, gamma, beta, y, m, n, eps)
 
 
 cdef void layernorm_backward_ptr(const floating *x, const floating *gamma, const floating *g,
@@ -77,48 +30,10 @@ cdef void layernorm_backward_ptr(const floating *x, const floating *gamma, const
                                  Py_ssize_t n, double eps) noexcept nogil:
     """ggamma += sum(g * xhat); gbeta += sum(g); gx = rstd (g*gamma - mean(g*gamma)
     - xhat mean(g*gamma*xhat)) (skipped if gx is NULL). The statistics are recomputed from x."""
-    cdef Py_ssize_t i, j, l, body = n - n % LANES
-    cdef double mean, rstd, s1, s2, dxh
-    cdef double acc1[LANES]
-    cdef double acc2[LANES]
-    cdef floating mu, r, xh, a, b
-    cdef const floating *row
-    cdef const floating *grow
-    cdef floating *out
-    for i in range(m):
-        row = x + i * n
-        grow = g + i * n
-        _row_stats(row, n, eps, &mean, &rstd)
-        mu = <floating>mean
-        r = <floating>rstd
-        for j in range(n):
-            xh = (row[j] - mu) * r
-            ggamma[j] += grow[j] * xh
-            gbeta[j] += grow[j]
-        if gx == NULL:
-            continue
-        for l in range(LANES):
-            acc1[l] = 0
-            acc2[l] = 0
-        for j in range(0, body, LANES):
-            for l in range(LANES):
-                xh = (row[j + l] - mu) * r
-                dxh = grow[j + l] * gamma[j + l]
-                acc1[l] += dxh
-                acc2[l] += dxh * xh
-        s1 = _lanes_total(acc1)
-        s2 = _lanes_total(acc2)
-        for j in range(body, n):
-            xh = (row[j] - mu) * r
-            dxh = grow[j] * gamma[j]
-            s1 += dxh
-            s2 += dxh * xh
-        out = gx + i * n
-        a = <floating>(s1 / n)
-        b = <floating>(s2 / n)
-        for j in range(n):
-            xh = (row[j] - mu) * r
-            out[j] = r * (grow[j] * gamma[j] - a - xh * b)
+    if floating is float:
+        ckpt_simd_kernels().layernorm_backward_f(x, gamma, g, gx, ggamma, gbeta, m, n, eps)
+    else:
+        ckpt_simd_kernels().layernorm_backward_d(x, gamma, g, gx, ggamma, gbeta, m, n, eps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,17 +48,10 @@ cdef void dropout_ptr(const floating *src, floating *dst, Py_ssize_t m, Py_ssize
     A product, not a select, so NaN in a dropped value stays NaN (as in PyTorch). The same
     function applies the mask to the gradient in backward.
     """
-    cdef Py_ssize_t i, j
-    cdef uint64_t row
-    cdef const floating *s
-    cdef floating *d
-    for i in range(m):
-        row = <uint64_t>(row0 + i)
-        s = src + i * n
-        d = dst + i * n
-        for j in range(n):
-            d[j] = s[j] * (scale if ckpt_dropout_bits(key, row, <uint64_t>j) >= threshold
-                           else <floating>0)
+    if floating is float:
+        ckpt_simd_kernels().dropout_f(src, dst, m, n, key, row0, threshold, scale)
+    else:
+        ckpt_simd_kernels().dropout_d(src, dst, m, n, key, row0, threshold, scale)
 
 
 cdef inline uint64_t dropout_threshold(double p) noexcept nogil:

@@ -2,9 +2,11 @@
 #
 # Same two layers as the Dense kernels: a `noexcept nogil` function on raw pointers, and a
 # wrapper on typed memoryviews that checks sizes with the GIL held. Every kernel makes one pass
-# over its data; the pure-NumPy twins are in ckpt._reference_train.
+# over its data; the pure-NumPy twins are in ckpt._reference_train. The optimizers' loops are in
+# _simd_kernels.h (run in the variant _simd.h chose for this CPU); the losses stay here: their
+# time goes to libm's exp and log, the same in every variant.
 
-from libc.math cimport log, sqrt, sqrtf
+from libc.math cimport exp, log, sqrt
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,14 +104,12 @@ cdef void sgd_momentum_step_ptr(floating *p, const floating *g, floating *buf, P
     buf starts at zero, which makes the first step buf = d as in PyTorch; buf may be NULL when
     momentum is zero.
     """
-    cdef Py_ssize_t i
-    cdef floating d
-    for i in range(n):
-        d = g[i] + weight_decay * p[i]
-        if buf != NULL:
-            buf[i] = momentum * buf[i] + d
-            d = d + momentum * buf[i] if nesterov else buf[i]
-        p[i] -= lr * d
+    if floating is float:
+        ckpt_simd_kernels().sgd_momentum_step_f(p, g, buf, n, lr, momentum, weight_decay,
+                                                nesterov)
+    else:
+        ckpt_simd_kernels().sgd_momentum_step_d(p, g, buf, n, lr, momentum, weight_decay,
+                                                nesterov)
 
 
 cdef void adam_step_ptr(floating *p, const floating *g, floating *m, floating *v, Py_ssize_t n,
@@ -121,19 +121,12 @@ cdef void adam_step_ptr(floating *p, const floating *g, floating *m, floating *v
     s = lr / bc1 carries the first bias correction; f = 1 - lr wd is AdamW's decoupled decay
     (then wd = 0), and f = 1 for Adam.
     """
-    cdef Py_ssize_t i
-    cdef floating d, mi, vi, root
-    for i in range(n):
-        d = g[i] + weight_decay * p[i]
-        mi = beta1 * m[i] + (1 - beta1) * d
-        vi = beta2 * v[i] + (1 - beta2) * d * d
-        m[i] = mi
-        v[i] = vi
-        if floating is float:
-            root = sqrtf(vi)
-        else:
-            root = sqrt(vi)
-        p[i] = decay_factor * p[i] - step_size * mi / (root * inv_sqrt_bc2 + eps)
+    if floating is float:
+        ckpt_simd_kernels().adam_step_f(p, g, m, v, n, step_size, beta1, beta2, eps, inv_sqrt_bc2,
+                                        weight_decay, decay_factor)
+    else:
+        ckpt_simd_kernels().adam_step_d(p, g, m, v, n, step_size, beta1, beta2, eps, inv_sqrt_bc2,
+                                        weight_decay, decay_factor)
 
 
 def sgd_momentum_step(floating[::1] p, const floating[::1] g, floating[::1] buf, double lr,

@@ -455,6 +455,7 @@ def _train(args: argparse.Namespace, status: Dict[str, Any]) -> int:
         "parameter_count": model.parameter_count,
         "threads": get_num_threads(),
         "threads_mode": "split" if model.slices(batch) > 1 else "blas",
+        "simd": _core.simd_variant(),
     }
     saving = 1 - peak / peak_plain if peak_plain else 0.0
     print(f"test accuracy     {test['accuracy']:.2%}   (loss {test['loss']:.4f}; "
