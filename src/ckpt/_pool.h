@@ -34,16 +34,18 @@
 #define CKPT_POOL_MAX 256
 /* Polls of a worker for the next job (and of the caller for the end of one) before sleeping on
  * the condition variable, so that the phases of a step (forward, backward, reduction), which
- * follow each other within microseconds, skip the futex wake-up. The first CKPT_POOL_PAUSES
- * polls only pause the core (a few microseconds); the rest yield it (sched_yield), so that a
- * waiting thread never holds a core another runnable thread needs -- the pool's other thread
- * when the machine has fewer free cores than the pool has threads (a shared machine, another
- * process's BLAS threads spinning): spinning there cost the split step half its speed. */
+ * follow each other within microseconds, skip the futex wake-up. An idle worker only pauses
+ * the core for its first CKPT_POOL_PAUSES polls (a few microseconds), then yields it
+ * (sched_yield) at each poll, so that it never holds a core another runnable thread needs --
+ * the caller's, when the machine has fewer free cores than the pool has threads (a shared
+ * machine; another process's BLAS threads spinning): spinning there cost the split step half
+ * its speed. The caller, waiting for tasks a running worker claimed, only pauses: yielding
+ * would hand its core to another process for a whole time slice. */
 #define CKPT_POOL_SPIN 4000
 #define CKPT_POOL_PAUSES 200
 
-static inline void ckpt_pool_relax(int polls) {
-    if (polls >= CKPT_POOL_PAUSES) {
+static inline void ckpt_pool_relax(int polls, int pauses) {
+    if (polls >= pauses) {
         sched_yield();
         return;
     }
@@ -126,7 +128,7 @@ static void *ckpt_pool_worker(void *p) {
             pthread_mutex_unlock(&ckpt_pool.lock);
             for (spins = 0; spins < CKPT_POOL_SPIN
                  && __atomic_load_n(&ckpt_pool.generation, __ATOMIC_ACQUIRE) == seen; spins++)
-                ckpt_pool_relax(spins);
+                ckpt_pool_relax(spins, CKPT_POOL_PAUSES);
             pthread_mutex_lock(&ckpt_pool.lock);
             if (ckpt_pool.generation != seen)
                 break;
@@ -245,7 +247,7 @@ static int ckpt_pool_run(int n, ckpt_task fn, void *arg) {
     ckpt_pool_drain(generation, n, fn, arg);
     for (i = 0; i < CKPT_POOL_SPIN && __atomic_load_n(&ckpt_pool.pending, __ATOMIC_ACQUIRE) > 0;
          i++)
-        ckpt_pool_relax(i);
+        ckpt_pool_relax(i, CKPT_POOL_SPIN);
     pthread_mutex_lock(&ckpt_pool.lock);
     while (__atomic_load_n(&ckpt_pool.pending, __ATOMIC_ACQUIRE) > 0)
         pthread_cond_wait(&ckpt_pool.done, &ckpt_pool.lock);
