@@ -212,7 +212,7 @@ def test_the_auto_rule_depends_on_gemm_size_and_threads():
     small = SegmentCheckpointer([Dense(64, 64, dtype=np.float32, rng=0)], 1)
     assert big._typed_chain().max_dense_product == 1024 * 1024
     with ckpt.threading_mode("auto"):
-        assert small.slices(32) == 1
+        assert small.slices(8) == 1     # 8 x 64 x 64 is below SPLIT_MIN at any T
         assert small.slices(512) == min(512, ckpt.get_num_threads())
         assert big.slices(4096) == 1
 
