@@ -222,13 +222,12 @@ static inline int ckpt_pool_workers(void) {
 static int ckpt_pool_run(int n, ckpt_task fn, void *arg) {
     int i, have, blas = 0;
     unsigned long generation;
-    if (n <= 1 || pthread_mutex_trylock(&ckpt_pool.dispatch) != 0) {
+    if (n <= 1 || n >= (1 << CKPT_POOL_INDEX_BITS)
+            || pthread_mutex_trylock(&ckpt_pool.dispatch) != 0) {
         for (i = 0; i < n; i++)
             fn(arg, i);
         return 1;
     }
-    if (n > CKPT_POOL_MAX)
-        n = CKPT_POOL_MAX;
     blas = scipy_openblas_get_num_threads();
     __atomic_store_n(&ckpt_pool.saved_blas, blas, __ATOMIC_SEQ_CST);
     if (blas != 1)
