@@ -41,7 +41,9 @@ MODES = ("split", "blas", "auto")
 # claiming tasks and yielding (ckpt/_pool.h), on the shared machine at load average 2-6 (noisy;
 # 3 alternating rounds, one process per run, median step): small 1.25 ms split vs 1.86 blas
 # (paired ratio 0.67), medium 15.3 vs 14.1 (0.89-1.09), deep 126.6 vs 117.2 (0.93-1.11),
-# large 178 vs 177 (0.68-1.01): split does not yet win medium or deep.
+# large 178 vs 177 (0.68-1.01); at load average ~1.5, median paired split/blas ratios: small
+# 0.96, medium 1.02, deep 0.95, large 0.96 (the build before the fix: 1.12, 0.87, 1.24, 1.04).
+# Auto (blas on large) is thus level with blas within the noise, not shown faster on medium.
 DEFAULT_MODE = "blas"
 
 # The per-GEMM m*n*k (full batch) per thread between which "auto" splits the batch. From
