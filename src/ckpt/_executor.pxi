@@ -302,6 +302,7 @@ cdef class Chain:
     cdef Py_ssize_t m_total
     cdef void *copy_data    # the gradient copies of slices 1 .. n_slices - 1
     cdef Py_ssize_t copy_values
+    cdef bint copies_zero   # every copy is zero (the reduction clears what it adds)
     cdef void **copy_ptrs   # (max_slices - 1) x n_params pointers into copy_data
     cdef ckpt_interrupt intr    # Ctrl-C during the running phase (see _interrupt.h)
     cdef list _keep
@@ -405,6 +406,7 @@ cdef class Chain:
                 raise MemoryError()
             self.copy_data = grown
             self.copy_values = values
+            self.copies_zero = False
         grown = PyMem_Realloc(self.copy_ptrs, (max(n - 1, 1) * self.n_params + 1)
                               * sizeof(void *))
         if grown == NULL:
@@ -643,7 +645,8 @@ cdef class Chain:
         gradient value g is reduced as ((g + slice 0) + slice 1) + ... + slice T-1, in that
         order, whatever the timing (the reduction is itself split across the pool by value
         ranges, each value summed by one thread in that order). The copies are counted as
-        gradient bytes in the tracker while the backward runs.
+        gradient bytes in the tracker while the backward runs. The reduction also clears each
+        copy value it adds, so the copies start every step zero without a pass of their own.
         """
         cdef Py_ssize_t m = self.m_total, status, n = self.n_slices, k, start
         cdef Py_ssize_t n_in = self.table[0].n_in
@@ -670,6 +673,8 @@ cdef class Chain:
         if n > 1:
             self._reserve_copies(n)
         self._enter()
+        if n > 1 and not self.copies_zero:  # new, or a backward stopped before its reduction
+            memset(self.copy_data, 0, self.copy_values * itemsize)
         cdef char *g_ptr = <char *><Py_ssize_t>grad_output.ctypes.data
         cdef char *buf_ptr = <char *><Py_ssize_t>grad_buffers.ctypes.data
         cdef char *gin = NULL
@@ -688,7 +693,9 @@ cdef class Chain:
             sl.status = -1
         if c != NULL:
             ckpt_record_gradient(c, grad_bytes + copy_bytes)
+        self.copies_zero = n == 1
         status = self._dispatch(rows, True)
+        self.copies_zero = True     # the reduction (which always follows) cleared them
         if c != NULL:
             ckpt_release_gradient(c, grad_bytes + copy_bytes)
         self.busy = False
@@ -809,13 +816,10 @@ cdef class Chain:
 
 
 cdef void _phase_task(void *arg, int index) noexcept nogil:
-    """Pool task: run one slice's phase (zeroing its gradient copy first in backward)."""
+    """Pool task: run one slice's phase (in backward, slice s >= 1 accumulates into its
+    gradient copy, which the previous reduction left zero)."""
     cdef Job *job = <Job *>arg
     cdef Slice *sl = &job.slices[index]
-    cdef Py_ssize_t i, itemsize = 8 if job.is_double else 4
-    if job.backward and index > 0:
-        for i in range(job.n_params):
-            memset(sl.step.grads[i], 0, job.sizes[i] * itemsize)
     if job.is_double:
         sl.status = _run(job.table, job.n_elements, job.rows, job.n_rows, sl,
                          <double *>sl.arena)
@@ -827,7 +831,7 @@ cdef void _phase_task(void *arg, int index) noexcept nogil:
 cdef void _reduce_task(void *arg, int index) noexcept nogil:
     """Pool task: for the index-th of n_slices equal ranges of all the gradient values (in the
     order of the parameters), add the copies of slices 1, 2, ... into the real gradients, in
-    that order."""
+    that order, and clear those copy values for the next step."""
     cdef Job *job = <Job *>arg
     cdef Py_ssize_t lo = index * job.total // job.n_slices
     cdef Py_ssize_t hi = (index + 1) * job.total // job.n_slices
@@ -838,11 +842,13 @@ cdef void _reduce_task(void *arg, int index) noexcept nogil:
         if a < b:
             for s in range(1, job.n_slices):
                 if job.is_double:
-                    _add_into(<double *>job.grads[i] + a,
-                              <const double *>job.copies[(s - 1) * job.n_params + i] + a, b - a)
+                    _add_into_and_clear(<double *>job.grads[i] + a,
+                                        <double *>job.copies[(s - 1) * job.n_params + i] + a,
+                                        b - a)
                 else:
-                    _add_into(<float *>job.grads[i] + a,
-                              <const float *>job.copies[(s - 1) * job.n_params + i] + a, b - a)
+                    _add_into_and_clear(<float *>job.grads[i] + a,
+                                        <float *>job.copies[(s - 1) * job.n_params + i] + a,
+                                        b - a)
         at += job.sizes[i]
 
 
@@ -884,10 +890,13 @@ cdef void _zero_task(void *arg, int index) noexcept nogil:
         at += job.sizes[i]
 
 
-cdef inline void _add_into(floating *dst, const floating *src, Py_ssize_t n) noexcept nogil:
+cdef inline void _add_into_and_clear(floating *dst, floating *src,
+                                     Py_ssize_t n) noexcept nogil:
+    """dst += src, then src = 0"""
     cdef Py_ssize_t j
     for j in range(n):
         dst[j] += src[j]
+        src[j] = 0
 
 
 cdef Py_ssize_t _run(const Element *table, Py_ssize_t n_elements, const int64_t *rows,

@@ -1,9 +1,13 @@
 /* ckpt's persistent worker pool: plain pthreads, no OpenMP.
  *
- * ckpt_pool_run(n, fn, arg) runs fn(arg, 0) .. fn(arg, n - 1) and returns when all are done:
- * index 0 on the calling thread, index i >= 1 on worker i (started on first use, then kept,
- * polling briefly, then sleeping on a condition variable between jobs). Which thread runs which index is fixed, and
- * every task writes only its own data, so results never depend on timing.
+ * ckpt_pool_run(n, fn, arg) runs fn(arg, 0) .. fn(arg, n - 1) and returns when all are done,
+ * on the calling thread and up to n - 1 workers (started on first use, then kept, polling
+ * briefly, then sleeping on a condition variable between jobs). Each task writes only its own
+ * data, so results never depend on timing -- nor on which thread runs it: the threads claim
+ * indices in turn from one counter (ckpt_pool_claim), and the caller keeps claiming until none
+ * is left. A worker that is slow to wake, or that another process's thread holds off its core
+ * (a shared machine), therefore never stalls the job: the caller runs the task itself, instead
+ * of waiting a whole scheduler time slice for a fixed owner.
  *
  * One job at a time: a caller that finds the pool busy (another thread's job) runs its n tasks
  * itself, one after the other -- the same results, only slower. A task must not call
@@ -24,15 +28,27 @@
 #define CKPT_POOL_H
 
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 
 #define CKPT_POOL_MAX 256
 /* Polls of a worker for the next job (and of the caller for the end of one) before sleeping on
- * the condition variable: about 0.1-0.5 ms, so the phases of a step (forward, backward,
- * reduction), which follow each other within microseconds, skip the futex wake-up. */
-#define CKPT_POOL_SPIN 20000
+ * the condition variable, so that the phases of a step (forward, backward, reduction), which
+ * follow each other within microseconds, skip the futex wake-up. An idle worker only pauses
+ * the core for its first CKPT_POOL_PAUSES polls (a few microseconds), then yields it
+ * (sched_yield) at each poll, so that it never holds a core another runnable thread needs --
+ * the caller's, when the machine has fewer free cores than the pool has threads (a shared
+ * machine; another process's BLAS threads spinning): spinning there cost the split step half
+ * its speed. The caller, waiting for tasks a running worker claimed, only pauses: yielding
+ * would hand its core to another process for a whole time slice. */
+#define CKPT_POOL_SPIN 4000
+#define CKPT_POOL_PAUSES 200
 
-static inline void ckpt_pool_relax(void) {
+static inline void ckpt_pool_relax(int polls, int pauses) {
+    if (polls >= pauses) {
+        sched_yield();
+        return;
+    }
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();
 #elif defined(__aarch64__)
@@ -52,27 +68,58 @@ typedef struct {
     ckpt_task fn;
     void *arg;
     int n_tasks;
-    int pending;                /* worker tasks of this job not finished */
+    int pending;                /* tasks of this job not finished */
+    unsigned long claim;        /* (generation << 16) | the next index to hand out */
     int atfork_registered;
     int saved_blas;             /* OpenBLAS threads to restore after the job (0: no job) */
 } ckpt_pool_t;
 
 static ckpt_pool_t ckpt_pool = {
     PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER,
-    PTHREAD_MUTEX_INITIALIZER, 0, 0, 0, 0, 0, 0, 0, 0};
+    PTHREAD_MUTEX_INITIALIZER, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 
 typedef struct {
-    int index;
     unsigned long generation;   /* the generation when it was started: it waits for the next */
 } ckpt_worker_arg;
 
 static ckpt_worker_arg ckpt_worker_args[CKPT_POOL_MAX];
 
+#define CKPT_POOL_INDEX_BITS 16   /* > log2(CKPT_POOL_MAX) */
+
+/* The next unclaimed task index of job `generation` (n tasks), or -1 when none is left or the
+ * job is over. The claim word carries the generation, so a worker that read a job's fn and arg
+ * and was then held off until a later job began can never take that later job's index. */
+static inline int ckpt_pool_claim(unsigned long generation, int n) {
+    unsigned long word = __atomic_load_n(&ckpt_pool.claim, __ATOMIC_ACQUIRE);
+    for (;;) {
+        int index = (int)(word & ((1UL << CKPT_POOL_INDEX_BITS) - 1));
+        if (word >> CKPT_POOL_INDEX_BITS != (generation & (~0UL >> CKPT_POOL_INDEX_BITS))
+                || index >= n)
+            return -1;
+        if (__atomic_compare_exchange_n(&ckpt_pool.claim, &word, word + 1, 1, __ATOMIC_ACQ_REL,
+                                        __ATOMIC_ACQUIRE))
+            return index;
+    }
+}
+
+/* Run claimed tasks of the current job until none is left; lock not held. */
+static inline void ckpt_pool_drain(unsigned long generation, int n, ckpt_task fn, void *arg) {
+    int index;
+    while ((index = ckpt_pool_claim(generation, n)) >= 0) {
+        fn(arg, index);
+        if (__atomic_sub_fetch(&ckpt_pool.pending, 1, __ATOMIC_ACQ_REL) == 0) {
+            pthread_mutex_lock(&ckpt_pool.lock);
+            pthread_cond_signal(&ckpt_pool.done);
+            pthread_mutex_unlock(&ckpt_pool.lock);
+        }
+    }
+}
+
 static void *ckpt_pool_worker(void *p) {
-    int index = ((ckpt_worker_arg *)p)->index;
     unsigned long seen;
     ckpt_task fn;
     void *arg;
+    int n;
     pthread_mutex_lock(&ckpt_pool.lock);
     seen = ((ckpt_worker_arg *)p)->generation;
     int spins;
@@ -81,22 +128,19 @@ static void *ckpt_pool_worker(void *p) {
             pthread_mutex_unlock(&ckpt_pool.lock);
             for (spins = 0; spins < CKPT_POOL_SPIN
                  && __atomic_load_n(&ckpt_pool.generation, __ATOMIC_ACQUIRE) == seen; spins++)
-                ckpt_pool_relax();
+                ckpt_pool_relax(spins, CKPT_POOL_PAUSES);
             pthread_mutex_lock(&ckpt_pool.lock);
             if (ckpt_pool.generation != seen)
                 break;
             pthread_cond_wait(&ckpt_pool.wake, &ckpt_pool.lock);
         }
         seen = ckpt_pool.generation;
-        if (index >= ckpt_pool.n_tasks)
-            continue;           /* not part of this job */
         fn = ckpt_pool.fn;
         arg = ckpt_pool.arg;
+        n = ckpt_pool.n_tasks;
         pthread_mutex_unlock(&ckpt_pool.lock);
-        fn(arg, index);
+        ckpt_pool_drain(seen, n, fn, arg);
         pthread_mutex_lock(&ckpt_pool.lock);
-        if (__atomic_sub_fetch(&ckpt_pool.pending, 1, __ATOMIC_SEQ_CST) == 0)
-            pthread_cond_signal(&ckpt_pool.done);
     }
     return NULL;
 }
@@ -111,6 +155,7 @@ static void ckpt_pool_atfork_child(void) {
     ckpt_pool.generation = 0;
     ckpt_pool.n_tasks = 0;
     ckpt_pool.pending = 0;
+    ckpt_pool.claim = 0;
     ckpt_pool.fn = 0;
     ckpt_pool.arg = 0;
     __atomic_store_n(&ckpt_pool.saved_blas, 0, __ATOMIC_SEQ_CST);
@@ -133,7 +178,6 @@ static int ckpt_pool_grow(int n) {
     pthread_attr_init(&attr);
     pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
     while (ckpt_pool.n_workers < n - 1 && ckpt_pool.n_workers + 1 < CKPT_POOL_MAX) {
-        ckpt_worker_args[ckpt_pool.n_workers + 1].index = ckpt_pool.n_workers + 1;
         ckpt_worker_args[ckpt_pool.n_workers + 1].generation = ckpt_pool.generation;
         if (pthread_create(&thread, &attr, ckpt_pool_worker,
                            &ckpt_worker_args[ckpt_pool.n_workers + 1]) != 0)
@@ -173,46 +217,45 @@ static inline int ckpt_pool_workers(void) {
     return n;
 }
 
-/* Run fn(arg, i) for i in 0 .. n - 1; returns the number of threads that ran them (1 when the
- * pool was busy or n <= 1). */
+/* Run fn(arg, i) for i in 0 .. n - 1; returns the number of threads that could take them (1
+ * when the pool was busy or n <= 1; the caller plus the workers otherwise). */
 static int ckpt_pool_run(int n, ckpt_task fn, void *arg) {
-    int i, have, used, blas = 0;
-    if (n <= 1 || pthread_mutex_trylock(&ckpt_pool.dispatch) != 0) {
+    int i, have, blas = 0;
+    unsigned long generation;
+    if (n <= 1 || n >= (1 << CKPT_POOL_INDEX_BITS)
+            || pthread_mutex_trylock(&ckpt_pool.dispatch) != 0) {
         for (i = 0; i < n; i++)
             fn(arg, i);
         return 1;
     }
-    if (n > CKPT_POOL_MAX)
-        n = CKPT_POOL_MAX;
     blas = scipy_openblas_get_num_threads();
     __atomic_store_n(&ckpt_pool.saved_blas, blas, __ATOMIC_SEQ_CST);
     if (blas != 1)
         scipy_openblas_set_num_threads(1);
     pthread_mutex_lock(&ckpt_pool.lock);
     have = ckpt_pool_grow(n);
-    used = have + 1 < n ? have + 1 : n;   /* tasks the workers cannot take run here */
     ckpt_pool.fn = fn;
     ckpt_pool.arg = arg;
-    ckpt_pool.n_tasks = used;
-    __atomic_store_n(&ckpt_pool.pending, used - 1, __ATOMIC_SEQ_CST);
-    __atomic_add_fetch(&ckpt_pool.generation, 1, __ATOMIC_SEQ_CST);
-    pthread_cond_broadcast(&ckpt_pool.wake);
+    ckpt_pool.n_tasks = n;
+    __atomic_store_n(&ckpt_pool.pending, n, __ATOMIC_SEQ_CST);
+    generation = __atomic_add_fetch(&ckpt_pool.generation, 1, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&ckpt_pool.claim, generation << CKPT_POOL_INDEX_BITS, __ATOMIC_RELEASE);
+    if (have > 0)
+        pthread_cond_broadcast(&ckpt_pool.wake);
     pthread_mutex_unlock(&ckpt_pool.lock);
-    fn(arg, 0);
-    for (i = used; i < n; i++)
-        fn(arg, i);
+    ckpt_pool_drain(generation, n, fn, arg);
     for (i = 0; i < CKPT_POOL_SPIN && __atomic_load_n(&ckpt_pool.pending, __ATOMIC_ACQUIRE) > 0;
          i++)
-        ckpt_pool_relax();
+        ckpt_pool_relax(i, CKPT_POOL_SPIN);
     pthread_mutex_lock(&ckpt_pool.lock);
-    while (ckpt_pool.pending > 0)
+    while (__atomic_load_n(&ckpt_pool.pending, __ATOMIC_ACQUIRE) > 0)
         pthread_cond_wait(&ckpt_pool.done, &ckpt_pool.lock);
     pthread_mutex_unlock(&ckpt_pool.lock);
     blas = __atomic_exchange_n(&ckpt_pool.saved_blas, 0, __ATOMIC_SEQ_CST);
     if (blas != 1)
         scipy_openblas_set_num_threads(blas);
     pthread_mutex_unlock(&ckpt_pool.dispatch);
-    return used;
+    return have + 1 < n ? have + 1 : n;
 }
 
 #endif

@@ -19,6 +19,10 @@ Modes (``SegmentCheckpointer(threads_mode=...)``, or :func:`threading_mode` for 
   multiply-adds, else ``"blas"``. Both bounds were measured by ``bench/sweep_split.py``: below
   SPLIT_MIN per thread the slices are too small to pay for waking a second core (OpenBLAS then
   runs single-threaded anyway); above SPLIT_CROSSOVER OpenBLAS's own threads are efficient.
+
+The pool's threads claim the slices from one counter, so a slice runs on whichever thread is
+free first (the caller takes any a worker has not started): which thread runs a slice never
+changes what the slice computes, nor the reduction order above.
 """
 from __future__ import annotations
 
@@ -29,18 +33,29 @@ import os
 from typing import Iterator, Optional
 
 MODES = ("split", "blas", "auto")
-# "blas" until "auto" is shown to win on an idle machine: in bench/run.py on a quiet 2-core
-# machine, auto (which splits the medium workload) ran its step in 32.5 ms against 16.5 ms for
-# blas, while the sweep that set its bounds ran on a heavily loaded one.
+# "blas" until "auto" is shown to be at least as fast on every benchmark workload. In bench/run.py
+# on a 2-core machine, auto (which splits the medium workload) once ran its step in 32.5 ms
+# against 16.5 ms for blas; likely cause: the pool's threads spun for ~0.5 ms at each wait,
+# holding the core that the other slice needed whenever the machine had fewer free cores than
+# the pool had threads (other processes, or their BLAS threads still spinning). With the pool
+# claiming tasks and yielding (ckpt/_pool.h), on the shared machine at load average 2-6 (noisy;
+# 3 alternating rounds, one process per run, median step): small 1.25 ms split vs 1.86 blas
+# (paired ratio 0.67), medium 15.3 vs 14.1 (0.89-1.09), deep 126.6 vs 117.2 (0.93-1.11),
+# large 178 vs 177 (0.68-1.01); at load average ~1.5, median paired split/blas ratios: small
+# 0.96, medium 1.02, deep 0.95, large 0.96 (the build before the fix: 1.12, 0.87, 1.24, 1.04).
+# Auto (blas on large) is thus level with blas within the noise, not shown faster on medium.
 DEFAULT_MODE = "blas"
 
 # The per-GEMM m*n*k (full batch) per thread between which "auto" splits the batch. From
-# bench/sweep_split.py on the shared 2-core development machine (see README, "Threads"): split
-# lost at 65,536 per thread in every sweep and won from 262,144 on; BLAS threading is kept
-# above 64 Mi, where the issue measured OpenBLAS at 72-88% of the 2-core peak.
-SPLIT_MIN = 256 * 1024
+# bench/sweep_split.py on the shared 2-core development machine, after the pool fix above
+# (load average ~2; three sweeps, one with the build before it): split won at 65,536 per thread
+# (m 32, width 64: 1.26-1.34x), the smallest point, and at every width-64 and width-128 point;
+# it lost where the batch slices are thin against wide layers (m 32, width 256-1024: 0.60-0.87x;
+# the gradient copies and their reduction cost the width squared per slice), which a bound on
+# m*n*k cannot separate from the points it won at the same size. BLAS threading is kept above
+# 64 Mi, where the issue measured OpenBLAS at 72-88% of the 2-core peak.
+SPLIT_MIN = 64 * 1024
 SPLIT_CROSSOVER = 64 * 1024 * 1024
-
 
 
 def check_mode(mode: object, name: str = "threads_mode") -> str:
