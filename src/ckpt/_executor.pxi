@@ -695,7 +695,8 @@ cdef class Chain:
             ckpt_record_gradient(c, grad_bytes + copy_bytes)
         self.copies_zero = n == 1
         status = self._dispatch(rows, True)
-        self.copies_zero = True     # the reduction (which always follows) cleared them
+        # The reduction cleared them -- unless Ctrl-C stopped the phase before it ran.
+        self.copies_zero = status != INTERRUPTED
         if c != NULL:
             ckpt_release_gradient(c, grad_bytes + copy_bytes)
         self.busy = False
