@@ -790,10 +790,10 @@ def main(argv=None) -> dict:
             "elements than ckpt at the same segment count.",
             "resmlp: N = D + 3 chain elements (input projection, D blocks, LayerNorm, output "
             "Dense), k = floor(sqrt(N)). At k=1 every contender keeps every block's internals "
-            "(plain backprop). At k>1 ckpt keeps no internals: every block's backward rebuilds "
-            "its body (two more GEMMs per block), including blocks it has just recomputed in "
-            "the segment; NumPy and PyTorch keep the internals of the segment they recompute, "
-            "so they run fewer GEMMs (and hold more). BLAS eff. counts every Dense GEMM ckpt "
+            "(plain backprop). At k>1 every contender keeps the internals of the segment it "
+            "recomputes; ckpt's blocks whose outputs are the checkpoints later segments start "
+            "from keep only their output and rebuild their body in their backward (two more "
+            "GEMMs each, counted in extra GFLOP). BLAS eff. counts every Dense GEMM ckpt "
             "runs; LayerNorm, ReLU and skip additions are the rest of the step.",
             "Subnormal floats: counted in the output, gradients and parameters after the first "
             "and the last step; any found is flagged in the notes column.",

@@ -406,10 +406,16 @@ def test_fit_splits_in_auto_mode(threads):
 
 
 def test_parallel_update_and_zero_grad_match_one_thread(threads):
-    """sgd_update and zero_grad are cut across the pool for large parameters: the same values."""
+    """sgd_update and zero_grad are cut across the pool for large parameters after a split step
+    (never after a "blas" one, whose OpenBLAS threads hold the other cores): the same values."""
     layers = [Dense(2048, 1600, "relu", dtype=np.float32, rng=0),
               Dense(1600, 7, dtype=np.float32, rng=1)]
-    model = SegmentCheckpointer(layers, 1)
+    blas = SegmentCheckpointer(layers, 1, threads_mode="blas")
+    threads(2)
+    blas.forward(np.ones((4, 2048), np.float32))
+    blas.backward(np.ones((4, 7), np.float32))
+    assert blas._typed_chain().elementwise_slices == 1
+    model = SegmentCheckpointer(layers, 1, threads_mode="split")
     chain = model._typed_chain()
     rng = np.random.default_rng(0)
     for g in model.gradients():
@@ -420,6 +426,8 @@ def test_parallel_update_and_zero_grad_match_one_thread(threads):
     results = {}
     for t in (1, 2, 3):
         threads(t)
+        model.forward(np.ones((4, 2048), np.float32))    # a step split into min(t, 4) slices
+        model.discard()
         assert chain.elementwise_slices == min(t, chain.parameter_size // (1 << 20))
         for p, b in zip(model.params(), before):
             p[...] = b
