@@ -161,10 +161,11 @@ def test_forced_modes_and_the_context_manager(threads):
     model = SegmentCheckpointer(dense_chain(np.float32), 1)
     assert model.threads_mode is None
     assert ckpt.get_threading_mode() == DEFAULT_MODE == "blas"
-    assert model.slices(2048) == 1          # the default never splits
+    assert model.slices(1024) == 1          # the default never splits
     with ckpt.threading_mode("auto"):
         assert model.slices(10) == 1        # tiny GEMMs: auto keeps one slice
-        assert model.slices(2048) == 2      # 2048 x 24 x 24 >= SPLIT_MIN x 2: auto splits
+        assert model.slices(1024) == 2      # 1024 x 24 x 24 >= SPLIT_MIN x 2: auto splits
+        assert model.slices(4096) == 1      # 4096 x 24 x 24 > SPLIT_CROSSOVER x 2: BLAS
     with ckpt.threading_mode("blas") as mode:
         assert mode == "blas" and ckpt.get_threading_mode() == "blas"
         assert model.slices(10) == 1
@@ -213,7 +214,7 @@ def test_the_auto_rule_depends_on_gemm_size_and_threads():
     assert big._typed_chain().max_dense_product == 1024 * 1024
     with ckpt.threading_mode("auto"):
         assert small.slices(8) == 1     # 8 x 64 x 64 is below SPLIT_MIN at any T
-        assert small.slices(512) == min(512, ckpt.get_num_threads())
+        assert small.slices(128) == min(128, ckpt.get_num_threads())
         assert big.slices(4096) == 1
 
 

@@ -33,29 +33,25 @@ import os
 from typing import Iterator, Optional
 
 MODES = ("split", "blas", "auto")
-# "blas" until "auto" is shown to be at least as fast on every benchmark workload. In bench/run.py
-# on a 2-core machine, auto (which splits the medium workload) once ran its step in 32.5 ms
-# against 16.5 ms for blas; likely cause: the pool's threads spun for ~0.5 ms at each wait,
-# holding the core that the other slice needed whenever the machine had fewer free cores than
-# the pool had threads (other processes, or their BLAS threads still spinning). With the pool
-# claiming tasks and yielding (ckpt/_pool.h), on the shared machine at load average 2-6 (noisy;
-# 3 alternating rounds, one process per run, median step): small 1.25 ms split vs 1.86 blas
-# (paired ratio 0.67), medium 15.3 vs 14.1 (0.89-1.09), deep 126.6 vs 117.2 (0.93-1.11),
-# large 178 vs 177 (0.68-1.01); at load average ~1.5, median paired split/blas ratios: small
-# 0.96, medium 1.02, deep 0.95, large 0.96 (the build before the fix: 1.12, 0.87, 1.24, 1.04).
-# Auto (blas on large) is thus level with blas within the noise, not shown faster on medium.
+# "blas" until "auto" is shown to be at least as fast on every benchmark workload. With the
+# crossover below, auto splits only small among them, and there the evidence disagrees: on an
+# idle 2-core machine (2026-12-01) bench/sweep_split.py had split 1.20x faster at small's size
+# (m 32, width 64), and one bench/run.py split small's step in 1.47 ms against 1.80 ms for blas,
+# but two runs of `bench/run.py --workloads small` minutes later gave split 1.59 / 2.36 ms against
+# blas 1.07 / 2.30 ms (k = 1 / 8): OpenBLAS's two-thread steps there are bimodal (1.0 or 1.9 ms).
 DEFAULT_MODE = "blas"
 
 # The per-GEMM m*n*k (full batch) per thread between which "auto" splits the batch. From
-# bench/sweep_split.py on the shared 2-core development machine, after the pool fix above
-# (load average ~2; three sweeps, one with the build before it): split won at 65,536 per thread
-# (m 32, width 64: 1.26-1.34x), the smallest point, and at every width-64 and width-128 point;
-# it lost where the batch slices are thin against wide layers (m 32, width 256-1024: 0.60-0.87x;
-# the gradient copies and their reduction cost the width squared per slice), which a bound on
-# m*n*k cannot separate from the points it won at the same size. BLAS threading is kept above
-# 64 Mi, where the issue measured OpenBLAS at 72-88% of the 2-core peak.
+# bench/sweep_split.py on the idle 2-core development machine (2026-12-01, load average 0.2,
+# 3 rounds): split won at every point up to 262,144 per thread (width 64: 1.20-1.22x; m 32,
+# width 128: 0.98, a tie) and lost at 1 Mi from width 256 on with thin slices (m 32, width 256:
+# 0.68x; the copies of the weight gradients and their reduction cost width^2 per slice, and each
+# slice packs every weight matrix again). Split also won at some larger sizes (m 512: 1.01-1.21x
+# up to 256 Mi), which a bound on m*n*k cannot separate from those losses: the crossover is the
+# midpoint, in powers of two, of the last all-won and the first lost size. Below SPLIT_MIN the
+# slices are too small to pay for waking a second core.
 SPLIT_MIN = 64 * 1024
-SPLIT_CROSSOVER = 64 * 1024 * 1024
+SPLIT_CROSSOVER = 512 * 1024
 
 
 def check_mode(mode: object, name: str = "threads_mode") -> str:
