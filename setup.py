@@ -153,7 +153,8 @@ extensions = [
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
         extra_compile_args=COMPILE_ARGS,
         extra_link_args=LINK_ARGS,
-        # Rebuild when a header changes (_simd.h includes _simd_kernels.h, which Cython never sees).
+        # Rebuild when a header changes (_simd.h includes _simd_variants.h and _simd_kernels.h,
+        # which Cython never sees).
         depends=[str(h.relative_to(here)) for h in sorted((here / "src" / "ckpt").glob("*.h"))],
     )
     for pyx in sorted((here / "src" / "ckpt").glob("*.pyx"))

@@ -95,7 +95,7 @@ def main(argv=None) -> None:
                   f"{res['test_accuracy']:.4f}, threads {res.get('threads')}", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     ratio = med["torch"] / med["ckpt"]
-    print(f"\n| contender | threads | training loop, median (min-max) | test accuracy |\n|---|---|---|---|")
+    print("\n| contender | threads | training loop, median (min-max) | test accuracy |\n|---|---|---|---|")
     for name in ("ckpt", "torch"):
         v = times[name]
         print(f"| {'ckpt train' if name == 'ckpt' else 'PyTorch 2.13'} | {last[name].get('threads')}"

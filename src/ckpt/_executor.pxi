@@ -693,7 +693,6 @@ cdef class Chain:
             sl.status = -1
         if c != NULL:
             ckpt_record_gradient(c, grad_bytes + copy_bytes)
-        self.copies_zero = n == 1
         status = self._dispatch(rows, True)
         # The reduction cleared them -- unless Ctrl-C stopped the phase before it ran.
         self.copies_zero = status != INTERRUPTED
@@ -750,9 +749,10 @@ cdef class Chain:
         cdef Slice *sl = &self.slices[0]
         cdef Py_ssize_t i, k
         cdef int64_t unit = sl.count_rows * (8 if self.is_double else 4)
-        for i in range(self.n_elements + 1):
-            if sl.a[i] != NULL and sl.c != NULL:
-                ckpt_release_stored(sl.c, unit * _held_units(self.table, sl.tapes, i))
+        if sl.c != NULL:
+            for i in range(self.n_elements + 1):
+                if sl.a[i] != NULL:
+                    ckpt_release_stored(sl.c, unit * _held_units(self.table, sl.tapes, i))
         for k in range(self.n_slices):
             memset(self.slices[k].a, 0, (self.n_elements + 1) * sizeof(void *))
             memset(self.slices[k].tapes, 0, (self.n_elements + 1) * sizeof(void *))
@@ -779,11 +779,11 @@ cdef class Chain:
         After an unsplit ("blas") step OpenBLAS's own threads are still spinning on the other
         cores; waking ckpt's pool there made the two fight for them (the medium benchmark's
         step was 17-25% slower than the DenseChain build before the per-element executor)."""
-        cdef int threads = ckpt_pool_blas_threads()
-        if threads <= 0:
-            threads = scipy_openblas_get_num_threads()
-        if self.n_slices <= 1:
-            threads = 1
+        cdef int threads = 1
+        if self.n_slices > 1:
+            threads = ckpt_pool_blas_threads()
+            if threads <= 0:
+                threads = scipy_openblas_get_num_threads()
         job.n_slices = max(1, min(threads, self.parameter_size // ELEMENTWISE_PARALLEL_MIN))
         job.is_double = self.is_double
         job.grads = self.grads

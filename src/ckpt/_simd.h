@@ -56,30 +56,12 @@ enum {
 #define CKPT_CAT_(a, b) a##b
 #define CKPT_CAT(a, b) CKPT_CAT_(a, b)
 
-/* One variant: float then double, with the suffix CKPT_VARIANT. */
+/* Every variant, float then double: suffixes _f_<variant> and _d_<variant>. */
 #define CKPT_REAL float
 #define CKPT_SQRT sqrtf
 #define CKPT_FN(name) CKPT_CAT(name##_f_, CKPT_VARIANT)
 
-#define CKPT_VARIANT baseline
-#include "_simd_kernels.h"
-#undef CKPT_VARIANT
-
-#if CKPT_SIMD_X86
-#pragma GCC push_options
-#pragma GCC target("avx2")
-#define CKPT_VARIANT avx2
-#include "_simd_kernels.h"
-#undef CKPT_VARIANT
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,prefer-vector-width=512")
-#define CKPT_VARIANT avx512
-#include "_simd_kernels.h"
-#undef CKPT_VARIANT
-#pragma GCC pop_options
-#endif
+#include "_simd_variants.h"
 
 #undef CKPT_REAL
 #undef CKPT_SQRT
@@ -88,25 +70,7 @@ enum {
 #define CKPT_SQRT sqrt
 #define CKPT_FN(name) CKPT_CAT(name##_d_, CKPT_VARIANT)
 
-#define CKPT_VARIANT baseline
-#include "_simd_kernels.h"
-#undef CKPT_VARIANT
-
-#if CKPT_SIMD_X86
-#pragma GCC push_options
-#pragma GCC target("avx2")
-#define CKPT_VARIANT avx2
-#include "_simd_kernels.h"
-#undef CKPT_VARIANT
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,prefer-vector-width=512")
-#define CKPT_VARIANT avx512
-#include "_simd_kernels.h"
-#undef CKPT_VARIANT
-#pragma GCC pop_options
-#endif
+#include "_simd_variants.h"
 
 #undef CKPT_REAL
 #undef CKPT_SQRT

@@ -51,7 +51,7 @@ if tuple(map(int, re.findall(r"\d+", sklearn.__version__)[:2])) < (1, 6):
 from ckpt import _core
 from ckpt.checkpoint import SegmentCheckpointer
 from ckpt.layers import Dense, Dropout, check_float_dtype, walk
-from ckpt.optim import Optimizer
+from ckpt.optim import Optimizer, _number
 from ckpt.train import build_mlp
 from ckpt.train import predict as _predict_layers
 
@@ -75,16 +75,8 @@ _PREDICT_ROWS = 4096  # rows per forward call in predict
 # ------------------------------------------------------------------------------ parameters
 def _check_real(value: object, name: str, low: float, high: float = np.inf, *,
                 low_open: bool = False, high_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    bad_low = value <= low if low_open else value < low
-    bad_high = value >= high if high_open else value > high
-    if np.isnan(value) or bad_low or bad_high:
-        interval = (f"{'(' if low_open else '['}{low}, {high}"
-                    f"{')' if high_open or high == np.inf else ']'}")
-        raise ValueError(f"{name} must be in {interval}, got {value}")
-    return value
+    # scikit-learn's intervals admit infinity (tol=np.inf, for one): optim's check, unbounded.
+    return _number(value, name, low, high, open_low=low_open, open_high=high_open, finite=False)
 
 
 def _check_int(value: object, name: str, low: int) -> int:

@@ -68,13 +68,15 @@ def _check_no_overlap(params: List[np.ndarray], grads: List[np.ndarray]) -> None
 
 
 def _number(value: object, name: str, low: float, high: float = np.inf, *,
-            open_low: bool = False, open_high: bool = False) -> float:
+            open_low: bool = False, open_high: bool = False, finite: bool = True) -> float:
+    """value as a float in the interval (NaN never; infinity only with ``finite=False``), or a
+    TypeError / ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     value = float(value)
     too_low = value <= low if open_low else value < low
     too_high = value >= high if open_high else value > high
-    if not np.isfinite(value) or too_low or too_high:
+    if np.isnan(value) or (finite and np.isinf(value)) or too_low or too_high:
         lo, hi = "(" if open_low else "[", ")" if open_high or high == np.inf else "]"
         raise ValueError(f"{name} must be in {lo}{low}, {high}{hi}, got {value}")
     return value

@@ -243,8 +243,10 @@ def replay(ops: Iterable[Op], chain: Union[ChainCosts, Sequence[int]],
     assert forward_length is not None  # backward N-1 came after the output
     after_forward = _held_after(full[:forward_length], n)
     # What the forward phase leaves held, with the tapes its forwards kept.
-    first_kept = {i + 1: event[4] for event in events[:forward_length]
-                  for kind, i in [event[:2]] if kind == FORWARD}
+    first_kept = {}
+    for kind, i, _, _, kept in events[:forward_length]:
+        if kind == FORWARD:
+            first_kept[i + 1] = kept
     final = tuple(j for j in range(n + 1) if held[j])
     return Trace(
         ops=tuple(full), events=tuple(events), final_released=final, peak_units=peak,
