@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 import traceback
 import zipfile
 import zlib
@@ -192,6 +193,10 @@ def _map_member(raw, info: zipfile.ZipInfo, path: str) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------ failures
 
+# How long a failing rank waits, after writing its message, before aborting the job.
+ABORT_GRACE_SECONDS = 0.5
+
+
 @contextlib.contextmanager
 def abort_on_error(comm: Any, prog: str = "ckpt") -> Iterator[None]:
     """Turn an exception on any rank into one message naming the rank and an MPI Abort.
@@ -212,6 +217,9 @@ def abort_on_error(comm: Any, prog: str = "ckpt") -> Iterator[None]:
         sys.stdout.flush()
         print(f"{prog}: error on rank {comm.Get_rank()} of {comm.Get_size()}: {message}; "
               f"aborting all ranks", file=sys.stderr, flush=True)
+        # The launcher forwards a rank's stderr asynchronously, and Abort kills the forwarder
+        # too: without a moment's grace the message was lost (once in a few clean-clone runs).
+        time.sleep(ABORT_GRACE_SECONDS)
         status = exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else \
             2 if isinstance(exc, (ValueError, OSError)) else 1
         comm.Abort(status)
