@@ -11,8 +11,9 @@ update: float32 ReLU MLPs of D layers W -> W (last layer linear), and ``resmlp``
 residual MLP of ckpt.build_mlp(residual=True) with D blocks (LayerNorm, Dense, ReLU, Dense, skip)
 between an input projection and a LayerNorm + output Dense (D + 3 chain elements, a block being
 one). Each runs at checkpoint_every=1 (plain backprop; for resmlp every block's internals kept)
-and at floor(sqrt(N)) for N chain elements. Contenders: ckpt (SegmentCheckpointer,
-model.update, zero_grad), the same segments in NumPy (bench/numpy_mlp.py,
+and at floor(sqrt(N)) for N chain elements. Contenders: ckpt (SegmentCheckpointer;
+backward(accumulate=False), which sets the gradients as NumPy's step does, then model.update),
+the same segments in NumPy (bench/numpy_mlp.py,
 bench/numpy_resmlp.py), PyTorch (nn.Sequential, checkpoint_sequential with the same number of
 segments, SGD) when importable. Each contender runs in its own process
 (bench/worker.py); they take turns in rounds (A B C A B C ...); a round is at least

@@ -3,7 +3,7 @@
     python bench/sweep_split.py [--threads 2] [--seconds 0.3] [--rounds 3] [--json FILE]
 
 Each point is a chain of L float32 Dense(w -> w, relu) layers at batch m, plain backprop, one
-step = forward + backward (input gradient skipped) + update + zero_grad; L (2 to 32) keeps a
+step = forward + backward (input gradient skipped, gradients set: accumulate=False) + update; L (2 to 32) keeps a
 step near 0.2 GFLOP, so that small points are not all dispatch overhead. Both modes run in
 the same process, alternating in rounds; the time of a mode is the median over its rounds of
 the median step time in a round. The per-GEMM size is m * w * w multiply-adds (the full
@@ -38,9 +38,8 @@ def step_time(model, x, g, seconds):
     while time.perf_counter() < end or len(times) < 3:
         t0 = time.perf_counter()
         model.forward(x)
-        model.backward(g, input_grad=False)
+        model.backward(g, input_grad=False, accumulate=False)
         model.update(1e-6)
-        model.zero_grad()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 

@@ -215,9 +215,9 @@ class CkptContender(Contender):
         g = self.g
         np.subtract(y, self.t, out=g)
         g *= self.scale
-        model.backward(g, input_grad=False)
+        # The backward sets the gradients (no zero_grad pass), as NumPy's step overwrites its.
+        model.backward(g, input_grad=False, accumulate=False)
         model.update(self.lr)
-        model.zero_grad()
 
     def loss_and_grads(self):
         y = self.model.forward(self.x)

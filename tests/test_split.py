@@ -442,9 +442,9 @@ def test_parallel_update_and_zero_grad_match_one_thread(threads):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
-def test_gradient_copies_start_every_step_at_zero(threads, dtype):
-    """The reduction clears the copies it adds: steps on one model, with T changing between
-    them (3, 2, 3), give each step's gradients of a fresh model at that T."""
+def test_gradient_copies_never_carry_over_between_steps(threads, dtype):
+    """Each slice s >= 1 sets (never adds to) its copy: steps on one model, with T changing
+    between them (3, 2, 3), give each step's gradients of a fresh model at that T."""
     model = SegmentCheckpointer(residual_chain(dtype), 2, seed=3, threads_mode="split")
     rng = np.random.default_rng(11)
     x = rng.standard_normal((37, 12)).astype(dtype)

@@ -113,20 +113,27 @@ cdef void _column_sums(const floating *d, floating *gb, Py_ssize_t m,
 cdef void dense_backward_ptr(const floating *x, const floating *w, const floating *g,
                              const floating *v, floating *d, floating *gw, floating *gb,
                              floating *gx, Py_ssize_t m, Py_ssize_t k, Py_ssize_t n, int act,
-                             floating alpha) noexcept nogil:
+                             floating alpha, bint overwrite=False) noexcept nogil:
     """d = g * act'(v); gb += colsum(d); gW += x.T @ d; gx = d @ W.T (skipped if gx is NULL).
+    With overwrite, gb and gW are set (=) instead: the GEMM's beta is 0, so the old gradient is
+    never read -- the same values as zeroing first, without the pass.
 
     v is the layer's output y (its pre-activation z for GELU). d may alias v or g. For the
     identity d = g: neither v nor d is touched and both may be NULL.
     """
     cdef const floating *delta = g
+    if overwrite:
+        memset(gb, 0, n * sizeof(floating))
+        if m == 0:
+            memset(gw, 0, k * n * sizeof(floating))
     if m == 0:
         return
     if act != ACT_IDENTITY:
         _delta(g, v, d, m * n, act, alpha)
         delta = d
     _column_sums(delta, gb, m, n)
-    _gemm(CblasTrans, CblasNoTrans, k, n, m, x, k, delta, n, <floating>1, gw, n)
+    _gemm(CblasTrans, CblasNoTrans, k, n, m, x, k, delta, n, <floating>(0 if overwrite else 1),
+          gw, n)
     if gx != NULL:
         _gemm(CblasNoTrans, CblasTrans, m, k, n, delta, n, w, n, <floating>0, gx, k)
 

@@ -7,6 +7,7 @@
 # construction against what these loops need. ckpt.schedule builds the rows.
 
 from libc.stdint cimport uint64_t
+from libc.stdlib cimport qsort
 from cpython.mem cimport PyMem_Realloc
 from cpython.exc cimport PyErr_Fetch, PyErr_Restore
 from cpython.ref cimport PyObject
@@ -88,6 +89,7 @@ cdef struct Step:
     int64_t row0
     uint64_t seed
     bint training
+    bint overwrite          # backward sets the gradients (=) instead of adding to them
     void **params
     void **grads
 
@@ -127,6 +129,17 @@ cdef struct Job:
     Py_ssize_t *sizes
     Py_ssize_t n_params
     Py_ssize_t total        # sum of sizes
+
+
+cdef struct _Span:
+    char *start
+    char *end
+
+
+cdef int _compare_spans(const void *a, const void *b) noexcept nogil:
+    cdef const _Span *x = <const _Span *>a
+    cdef const _Span *y = <const _Span *>b
+    return -1 if x.start < y.start else (1 if x.start > y.start else 0)
 
 
 cdef inline Py_ssize_t _pingpong(const Element *e) noexcept nogil:
@@ -199,8 +212,8 @@ cdef void _residual_forward(const Element *table, const Element *e, Step *s,
 cdef void _backward(const Element *table, const Element *e, Step *s, const floating *x,
                     const floating *y, floating *d, const floating *g, floating *gx,
                     floating *scratch, floating *tape) noexcept nogil:
-    """Accumulate the element's parameter gradients and write its input gradient to gx (NULL:
-    not wanted). y is its output, d a writable m x n_out buffer that may alias y (both dead
+    """Accumulate (with s.overwrite: set) the element's parameter gradients and write its input
+    gradient to gx (NULL: not wanted). y is its output, d a writable m x n_out buffer that may alias y (both dead
     after). tape holds its internals if kept, else NULL and scratch has room for them."""
     cdef Py_ssize_t m = s.m
     cdef const floating *v = y
@@ -211,8 +224,11 @@ cdef void _backward(const Element *table, const Element *e, Step *s, const float
             v = d
         dense_backward_ptr(x, <floating *>s.params[e.param], g, v, d,
                            <floating *>s.grads[e.param], <floating *>s.grads[e.param + 1], gx,
-                           m, e.n_in, e.n_out, e.act, <floating>e.alpha)
+                           m, e.n_in, e.n_out, e.act, <floating>e.alpha, s.overwrite)
     elif e.kind == KIND_LAYERNORM:
+        if s.overwrite:
+            memset(s.grads[e.param], 0, e.n_in * sizeof(floating))
+            memset(s.grads[e.param + 1], 0, e.n_in * sizeof(floating))
         layernorm_backward_ptr(x, <floating *>s.params[e.param], g, gx,
                                <floating *>s.grads[e.param], <floating *>s.grads[e.param + 1],
                                m, e.n_in, e.eps)
@@ -302,7 +318,7 @@ cdef class Chain:
     cdef Py_ssize_t m_total
     cdef void *copy_data    # the gradient copies of slices 1 .. n_slices - 1
     cdef Py_ssize_t copy_values
-    cdef bint copies_zero   # every copy is zero (the reduction clears what it adds)
+    cdef bint grads_overlap # two gradients share memory: backward can only add into them
     cdef void **copy_ptrs   # (max_slices - 1) x n_params pointers into copy_data
     cdef ckpt_interrupt intr    # Ctrl-C during the running phase (see _interrupt.h)
     cdef list _keep
@@ -406,7 +422,6 @@ cdef class Chain:
                 raise MemoryError()
             self.copy_data = grown
             self.copy_values = values
-            self.copies_zero = False
         grown = PyMem_Realloc(self.copy_ptrs, (max(n - 1, 1) * self.n_params + 1)
                               * sizeof(void *))
         if grown == NULL:
@@ -440,7 +455,26 @@ cdef class Chain:
             self.sizes[i] = p.size
         self.is_double = self.dtype == np.float64
         self._keep = [list(params), list(grads)]
+        self.grads_overlap = self._grads_overlap()
         return 0
+
+    cdef bint _grads_overlap(self) except -1:
+        """Whether two gradients share memory (sorting their spans in C: Python tuples would
+        stay in the interpreter's free lists, which the memory tests count)."""
+        cdef Py_ssize_t i, n = self.n_params, itemsize = 8 if self.is_double else 4
+        cdef _Span *spans = <_Span *>PyMem_Malloc(max(n, 1) * sizeof(_Span))
+        cdef bint overlap = False
+        if spans == NULL:
+            raise MemoryError()
+        for i in range(n):
+            spans[i].start = <char *>self.grads[i]
+            spans[i].end = <char *>self.grads[i] + self.sizes[i] * itemsize
+        qsort(spans, n, sizeof(_Span), _compare_spans)
+        for i in range(n - 1):
+            if spans[i + 1].start < spans[i].end:
+                overlap = True
+        PyMem_Free(spans)
+        return overlap
 
     cdef Py_ssize_t _param_size(self, const Element *e, Py_ssize_t j, Py_ssize_t expected,
                                 Py_ssize_t index) except -1:
@@ -636,17 +670,21 @@ cdef class Chain:
             raise ValueError(f"schedule row {status} uses an activation that is not held")
 
     def run_backward(self, const int64_t[:, ::1] rows, grad_output, arena, grad_buffers,
-                     grad_input, AtomicCounters counters=None):
+                     grad_input, AtomicCounters counters=None, bint accumulate=True):
         """Run the backward phase of a schedule, from grad_output (of a[N]) to grad_input (of
         a[0]; None when not wanted). grad_buffers holds at least 2 * batch * max_width values.
 
+        The parameter gradients are added to (accumulate) or set to this backward's (not
+        accumulate: the values zero_grad() then a backward would give, without reading or
+        zeroing the old ones -- every parameter belongs to one element, whose backward runs
+        once a phase).
+
         A split step (see run_forward) runs each slice's backward on its own thread: slice 0
-        accumulates into the real gradients, slice s >= 1 into its own zeroed copy; then every
-        gradient value g is reduced as ((g + slice 0) + slice 1) + ... + slice T-1, in that
-        order, whatever the timing (the reduction is itself split across the pool by value
+        accumulates into (or sets) the real gradients, slice s >= 1 sets its own copy; then
+        every gradient value g is reduced as ((g + slice 0) + slice 1) + ... + slice T-1, in
+        that order, whatever the timing (the reduction is itself split across the pool by value
         ranges, each value summed by one thread in that order). The copies are counted as
-        gradient bytes in the tracker while the backward runs. The reduction also clears each
-        copy value it adds, so the copies start every step zero without a pass of their own.
+        gradient bytes in the tracker while the backward runs.
         """
         cdef Py_ssize_t m = self.m_total, status, n = self.n_slices, k, start
         cdef Py_ssize_t n_in = self.table[0].n_in
@@ -673,8 +711,9 @@ cdef class Chain:
         if n > 1:
             self._reserve_copies(n)
         self._enter()
-        if n > 1 and not self.copies_zero:  # new, or a backward stopped before its reduction
-            memset(self.copy_data, 0, self.copy_values * itemsize)
+        if not accumulate and self.grads_overlap:   # a shared gradient takes two elements' sums
+            self.zero_grad()
+            accumulate = True
         cdef char *g_ptr = <char *><Py_ssize_t>grad_output.ctypes.data
         cdef char *buf_ptr = <char *><Py_ssize_t>grad_buffers.ctypes.data
         cdef char *gin = NULL
@@ -690,12 +729,11 @@ cdef class Chain:
             sl.buf1 = <char *>sl.buf0 + sl.step.m * w * itemsize
             sl.grad_input = gin + start * n_in * itemsize if gin != NULL else NULL
             sl.step.grads = self.grads if k == 0 else self.copy_ptrs + (k - 1) * self.n_params
+            sl.step.overwrite = k > 0 or not accumulate
             sl.status = -1
         if c != NULL:
             ckpt_record_gradient(c, grad_bytes + copy_bytes)
         status = self._dispatch(rows, True)
-        # The reduction cleared them -- unless Ctrl-C stopped the phase before it ran.
-        self.copies_zero = status != INTERRUPTED
         if c != NULL:
             ckpt_release_gradient(c, grad_bytes + copy_bytes)
         self.busy = False
@@ -824,8 +862,7 @@ cdef class Chain:
 
 
 cdef void _phase_task(void *arg, int index) noexcept nogil:
-    """Pool task: run one slice's phase (in backward, slice s >= 1 accumulates into its
-    gradient copy, which the previous reduction left zero)."""
+    """Pool task: run one slice's phase (in backward, slice s >= 1 sets its gradient copy)."""
     cdef Job *job = <Job *>arg
     cdef Slice *sl = &job.slices[index]
     if job.is_double:
@@ -839,7 +876,7 @@ cdef void _phase_task(void *arg, int index) noexcept nogil:
 cdef void _reduce_task(void *arg, int index) noexcept nogil:
     """Pool task: for the index-th of n_slices equal ranges of all the gradient values (in the
     order of the parameters), add the copies of slices 1, 2, ... into the real gradients, in
-    that order, and clear those copy values for the next step."""
+    that order."""
     cdef Job *job = <Job *>arg
     cdef Py_ssize_t lo = index * job.total // job.n_slices
     cdef Py_ssize_t hi = (index + 1) * job.total // job.n_slices
@@ -850,11 +887,11 @@ cdef void _reduce_task(void *arg, int index) noexcept nogil:
         if a < b:
             for s in range(1, job.n_slices):
                 if job.is_double:
-                    _add_into_and_clear(<double *>job.grads[i] + a,
+                    _add_into(<double *>job.grads[i] + a,
                                         <double *>job.copies[(s - 1) * job.n_params + i] + a,
                                         b - a)
                 else:
-                    _add_into_and_clear(<float *>job.grads[i] + a,
+                    _add_into(<float *>job.grads[i] + a,
                                         <float *>job.copies[(s - 1) * job.n_params + i] + a,
                                         b - a)
         at += job.sizes[i]
@@ -898,13 +935,12 @@ cdef void _zero_task(void *arg, int index) noexcept nogil:
         at += job.sizes[i]
 
 
-cdef inline void _add_into_and_clear(floating *dst, floating *src,
+cdef inline void _add_into(floating *dst, const floating *src,
                                      Py_ssize_t n) noexcept nogil:
-    """dst += src, then src = 0"""
+    """dst += src"""
     cdef Py_ssize_t j
     for j in range(n):
         dst[j] += src[j]
-        src[j] = 0
 
 
 cdef Py_ssize_t _run(const Element *table, Py_ssize_t n_elements, const int64_t *rows,

@@ -540,21 +540,31 @@ class SegmentCheckpointer:
             self._release()
         return y
 
-    def backward(self, grad_output: np.ndarray, *, input_grad: bool = True) -> Optional[np.ndarray]:
+    def backward(self, grad_output: np.ndarray, *, input_grad: bool = True,
+                 accumulate: bool = True) -> Optional[np.ndarray]:
         """Back-propagate from the gradient of the output; returns the gradient of the input.
 
         With ``input_grad=False`` the compiled executor skips the first element's input
         gradient (training rarely needs it) and None is returned.
 
+        The parameter gradients are added to what they hold (``accumulate=True``, as in
+        PyTorch), or set to this backward's (``accumulate=False``: the values ``zero_grad()``
+        followed by a backward gives, without a pass over the gradients to zero them; the
+        compiled executor writes them directly). A training step is then forward,
+        ``backward(g, accumulate=False)``, ``update(lr)``.
+
         An exception during the backward (Ctrl-C included: the compiled phase polls for it
         between rows) drops the step, but the gradients keep what was accumulated before it:
         zero them before the next step, as ``fit`` does.
         """
+        if not isinstance(accumulate, (bool, np.bool_)):
+            raise TypeError(f"accumulate must be True or False, got {type(accumulate).__name__}")
         with self._lock:
             self._check_owner()
-            return self._backward(grad_output, input_grad)
+            return self._backward(grad_output, input_grad, bool(accumulate))
 
-    def _backward(self, grad_output: np.ndarray, input_grad: bool) -> Optional[np.ndarray]:
+    def _backward(self, grad_output: np.ndarray, input_grad: bool,
+                  accumulate: bool) -> Optional[np.ndarray]:
         if not self._layers:
             return grad_output if input_grad else None
         state = self._state
@@ -577,7 +587,7 @@ class SegmentCheckpointer:
             self._state = None
             self._typed_chain().run_backward(backward_rows, g, arena,
                                              self._gradient_workspace(x.shape[0], x.dtype),
-                                             grad_input, self.memory_tracker)
+                                             grad_input, self.memory_tracker, accumulate)
             return grad_input
         _, acts, compiled, step = state
         y = acts[len(self._layers)]
@@ -588,6 +598,9 @@ class SegmentCheckpointer:
             raise ValueError(f"SegmentCheckpointer: grad_output must be an array of the output's "
                              f"shape {y.shape}, got {getattr(grad_output, 'shape', type(grad_output))}")
         self._state = None
+        if not accumulate:
+            for layer in self._layers:
+                layer.zero_grad()
         try:
             grad_input = _python_run(self._layers, compiled,
                                      compiled.ops[_forward_length(compiled):], acts, grad_output,

@@ -528,8 +528,7 @@ class _BaseMLP(BaseEstimator):
                     loss = _core.output_loss_kernel(output, Y[idx], w, grad, code)
                     if p["alpha"]:
                         loss += 0.5 * p["alpha"] * self._squared_weights() / weight
-                    self._model.zero_grad()
-                    self._model.backward(grad, input_grad=False)
+                    self._model.backward(grad, input_grad=False, accumulate=False)
                     optimizer.step(p["alpha"] / weight)
                     total += loss * rows
                 self.n_iter_ += 1

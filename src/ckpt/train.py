@@ -326,6 +326,7 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
         from ckpt.distributed import DataParallel
         replicas = DataParallel(comm, model, optimizer, rng=rng, n_rows=len(X))
     forward = _step_forward(model)
+    sets_gradients = _backward_sets_gradients(model)
     next_seed = getattr(model, "next_step_seed", None)
     if callable(getattr(model, "set_training", None)):
         model.set_training(True)
@@ -342,7 +343,11 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
         correct = 0
         seen = 0
         for step, (batch, row_offset, global_rows) in enumerate(batches):
-            optimizer.zero_grad()
+            # The step's first backward sets the gradients when the model can (no pass to
+            # zero them); otherwise they are zeroed here and every backward adds.
+            fresh = sets_gradients
+            if not fresh:
+                optimizer.zero_grad()
             # One seed per optimizer step keys its Dropout masks: micro-batches and ranks (even
             # one left without rows) share it, so the masks are the single full batch's.
             step_seed = next_seed() if next_seed is not None else None
@@ -362,7 +367,11 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
                     if len(micro) != len(batch):
                         # The loss gradient is a mean over the micro-batch; weigh it by its share.
                         grad *= len(micro) / len(batch)
-                    model.backward(grad)
+                    if fresh:
+                        model.backward(grad, accumulate=False)
+                        fresh = False
+                    else:
+                        model.backward(grad)
                 except BaseException:
                     # A failed or interrupted step is dropped whole: no forward stays pending
                     # and no partial gradient is left for a later step() to apply.
@@ -371,6 +380,8 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
                     raise
                 step_loss += value * len(micro)
                 row_offset += len(micro)
+            if fresh:
+                optimizer.zero_grad()   # no backward ran (a rank without rows): no gradient
             if replicas is not None:
                 step_loss, step_correct = replicas.allreduce_gradients(
                     len(batch), global_rows, step_loss, step_correct)
@@ -410,6 +421,14 @@ def _step_forward(model: Any) -> Callable[[np.ndarray, int, Optional[int]], np.n
     if takes:
         return lambda x, row_offset, seed: model.forward(x, row_offset=row_offset, step_seed=seed)
     return lambda x, row_offset, seed: model.forward(x)
+
+
+def _backward_sets_gradients(model: Any) -> bool:
+    """Whether the model's backward takes accumulate=False (a SegmentCheckpointer does)."""
+    try:
+        return "accumulate" in inspect.signature(model.backward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _discard(model: Any) -> None:
