@@ -7,6 +7,7 @@ import os
 import pickle
 import subprocess
 import sys
+import threading
 import warnings
 
 import numpy as np
@@ -432,6 +433,47 @@ def test_fit_holds_numpys_blas_at_one_thread_and_restores_it(Estimator, data, dt
     for during in seen:
         assert during["others"] == [1] * len(before["others"])
         assert during["ckpt"] == 2
+
+
+def test_overlapping_fits_restore_the_blas_settings_from_before_the_first(restore_num_threads):
+    """Fits in two threads share the process-wide BLAS settings: whatever order they end in,
+    the settings from before the first come back (each restoring what it saw on entry left
+    NumPy's BLAS at one thread when the first fit ended first)."""
+    from threadpoolctl import threadpool_limits
+    from ckpt.estimators import _OTHER_BLAS_AT_ONE, _blas_threads
+    with threadpool_limits(limits=2, user_api="blas"):
+        ckpt.set_num_threads(2)
+        before = _blas_threads_by_library()
+        # A enters, B enters, A leaves, B leaves: not nested.
+        a_others, a_ckpt = _OTHER_BLAS_AT_ONE.held(), _blas_threads(1)
+        a_others.__enter__(), a_ckpt.__enter__()
+        b_others, b_ckpt = _OTHER_BLAS_AT_ONE.held(), _blas_threads(2)
+        b_others.__enter__(), b_ckpt.__enter__()
+        a_ckpt.__exit__(None, None, None), a_others.__exit__(None, None, None)
+        during = _blas_threads_by_library()
+        assert during["others"] == [1] * len(before["others"]) and during["ckpt"] == 2
+        b_ckpt.__exit__(None, None, None), b_others.__exit__(None, None, None)
+        assert _blas_threads_by_library() == before
+        # Two real fits in threads, the first much shorter.
+        X, y = _classification()
+        errors = []
+
+        def fit(max_iter):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", ConvergenceWarning)
+                    MLPClassifier(hidden_layer_sizes=(8,), max_iter=max_iter, batch_size=40,
+                                  n_threads=1).fit(X, y)
+            except BaseException as error:      # pragma: no cover - reported below
+                errors.append(error)
+
+        threads = [threading.Thread(target=fit, args=(n,)) for n in (1, 20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        assert _blas_threads_by_library() == before
 
 
 def test_importing_ckpt_does_not_import_scikit_learn():

@@ -22,9 +22,10 @@ import numbers
 import os
 import re
 import sys
+import threading
 import warnings
-from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from contextlib import contextmanager, nullcontext
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import scipy_openblas32
@@ -107,18 +108,49 @@ def _hidden_sizes(value: object) -> List[int]:
     return [int(size) for size in sizes]
 
 
-@contextmanager
-def _blas_threads(n_threads: Optional[int]) -> Iterator[None]:
-    """Run with ckpt's OpenBLAS on n_threads threads (None: leave it), then restore."""
+class _SharedHold:
+    """A process-wide setting that overlapping users (fits or predicts in threads of one process)
+    share: the first to enter saves it, the last to leave restores it. Each restoring what it
+    saw on entry would undo the changes out of order (A saves 2, B saves A's 1, A ends -> 2,
+    B ends -> 1: left at one thread for good)."""
+
+    def __init__(self, save: Callable[[], Any], restore: Callable[[Any], None]) -> None:
+        self._save, self._restore = save, restore
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved: Any = None
+
+    @contextmanager
+    def held(self, apply: Optional[Callable[[], None]] = None) -> Iterator[None]:
+        """Hold the setting for a block; ``apply`` (if any) changes it on entry."""
+        with self._lock:
+            if self._users == 0:
+                self._saved = self._save()
+            self._users += 1
+            if apply is not None:
+                apply()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    saved, self._saved = self._saved, None
+                    self._restore(saved)
+
+
+# ckpt's OpenBLAS thread count (n_threads); while two holders overlap it is the one set last.
+_CKPT_THREADS = _SharedHold(_core.get_num_threads, _core.set_num_threads)
+# Every other BLAS at one thread during fit (see _other_blas): saving applies the limit.
+_OTHER_BLAS_AT_ONE = _SharedHold(lambda: _other_blas().limit(limits=1),
+                                 lambda limiter: limiter.restore_original_limits())
+
+
+def _blas_threads(n_threads: Optional[int]):
+    """Hold ckpt's OpenBLAS at n_threads threads for a block (None: leave it alone)."""
     if n_threads is None:
-        yield
-        return
-    previous = _core.get_num_threads()
-    _core.set_num_threads(n_threads)
-    try:
-        yield
-    finally:
-        _core.set_num_threads(previous)
+        return nullcontext()
+    return _CKPT_THREADS.held(lambda: _core.set_num_threads(n_threads))
 
 
 def _other_blas() -> ThreadpoolController:
@@ -468,7 +500,7 @@ class _BaseMLP(BaseEstimator):
             self._check_network(p, units)
         if not incremental or not hasattr(self, "_optimizer"):
             self._optimizer = self._new_optimizer(p)
-        with _other_blas().limit(limits=1), _blas_threads(p["n_threads"]):
+        with _OTHER_BLAS_AT_ONE.held(), _blas_threads(p["n_threads"]):
             self._model.set_training(True)
             self._fit_stochastic(p, X, Y, labels, sample_weight, incremental)
             self._model.set_training(False)
