@@ -213,8 +213,9 @@ cdef void _backward(const Element *table, const Element *e, Step *s, const float
                     const floating *y, floating *d, const floating *g, floating *gx,
                     floating *scratch, floating *tape) noexcept nogil:
     """Accumulate (with s.overwrite: set) the element's parameter gradients and write its input
-    gradient to gx (NULL: not wanted). y is its output, d a writable m x n_out buffer that may alias y (both dead
-    after). tape holds its internals if kept, else NULL and scratch has room for them."""
+    gradient to gx (NULL: not wanted). y is its output, d a writable m x n_out buffer that may
+    alias y (both dead after). tape holds its internals if kept, else NULL and scratch has room
+    for them."""
     cdef Py_ssize_t m = s.m
     cdef const floating *v = y
     if e.kind == KIND_DENSE:
@@ -888,12 +889,10 @@ cdef void _reduce_task(void *arg, int index) noexcept nogil:
             for s in range(1, job.n_slices):
                 if job.is_double:
                     _add_into(<double *>job.grads[i] + a,
-                                        <double *>job.copies[(s - 1) * job.n_params + i] + a,
-                                        b - a)
+                              <double *>job.copies[(s - 1) * job.n_params + i] + a, b - a)
                 else:
                     _add_into(<float *>job.grads[i] + a,
-                                        <float *>job.copies[(s - 1) * job.n_params + i] + a,
-                                        b - a)
+                              <float *>job.copies[(s - 1) * job.n_params + i] + a, b - a)
         at += job.sizes[i]
 
 
@@ -935,8 +934,7 @@ cdef void _zero_task(void *arg, int index) noexcept nogil:
         at += job.sizes[i]
 
 
-cdef inline void _add_into(floating *dst, const floating *src,
-                                     Py_ssize_t n) noexcept nogil:
+cdef inline void _add_into(floating *dst, const floating *src, Py_ssize_t n) noexcept nogil:
     """dst += src"""
     cdef Py_ssize_t j
     for j in range(n):
