@@ -143,8 +143,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
-    parser.add_argument("--modes", nargs="+", default=["auto"], choices=["blas", "split", "auto"],
-                        help="ckpt's threading modes at more than one thread (default: auto, ckpt's own)")
+    parser.add_argument("--modes", nargs="+", default=["blas"], choices=["blas", "split", "auto"],
+                        help="ckpt's threading modes at more than one thread (default: blas)")
     parser.add_argument("--peak-n", type=int, default=1024,
                         help="size of the square GEMM whose rate is the peak (0: skip)")
     parser.add_argument("--quick", action="store_true", help="2 epochs, 2,000 regression rows")

@@ -160,12 +160,13 @@ def test_forced_modes_and_the_context_manager(threads):
     threads(2)
     model = SegmentCheckpointer(dense_chain(np.float32), 1)
     assert model.threads_mode is None
-    assert ckpt.get_threading_mode() == DEFAULT_MODE == "auto"
-    assert model.slices(10) == 1            # tiny GEMMs: auto keeps one slice
-    assert model.slices(1024) == 2          # 1024 x 24 x 24 >= SPLIT_MIN x 2: auto splits
-    assert model.slices(4096) == 1          # 4096 x 24 x 24 > SPLIT_CROSSOVER x 2: BLAS
+    assert ckpt.get_threading_mode() == DEFAULT_MODE == "blas"
+    assert model.slices(1024) == 1          # the default never splits
+    with ckpt.threading_mode("auto"):
+        assert model.slices(10) == 1        # tiny GEMMs: auto keeps one slice
+        assert model.slices(1024) == 2      # 1024 x 24 x 24 >= SPLIT_MIN x 2: auto splits
+        assert model.slices(4096) == 1      # 4096 x 24 x 24 > SPLIT_CROSSOVER x 2: BLAS
     with ckpt.threading_mode("blas") as mode:
-        assert model.slices(1024) == 1      # blas never splits
         assert mode == "blas" and ckpt.get_threading_mode() == "blas"
         assert model.slices(10) == 1
         with ckpt.threading_mode("split"):
@@ -379,11 +380,10 @@ def _cli_results(capsys, argv):
 
 def test_ckpt_train_chooses_threads_by_default(capsys, threads):
     threads(2)
-    default = _cli_results(capsys, CLI_SMALL)          # the cores, in the default mode: auto
-    assert default["threads"] == 2 and default["threads_mode"] == "split"
+    default = _cli_results(capsys, CLI_SMALL)          # the cores, in the default mode
+    assert default["threads"] == 2 and default["threads_mode"] == DEFAULT_MODE
     split = _cli_results(capsys, CLI_SMALL + ["--threads-mode", "auto"])
     assert split["threads"] == 2 and split["threads_mode"] == "split"
-    assert split["train_loss"] == default["train_loss"]
     one = _cli_results(capsys, CLI_SMALL + ["--threads", "1"])
     assert one["threads"] == 1 and one["threads_mode"] == "blas"
     blas = _cli_results(capsys, CLI_SMALL + ["--threads-mode", "blas"])

@@ -304,9 +304,9 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
                         "or threadpoolctl; under mpiexec, per rank: the node's cores divided by "
                         "its ranks)")
     p.add_argument("--threads-mode", choices=list(MODES), default=None,
-                   help="split: each thread runs a slice of the batch; blas: OpenBLAS threads "
-                        "each matrix product; auto (default, or CKPT_THREADS_MODE): split for "
-                        "mid-sized matrix products, else blas")
+                   help="split: each thread runs a slice of the batch; blas (default, or "
+                        "CKPT_THREADS_MODE): OpenBLAS threads each matrix product; auto: split "
+                        "for mid-sized matrix products")
     p.add_argument("--save", metavar="FILE", help="save parameters and optimizer state (.npz)")
     p.add_argument("--json", action="store_true",
                    help="end the output with one line of JSON holding the results")

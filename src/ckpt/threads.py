@@ -12,9 +12,9 @@ Modes (``SegmentCheckpointer(threads_mode=...)``, or :func:`threading_mode` for 
   with single-threaded BLAS. Slice 0 accumulates into the gradients, slice s >= 1 into its own
   copy, then each gradient value is reduced as ((g + slice 0) + slice 1) + ... in that fixed
   order: results depend on T (the split), never on timing.
-- ``"blas"``: one slice; OpenBLAS uses its T threads inside each GEMM.
-- ``"auto"`` (the default; the environment variable ``CKPT_THREADS_MODE`` changes the process
-  default): ``"split"`` when T > 1 and the chain's largest GEMM, batch x n_in x n_out
+- ``"blas"`` (the default; the environment variable ``CKPT_THREADS_MODE`` changes the process
+  default): one slice; OpenBLAS uses its T threads inside each GEMM.
+- ``"auto"``: ``"split"`` when T > 1 and the chain's largest GEMM, batch x n_in x n_out
   of its widest Dense layer, is between ``SPLIT_MIN`` x T and ``SPLIT_CROSSOVER`` x T
   multiply-adds, else ``"blas"``. Both bounds were measured by ``bench/sweep_split.py``: below
   SPLIT_MIN per thread the slices are too small to pay for waking a second core (OpenBLAS then
@@ -33,13 +33,15 @@ import os
 from typing import Iterator, Optional
 
 MODES = ("split", "blas", "auto")
-# "auto": with the crossover below it is "blas" on every benchmark workload but small, and on
-# small (m 32, width 64, 2 threads) split and blas are level: paired in one process, 40 rounds
-# (2026-12-01, after backward(accumulate=False)), split / blas step time medians 1.52 / 1.51 ms
-# (k = 1) and 1.39 / 1.89 ms (k = 8); the scikit-learn estimators' fits (bench/sklearn_compare.py
-# --modes blas auto) were 0.88-1.18x. With more cores than this 2-core machine, split is the mode
-# that uses them on layers whose GEMMs OpenBLAS keeps on one thread.
-DEFAULT_MODE = "auto"
+# "blas" until "auto" is shown to win where it splits. With the crossover below, auto splits
+# only *small* among the benchmark workloads (and `ckpt train`'s default model), and on this
+# 2-core machine split there only ties blas while its gradient copies cost one more set of
+# parameter gradients per extra thread: 40 paired rounds in one process (2026-12-01) gave split /
+# blas 1.52 / 1.51 ms on small at k = 1 (per-round ratios 0.70-1.41) and 1.39 / 1.89 ms at k = 8
+# (0.64-1.55); `ckpt train` (8 x 128, batch 32) took 1.09-1.48 s split against 1.03-1.22 s blas,
+# and its step's tracked peak grew from 105 to 530 KiB (the 425 KiB copy), more than
+# checkpointing saves on it.
+DEFAULT_MODE = "blas"
 
 # The per-GEMM m*n*k (full batch) per thread between which "auto" splits the batch. From
 # bench/sweep_split.py on the idle 2-core development machine (2026-12-01, load average 0.2,
