@@ -34,7 +34,6 @@ import argparse
 import datetime
 import importlib.util
 import json
-import math
 import os
 import platform
 import subprocess

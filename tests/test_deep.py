@@ -20,7 +20,6 @@ from ckpt import (CheckpointedLayer, Dense, Dropout, ElementCost, Layer, LayerNo
 from conftest import numeric_gradient
 from ckpt.cli import recompute_cost
 from ckpt.layers import Step
-from ckpt.schedule import compile_schedule, uniform_ops
 from ckpt.train import build_mlp
 
 TOL = {np.float32: dict(rtol=2e-5, atol=2e-6), np.float64: dict(rtol=1e-12, atol=1e-12)}

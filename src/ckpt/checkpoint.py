@@ -221,7 +221,7 @@ class SegmentCheckpointer:
     "split" (the batch split into T = ckpt.get_num_threads() contiguous slices, one per thread of
     ckpt's pool, single-threaded BLAS; gradients reduced in the fixed order ((g + slice 0) +
     slice 1) + ...), "blas" (OpenBLAS threads each GEMM) or "auto" (split for small GEMMs);
-    None (the default) follows :func:`ckpt.threading_mode`, itself "auto" by default. A split
+    None (the default) follows :func:`ckpt.threading_mode`, itself "blas" by default. A split
     step shares the budget as follows: the arena is the unsplit one, split by rows; the
     gradient buffers likewise; the T - 1 gradient copies come on top and count as gradient
     bytes (:meth:`gradient_workspace_bytes`, the tracker).

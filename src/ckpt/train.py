@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 import numbers
 import signal
 import threading
@@ -291,7 +290,7 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
     history maps each metric name to its list of per-epoch values.
 
     Threads need no argument: each step uses T = ckpt.get_num_threads() (by default the cores
-    ckpt may use) in the model's threading mode ("auto" unless set; see ckpt.threads).
+    ckpt may use) in the model's threading mode ("blas" unless set; see ckpt.threads).
     """
     model = as_model(model)
     loss_fn = get_loss(loss)
