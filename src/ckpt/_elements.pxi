@@ -27,9 +27,13 @@ cdef void layernorm_forward_ptr(const floating *x, const floating *gamma, const 
 
 cdef void layernorm_backward_ptr(const floating *x, const floating *gamma, const floating *g,
                                  floating *gx, floating *ggamma, floating *gbeta, Py_ssize_t m,
-                                 Py_ssize_t n, double eps) noexcept nogil:
+                                 Py_ssize_t n, double eps, bint overwrite=False) noexcept nogil:
     """ggamma += sum(g * xhat); gbeta += sum(g); gx = rstd (g*gamma - mean(g*gamma)
-    - xhat mean(g*gamma*xhat)) (skipped if gx is NULL). The statistics are recomputed from x."""
+    - xhat mean(g*gamma*xhat)) (skipped if gx is NULL). The statistics are recomputed from x.
+    With overwrite, ggamma and gbeta are set (=) instead (zeroed, then the sums added)."""
+    if overwrite:
+        memset(ggamma, 0, n * sizeof(floating))
+        memset(gbeta, 0, n * sizeof(floating))
     if floating is float:
         ckpt_simd_kernels().layernorm_backward_f(x, gamma, g, gx, ggamma, gbeta, m, n, eps)
     else:

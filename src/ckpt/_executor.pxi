@@ -227,12 +227,9 @@ cdef void _backward(const Element *table, const Element *e, Step *s, const float
                            <floating *>s.grads[e.param], <floating *>s.grads[e.param + 1], gx,
                            m, e.n_in, e.n_out, e.act, <floating>e.alpha, s.overwrite)
     elif e.kind == KIND_LAYERNORM:
-        if s.overwrite:
-            memset(s.grads[e.param], 0, e.n_in * sizeof(floating))
-            memset(s.grads[e.param + 1], 0, e.n_in * sizeof(floating))
         layernorm_backward_ptr(x, <floating *>s.params[e.param], g, gx,
                                <floating *>s.grads[e.param], <floating *>s.grads[e.param + 1],
-                               m, e.n_in, e.eps)
+                               m, e.n_in, e.eps, s.overwrite)
     elif e.kind == KIND_DROPOUT:
         if gx == NULL:
             return
@@ -889,10 +886,10 @@ cdef void _reduce_task(void *arg, int index) noexcept nogil:
             for s in range(1, job.n_slices):
                 if job.is_double:
                     _add_into(<double *>job.grads[i] + a,
-                              <double *>job.copies[(s - 1) * job.n_params + i] + a, b - a)
+                              <const double *>job.copies[(s - 1) * job.n_params + i] + a, b - a)
                 else:
                     _add_into(<float *>job.grads[i] + a,
-                              <float *>job.copies[(s - 1) * job.n_params + i] + a, b - a)
+                              <const float *>job.copies[(s - 1) * job.n_params + i] + a, b - a)
         at += job.sizes[i]
 
 

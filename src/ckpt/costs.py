@@ -198,11 +198,6 @@ class ChainCosts:
         """Elements per row held for a_0 .. a_N (outputs only, no tapes)."""
         return (self.elements[0].in_width,) + tuple(e.stored for e in self.elements)
 
-    def held(self, keep_internals: bool) -> Tuple[int, ...]:
-        """Elements per row held for a_0 .. a_N, tapes included when kept."""
-        return (self.elements[0].in_width,) + tuple(e.held(keep_internals)
-                                                   for e in self.elements)
-
     @cached_property
     def forward_flops(self) -> Tuple[int, ...]:
         return tuple(e.forward_flops for e in self.elements)

@@ -124,7 +124,7 @@ def check_keep_internals(keep_internals: object) -> Union[bool, str]:
                      f"got {keep_internals!r}")
 
 
-def _kept_automatically(ops: Sequence, n: int) -> list:
+def _kept_automatically(ops: Sequence) -> list:
     """For each operation, whether it is a forward whose output goes straight into the backward
     sweep (see the module docstring). Malformed operations are skipped: replay rejects them."""
     kept = [False] * len(ops)
@@ -166,7 +166,7 @@ def replay(ops: Iterable[Op], chain: Union[ChainCosts, Sequence[int]],
     elements = costs.elements
     ops = list(ops)
     if keep_internals == KEEP_AUTO:
-        auto_kept = _kept_automatically(ops, n) if costs.has_internals else [False] * len(ops)
+        auto_kept = _kept_automatically(ops) if costs.has_internals else [False] * len(ops)
     else:
         auto_kept = None
     fwd_scratch = costs.forward_scratch
