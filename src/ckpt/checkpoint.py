@@ -246,7 +246,7 @@ class SegmentCheckpointer:
         self._plan = plan
         self._budget = None
         if budget_bytes is not None:
-            from ckpt.plan import parse_size
+            from ckpt.units import parse_size
             try:
                 self._budget = (parse_size(budget_bytes) if isinstance(budget_bytes, str)
                                 else budget_bytes)
@@ -430,7 +430,8 @@ class SegmentCheckpointer:
 
     def _plan_for_budget(self, batch_size: int):
         """The least-recomputation plan whose activations and gradient buffers fit the budget."""
-        from ckpt.plan import format_size, plan as make_plan
+        from ckpt.plan import plan as make_plan
+        from ckpt.units import format_size
         if self.costs is None or self.dtype is None:
             raise ValueError("budget_bytes needs layers that describe their costs and a dtype "
                              "(ckpt's own layers do)")

@@ -30,7 +30,7 @@ from ckpt.threads import MODES, get_threading_mode, threading_mode
 from ckpt.checkpoint import SegmentCheckpointer
 from ckpt.losses import softmax_cross_entropy
 from ckpt.optim import OPTIMIZERS
-from ckpt.plan import format_size, parse_size
+from ckpt.units import format_size, parse_size
 from ckpt.costs import ChainCosts
 from ckpt.train import build_mlp, describe_architecture, evaluate, fit, mlp_costs
 

@@ -376,7 +376,7 @@ class _BaseMLP(BaseEstimator):
         if budget is None:
             return None
         if isinstance(budget, str):
-            from ckpt.plan import parse_size
+            from ckpt.units import parse_size
             try:
                 return parse_size(budget)
             except (TypeError, ValueError) as exc:
