@@ -30,20 +30,12 @@ from sklearn.utils.estimator_checks import (  # noqa: E402
 import ckpt  # noqa: E402
 from ckpt.estimators import MLPClassifier, MLPRegressor  # noqa: E402
 
-FLOAT32_ROUNDING = ("float32 arithmetic (the default dtype): a weighted sum and the sum over "
-                    "repeated rows round differently, beyond this check's rtol=1e-7; the same "
-                    "check passes with dtype=float64 (test_sample_weight_equivalence_in_float64)")
-
-
-def _expected_failures(estimator):
-    return {"check_sample_weight_equivalence_on_dense_data": FLOAT32_ROUNDING}
-
-
 @parametrize_with_checks(
-    [MLPClassifier(hidden_layer_sizes=(32,), max_iter=100, learning_rate_init=0.01),
-     MLPRegressor(hidden_layer_sizes=(32,), max_iter=100, learning_rate_init=0.01)],
-    expected_failed_checks=_expected_failures)
+    [MLPClassifier(hidden_layer_sizes=(32,), max_iter=100, learning_rate_init=0.01, dtype=None),
+     MLPRegressor(hidden_layer_sizes=(32,), max_iter=100, learning_rate_init=0.01, dtype=None),
+     MLPClassifier(hidden_layer_sizes=(8,), solver="lbfgs", max_iter=50, dtype=None)])
 def test_scikit_learn_checks(estimator, check):
+    """dtype=None (scikit-learn's dtypes): every check passes, none expected to fail."""
     check(estimator)
 
 
@@ -244,7 +236,11 @@ def test_bad_data_gives_scikit_learns_errors():
 
 
 @pytest.mark.parametrize("params, error, match", [
-    (dict(solver="lbfgs"), ValueError, "solver='adam'"),
+    (dict(solver="newton"), ValueError, "solver"),
+    (dict(max_fun=0), ValueError, "max_fun"),
+    (dict(solver="lbfgs", dropout=0.5), ValueError, "stochastic solver"),
+    (dict(class_weight="uniform"), ValueError, "class_weight"),
+    (dict(class_weight={0: -1.0}), ValueError, "class_weight"),
     (dict(residual=True, hidden_layer_sizes=(8, 16)), ValueError, "hidden_layer_sizes"),
     (dict(dropout=1.0), ValueError, "dropout"),
     (dict(hidden_layer_sizes=(4, 0)), ValueError, "hidden_layer_sizes"),
@@ -286,9 +282,59 @@ def test_inputs_are_cast_to_the_estimators_dtype():
         for X_in in (X, X.astype(np.float32), np.round(10 * X).astype(np.int64), X.tolist()):
             model = MLPClassifier(hidden_layer_sizes=(5,), max_iter=2).fit(X_in, y)
             assert model.coefs_[0].dtype == np.float32
-            assert model.predict_proba(X_in).dtype == np.float64
+            assert model.predict_proba(X_in).dtype == np.float32
         model = MLPRegressor(hidden_layer_sizes=(5,), max_iter=2, dtype="float64").fit(X, y)
         assert model.coefs_[0].dtype == np.float64
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+@pytest.mark.parametrize("X_dtype, trained", [(np.float32, np.float32), (np.float64, np.float64),
+                                              (np.int64, np.float64), (np.float16, np.float64)])
+def test_dtype_none_follows_scikit_learn(X_dtype, trained):
+    """float32 input trains in float32, anything else in float64; the fitted arrays and
+    the outputs come back in that dtype, as scikit-learn's."""
+    X, y = _regression()
+    X = (X * 10).astype(X_dtype)
+    theirs = neural_network.MLPRegressor(hidden_layer_sizes=(5,), max_iter=2).fit(X, y)
+    for solver in ("adam", "lbfgs"):
+        ours = MLPRegressor(hidden_layer_sizes=(5,), max_iter=2, dtype=None,
+                            solver=solver).fit(X, y)
+        assert theirs.coefs_[0].dtype == trained
+        assert {a.dtype for a in ours.coefs_ + ours.intercepts_} == {np.dtype(trained)}
+        assert ours.predict(X).dtype == trained
+        Xc, yc = _classification()
+        clf = MLPClassifier(hidden_layer_sizes=(5,), max_iter=2, dtype=None,
+                            solver=solver).fit(Xc.astype(X_dtype), yc)
+        assert clf.predict_proba(Xc.astype(X_dtype)).dtype == trained
+        assert clf.coefs_[0].dtype == trained
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+@pytest.mark.parametrize("assigned", [np.float64, np.float32])
+def test_assigned_coefs_are_cast_into_the_network(assigned):
+    """coefs_ assigned (in either dtype) before partial_fit, warm_start or predict are what
+    the network continues from, cast to its dtype; coefs_ are its arrays again after."""
+    X, y = _regression()
+    reference = neural_network.MLPRegressor(hidden_layer_sizes=(5,), max_iter=3,
+                                            random_state=1).fit(X, y)
+    for how in ("partial_fit", "warm_start", "predict"):
+        ours = MLPRegressor(hidden_layer_sizes=(5,), max_iter=1, random_state=0,
+                            warm_start=how == "warm_start").fit(X, y)
+        ours.coefs_ = [c.astype(assigned) for c in reference.coefs_]
+        ours.intercepts_ = [b.astype(assigned) for b in reference.intercepts_]
+        if how == "predict":
+            np.testing.assert_allclose(ours.predict(X), reference.predict(X), rtol=1e-4,
+                                       atol=1e-5)
+        else:
+            start = [c.astype(np.float32) for c in reference.coefs_]
+            getattr(ours, "fit" if how == "warm_start" else how)(X, y)
+            # One epoch from the assigned weights: close to them, not to the old ones.
+            assert np.abs(ours.coefs_[0] - start[0]).max() < 0.05
+        assert all(c.dtype == np.float32 for c in ours.coefs_ + ours.intercepts_)
+        assert all(c is layer.W for c, layer in zip(ours.coefs_, ours._model.layers))
+    ours.coefs_ = [np.zeros((3, 3))] + ours.coefs_[1:]
+    with pytest.raises(ValueError, match=r"layer 0 has coefs_ of shape \(6, 5\)"):
+        ours.partial_fit(X, y)
 
 
 def test_alpha_is_part_of_the_loss():
