@@ -192,6 +192,60 @@ def test_round_trip_predicts_and_trains_identically(how, Estimator, data):
     assert clone.t_ == model.t_ and clone.loss_ == model.loss_
 
 
+def _same(a, b):
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return type(a) is type(b) and (a == b or (a != a and b != b))
+
+
+NEW_PARAMETER_CASES = [
+    ("lbfgs, max_fun, dtype=None", MLPClassifier, _classification,
+     dict(solver="lbfgs", max_fun=500, dtype=None, max_iter=5), {}),
+    ("class_weight dict, validation_data", MLPClassifier, _classification,
+     dict(class_weight={0: 2.0, 1: 0.5}, max_iter=3), dict(validation_data=True)),
+    ("balanced, early stopping", MLPClassifier, _classification,
+     dict(class_weight="balanced", early_stopping=True, max_iter=3), {}),
+    ("poisson, validation_data", MLPRegressor, lambda: (_regression()[0], np.abs(_regression()[1])),
+     dict(loss="poisson", max_iter=3), dict(validation_data=True)),
+    ("sparse input", MLPRegressor, lambda: (__import__("scipy.sparse").sparse.csr_matrix(
+        _regression()[0]), _regression()[1]), dict(max_iter=3, dtype=None), {}),
+]
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+@pytest.mark.parametrize("name, Estimator, data, params, fit_kwargs", NEW_PARAMETER_CASES,
+                         ids=[case[0] for case in NEW_PARAMETER_CASES])
+def test_new_parameters_and_fitted_attributes_round_trip(name, Estimator, data, params,
+                                                         fit_kwargs):
+    """clone keeps every parameter (the new ones included); pickle, deepcopy and joblib keep
+    every fitted attribute, and the copy predicts and trains on like the original."""
+    X, y = data()
+    model = Estimator(hidden_layer_sizes=(6,), random_state=0, **params)
+    cloned = sklearn.base.clone(model)
+    assert _same(cloned.get_params(), model.get_params())
+    kwargs = {"validation_data": (X[:40], y[:40])} if fit_kwargs else {}
+    model.fit(X, y, **kwargs)
+    fitted = sorted(k for k in vars(model) if k.endswith("_") and not k.startswith("_"))
+    assert {"coefs_", "n_iter_", "loss_", "memory_report_"} <= set(fitted)
+    if fit_kwargs:
+        assert len(model.validation_loss_curve_) == model.n_iter_
+    for how, copy_of in sorted(ROUND_TRIPS.items()):
+        copied = copy_of(model)
+        for key in fitted:
+            assert _same(getattr(copied, key), getattr(model, key)), (how, key)
+        assert _same(copied.get_params(), model.get_params())
+        np.testing.assert_array_equal(copied.predict(X), model.predict(X))
+    if hasattr(model, "partial_fit") and not params.get("early_stopping"):
+        copied = pickle.loads(pickle.dumps(model))
+        for estimator in (model, copied):
+            estimator.partial_fit(X, y)
+        np.testing.assert_array_equal(copied.coefs_[0], model.coefs_[0])
+
+
 def test_grid_search_with_two_jobs_in_a_pipeline():
     X, y = _classification(n=150)
     pipe = make_pipeline(StandardScaler(),
