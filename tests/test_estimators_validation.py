@@ -190,3 +190,37 @@ def test_bad_class_weight_is_refused_and_changes_nothing():
         assert not hasattr(model, "coefs_")
     with pytest.raises(ValueError, match="not supported for partial_fit"):
         MLPClassifier(class_weight="balanced").partial_fit(X, y, classes=[0, 1, 2])
+
+
+# ---------------------------------------------------------------------------- cosine schedule
+@pytest.mark.parametrize("solver", ["adam", "sgd"])
+@pytest.mark.parametrize("warmup", [0.0, 0.25])
+def test_cosine_learning_rate_is_ckpt_optim_schedules_per_batch(monkeypatch, solver, warmup):
+    from ckpt import estimators
+    from ckpt.optim.schedules import Cosine
+    rates = []
+    Optimizer = estimators._SklearnAdam if solver == "adam" else estimators._SklearnSGD
+    original = Optimizer.set_rate
+    monkeypatch.setattr(Optimizer, "set_rate",
+                        lambda self, rate: (rates.append(rate), original(self, rate))[1])
+    X, y = _classification(n=230)
+    model = MLPClassifier(hidden_layer_sizes=(8,), solver=solver, learning_rate="cosine",
+                          warmup_fraction=warmup, learning_rate_init=0.02, batch_size=50,
+                          max_iter=6, random_state=0).fit(X, y)
+    total = 6 * 5   # 5 batches of 50 rows (the last of 30) per epoch
+    assert rates == [Cosine(0.02, warmup)(step, total) for step in range(total)]
+    assert model._optimizer.learning_rate == rates[-1] < 0.02 * 0.01
+    if warmup:
+        assert rates[0] == pytest.approx(0.02 / 7) and rates[6] == 0.02
+    constant = MLPClassifier(hidden_layer_sizes=(8,), solver=solver, learning_rate_init=0.02,
+                             batch_size=50, max_iter=6, random_state=0).fit(X, y)
+    assert not np.array_equal(constant.coefs_[0], model.coefs_[0])
+
+
+def test_bad_warmup_fraction_is_refused():
+    X, y = _classification()
+    for value, error in [(1.0, ValueError), (-0.1, ValueError), ("a", TypeError)]:
+        model = MLPClassifier(learning_rate="cosine", warmup_fraction=value)
+        with pytest.raises(error, match="warmup_fraction"):
+            model.fit(X, y)
+        assert not hasattr(model, "coefs_")

@@ -56,30 +56,26 @@ if tuple(map(int, re.findall(r"\d+", sklearn.__version__)[:2])) < (1, 6):
                       f"found {sklearn.__version__}; upgrade with: {_SKLEARN_EXTRA}")
 
 from ckpt import _core
-from ckpt._reference import ACTIVATIONS as _NUMPY_ACTIVATIONS
-from ckpt._reference import DERIVATIVES as _NUMPY_DERIVATIVES
+from ckpt.activations import NAMES as _ACTIVATION_NAMES
+from ckpt.activations import get_activation
 from ckpt.checkpoint import SegmentCheckpointer
 from ckpt.layers import Dense, Dropout, check_float_dtype, walk
 from ckpt.optim import Optimizer, _number, collect_parameters
+from ckpt.optim.schedules import Cosine
 from ckpt.train import build_mlp
 from ckpt.train import predict as _predict_layers
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
 
-# scikit-learn's activation names, and ckpt's extra ones, to ckpt's Dense activations.
-HIDDEN_ACTIVATIONS = {
-    "identity": None,
-    "logistic": "sigmoid",
-    "tanh": "tanh",
-    "relu": "relu",
-    "gelu": "gelu",
-    "leaky_relu": "leaky_relu",
-    "softplus": "softplus",
-}
+# scikit-learn's activation names, and ckpt's extra ones (ckpt.activations' table), to ckpt's
+# Dense activations.
+HIDDEN_ACTIVATIONS = {"identity": None, "logistic": "sigmoid",
+                      **{name: name for name in _ACTIVATION_NAMES if name != "sigmoid"}}
 _STOCHASTIC_SOLVERS = ("adam", "sgd")
 _SOLVERS = ("lbfgs", "sgd", "adam")
 _REGRESSION_LOSSES = ("squared_error", "poisson")
-_SCHEDULES = ("constant", "invscaling", "adaptive")
+# scikit-learn's schedules (SGD only, as in scikit-learn), and ckpt's cosine (both solvers).
+_SCHEDULES = ("constant", "invscaling", "adaptive", "cosine")
 _PREDICT_ROWS = 4096  # rows per forward call in predict
 _NO_Y = object()      # _validate_data of X alone (y=None is a y, refused by scikit-learn's check)
 
@@ -89,13 +85,13 @@ _NO_Y = object()      # _validate_data of X alone (y=None is a y, refused by sci
 def _first_activation(layer: Dense, z: np.ndarray) -> np.ndarray:
     """The first layer's activation of its pre-activation z, for sparse input (NumPy: the
     first layer runs outside the compiled chain there), in z's dtype."""
-    return _NUMPY_ACTIVATIONS[layer.activation](z, layer.negative_slope).astype(z.dtype,
-                                                                               copy=False)
+    return get_activation(layer.activation).f(z, layer.negative_slope).astype(z.dtype,
+                                                                              copy=False)
 
 
 def _first_derivative(layer: Dense, z: np.ndarray) -> np.ndarray:
     """d act / d z of the first layer at z, for sparse input's backward."""
-    return _NUMPY_DERIVATIVES[layer.activation](z, layer.negative_slope).astype(z.dtype,
+    return get_activation(layer.activation).df(z, layer.negative_slope).astype(z.dtype,
                                                                                copy=False)
 
 
@@ -221,6 +217,10 @@ class _SklearnOptimizer(Optimizer):
     def _validated(**hyper: Any) -> Dict[str, Any]:
         return hyper
 
+    def set_rate(self, learning_rate: float) -> None:
+        """The learning rate of the next steps (learning_rate="cosine" sets it per batch)."""
+        self.learning_rate = learning_rate
+
     def iteration_ends(self, samples_seen: int) -> None:
         """The end of an epoch (scikit-learn's learning-rate schedules act here)."""
 
@@ -249,7 +249,7 @@ class _SklearnAdam(_SklearnOptimizer):
         for p, g, m, v, decays in zip(self._flat_params, self._flat_grads,
                                       self._buffers["exp_avg"], self._buffers["exp_avg_sq"],
                                       self._decays):
-            _core.adam_step(p, g, m, v, self.learning_rate_init, self.beta_1, self.beta_2, eps,
+            _core.adam_step(p, g, m, v, self.learning_rate, self.beta_1, self.beta_2, eps,
                             weight_decay if decays else 0.0, False, self.step_count)
 
 
@@ -274,6 +274,9 @@ class _SklearnSGD(_SklearnOptimizer):
                                      self._buffers["momentum_buffer"], self._decays):
             _core.sgd_momentum_step(p, g, buf, self.learning_rate, self.momentum,
                                     weight_decay if decays else 0.0, self.nesterov)
+
+    def set_rate(self, learning_rate: float) -> None:
+        self._set_learning_rate(learning_rate)
 
     def _set_learning_rate(self, learning_rate: float) -> None:
         if learning_rate != self.learning_rate and learning_rate > 0:
@@ -365,7 +368,8 @@ class _BaseMLP(BaseEstimator):
                  nesterovs_momentum: bool = True, early_stopping: bool = False,
                  validation_fraction: float = 0.1, beta_1: float = 0.9, beta_2: float = 0.999,
                  epsilon: float = 1e-8, n_iter_no_change: Union[int, float] = 10,
-                 max_fun: int = 15000, checkpoint_every: Optional[int] = None,
+                 max_fun: int = 15000, warmup_fraction: float = 0.0,
+                 checkpoint_every: Optional[int] = None,
                  memory_budget: Union[None, int, str] = None, residual: bool = False,
                  dropout: float = 0.0, dtype: Any = np.float32,
                  n_threads: Optional[int] = None) -> None:
@@ -392,6 +396,7 @@ class _BaseMLP(BaseEstimator):
         self.epsilon = epsilon
         self.n_iter_no_change = n_iter_no_change
         self.max_fun = max_fun
+        self.warmup_fraction = warmup_fraction
         self.checkpoint_every = checkpoint_every
         self.memory_budget = memory_budget
         self.residual = residual
@@ -414,6 +419,8 @@ class _BaseMLP(BaseEstimator):
         p["learning_rate_init"] = _check_real(self.learning_rate_init, "learning_rate_init", 0.0,
                                               low_open=True)
         p["power_t"] = _check_real(self.power_t, "power_t", 0.0)
+        p["warmup_fraction"] = _check_real(self.warmup_fraction, "warmup_fraction", 0.0, 1.0,
+                                           high_open=True)
         p["max_iter"] = _check_int(self.max_iter, "max_iter", 1)
         p["tol"] = _check_real(self.tol, "tol", 0.0)
         p["momentum"] = _check_real(self.momentum, "momentum", 0.0, 1.0)
@@ -803,6 +810,10 @@ class _BaseMLP(BaseEstimator):
             batch_size = int(np.clip(p["batch_size"], 1, n))
         self._batch_rows = batch_size
         optimizer = self._optimizer
+        # learning_rate="cosine": ckpt.optim.schedules' Cosine over max_iter epochs, per batch.
+        cosine = (Cosine(p["learning_rate_init"], p["warmup_fraction"])
+                  if p["learning_rate"] == "cosine" else None)
+        total_steps = p["max_iter"] * len(range(0, n, batch_size))
         order = np.arange(n)
         grads: Dict[int, np.ndarray] = {}
         progress = self._progress(p)
@@ -825,6 +836,9 @@ class _BaseMLP(BaseEstimator):
                     loss = self._loss_and_gradients(X[idx], Y[idx], w, grad)
                     if p["alpha"]:
                         loss += 0.5 * p["alpha"] * self._squared_weights() / weight
+                    if cosine is not None:  # partial_fit past max_iter epochs: the last rate
+                        optimizer.set_rate(cosine(min(optimizer.step_count, total_steps - 1),
+                                                  total_steps))
                     optimizer.step(p["alpha"] / weight)
                     total += loss * rows
                 self.n_iter_ += 1
@@ -1103,7 +1117,8 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
                  nesterovs_momentum: bool = True, early_stopping: bool = False,
                  validation_fraction: float = 0.1, beta_1: float = 0.9, beta_2: float = 0.999,
                  epsilon: float = 1e-8, n_iter_no_change: Union[int, float] = 10,
-                 max_fun: int = 15000, class_weight: Any = None,
+                 max_fun: int = 15000, warmup_fraction: float = 0.0,
+                 class_weight: Any = None,
                  checkpoint_every: Optional[int] = None,
                  memory_budget: Union[None, int, str] = None, residual: bool = False,
                  dropout: float = 0.0, dtype: Any = np.float32,
@@ -1116,7 +1131,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             nesterovs_momentum=nesterovs_momentum, early_stopping=early_stopping,
             validation_fraction=validation_fraction, beta_1=beta_1, beta_2=beta_2,
             epsilon=epsilon, n_iter_no_change=n_iter_no_change, max_fun=max_fun,
-            checkpoint_every=checkpoint_every, memory_budget=memory_budget, residual=residual,
+            warmup_fraction=warmup_fraction, checkpoint_every=checkpoint_every, memory_budget=memory_budget, residual=residual,
             dropout=dropout, dtype=dtype, n_threads=n_threads)
         self.class_weight = class_weight
 
@@ -1276,7 +1291,8 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
                  nesterovs_momentum: bool = True, early_stopping: bool = False,
                  validation_fraction: float = 0.1, beta_1: float = 0.9, beta_2: float = 0.999,
                  epsilon: float = 1e-8, n_iter_no_change: Union[int, float] = 10,
-                 max_fun: int = 15000, checkpoint_every: Optional[int] = None,
+                 max_fun: int = 15000, warmup_fraction: float = 0.0,
+                 checkpoint_every: Optional[int] = None,
                  memory_budget: Union[None, int, str] = None, residual: bool = False,
                  dropout: float = 0.0, dtype: Any = np.float32,
                  n_threads: Optional[int] = None) -> None:
@@ -1288,7 +1304,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
             nesterovs_momentum=nesterovs_momentum, early_stopping=early_stopping,
             validation_fraction=validation_fraction, beta_1=beta_1, beta_2=beta_2,
             epsilon=epsilon, n_iter_no_change=n_iter_no_change, max_fun=max_fun,
-            checkpoint_every=checkpoint_every, memory_budget=memory_budget, residual=residual,
+            warmup_fraction=warmup_fraction, checkpoint_every=checkpoint_every, memory_budget=memory_budget, residual=residual,
             dropout=dropout, dtype=dtype, n_threads=n_threads)
         self.loss = loss
 
