@@ -30,6 +30,7 @@ from sklearn.utils.estimator_checks import (  # noqa: E402
 import ckpt  # noqa: E402
 from ckpt.estimators import MLPClassifier, MLPRegressor  # noqa: E402
 
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 @parametrize_with_checks(
     [MLPClassifier(hidden_layer_sizes=(32,), max_iter=100, learning_rate_init=0.01, dtype=None),
      MLPRegressor(hidden_layer_sizes=(32,), max_iter=100, learning_rate_init=0.01, dtype=None),

@@ -190,3 +190,17 @@ def test_poisson_refuses_negative_targets_and_changes_nothing():
         model.fit(X, np.where(np.arange(len(y)) == 3, -1, y))
     with pytest.raises(ValueError, match="loss"):
         MLPRegressor(loss="huber").fit(X, y)
+
+
+def test_a_warm_start_can_switch_between_lbfgs_and_a_stochastic_solver():
+    X, y = CASES[0][2:4]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model = MLPClassifier(solver="lbfgs", hidden_layer_sizes=(6,), max_iter=5,
+                              random_state=0, warm_start=True).fit(X, y)
+        start = model.coefs_[0].copy()
+        model.set_params(solver="adam", max_iter=3, early_stopping=True).fit(X, y)
+    assert len(model.loss_curve_) == len(model.validation_scores_) == model.n_iter_ == 3
+    assert not np.array_equal(model.coefs_[0], start)
+    model.set_params(early_stopping=False).partial_fit(X, y)
+    assert len(model.loss_curve_) == 4

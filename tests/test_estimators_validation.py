@@ -89,6 +89,14 @@ def test_bad_validation_data_is_refused_and_changes_nothing():
         assert not hasattr(model, "coefs_")
     with pytest.raises(ValueError, match="stochastic solver"):
         MLPClassifier(solver="lbfgs").fit(X, y, validation_data=(X, y))
+    # A fitted classifier refused a refit keeps its classes, features and predictions.
+    fitted = MLPClassifier(hidden_layer_sizes=(4,), max_iter=2).fit(X, y)
+    before = fitted.predict_proba(X)
+    with pytest.raises(ValueError, match="X has 6 features, but MLPClassifier is expecting 5"):
+        fitted.fit(X[:, :5], np.where(y == 2, 9, y), validation_data=(X, y))
+    np.testing.assert_array_equal(fitted.classes_, [0, 1, 2])
+    assert fitted.n_features_in_ == 6
+    np.testing.assert_array_equal(fitted.predict_proba(X), before)
     with pytest.raises(ValueError, match="X has 4 features, but MLPRegressor is expecting 6"):
         MLPRegressor(max_iter=2).fit(X, y, validation_data=(X[:, :4], y))
 

@@ -1,18 +1,32 @@
 """scikit-learn estimators trained by ckpt: ``MLPClassifier`` and ``MLPRegressor``.
 
-Drop-in counterparts of ``sklearn.neural_network.MLPClassifier`` / ``MLPRegressor``: the same
-parameter names and defaults, the same fitted attributes, and scikit-learn's semantics -- its
-loss (half squared error; binary cross-entropy on logistic outputs for binary and multilabel
-targets; softmax cross-entropy for multiclass), its L2 penalty ``0.5 * alpha * ||W||^2`` on the
-weights only, divided by the (weighted) number of samples in the batch and included in
-``loss_``, its weight initialisation and shuffling from ``random_state``, its Adam and SGD
-updates, learning-rate schedules, early stopping and convergence rule. The network runs on
-ckpt: a SegmentCheckpointer of Dense layers in float32 by default, with ckpt's own parameters
-``checkpoint_every``, ``memory_budget``, ``dtype`` and ``n_threads``.
+Drop-in counterparts of ``sklearn.neural_network.MLPClassifier`` / ``MLPRegressor`` (1.9): the
+same parameter names and defaults, the same fitted attributes, and scikit-learn's semantics --
+its losses (half squared error or half Poisson deviance on exp outputs; binary cross-entropy
+on logistic outputs for binary and multilabel targets; softmax cross-entropy for multiclass),
+its L2 penalty ``0.5 * alpha * ||W||^2`` on the weights only, divided by the (weighted) number
+of samples in the batch and included in ``loss_``, its weight initialisation and shuffling
+from ``random_state``, its Adam, SGD and L-BFGS (scipy's L-BFGS-B, the parameters packed as
+scikit-learn packs them) solvers, learning-rate schedules, early-stopping split, convergence
+rules and warnings, sparse input. The network runs on ckpt: a SegmentCheckpointer of Dense
+layers, with ckpt's own parameters ``checkpoint_every``, ``memory_budget``, ``dtype`` and
+``n_threads``; lbfgs computes its full-batch loss and gradient through the same checkpointed
+chain, so ``memory_budget`` bounds it too.
 
-Differences from scikit-learn: ``solver="lbfgs"`` is refused; float32 arithmetic by default;
-sparse input is refused; negative sample weights are refused; predictions and probabilities
-come back as float64 computed from the network's outputs.
+Beyond scikit-learn: ``fit(..., validation_data=(X_val, y_val))`` with per-epoch
+``validation_scores_`` and ``validation_loss_curve_``; ``class_weight`` (classifier);
+``learning_rate="cosine"`` with ``warmup_fraction`` (:mod:`ckpt.optim.schedules`, per batch);
+ckpt's extra activations, ``dropout`` and ``residual``.
+
+Differences from scikit-learn: float32 arithmetic by default (``dtype=None`` gives
+scikit-learn's dtypes); predictions and probabilities come in the training dtype, also for
+float64 X on a float32 network; negative sample weights are refused; sparse X of an integer
+dtype is refused (cast it); ``loss="poisson"`` refuses negative targets (scikit-learn's
+MLPRegressor lets them through to a NaN loss); ``partial_fit`` is absent for lbfgs on the
+regressor too (scikit-learn's regressor keeps it by an oversight of its ``available_if``); an
+epoch whose loss is not finite stops the fit with scikit-learn's non-finite-weights error
+instead of training on to max_iter; a continued fit trains in the network's dtype (arrays
+assigned to ``coefs_`` are cast into it).
 
 scikit-learn (>= 1.6) is needed only here: ``pip install 'ckpt-cpu[sklearn]'``.
 """
@@ -78,8 +92,10 @@ _REGRESSION_LOSSES = ("squared_error", "poisson")
 _SCHEDULES = ("constant", "invscaling", "adaptive", "cosine")
 _PREDICT_ROWS = 4096  # rows per forward call in predict
 _NO_Y = object()      # _validate_data of X alone (y=None is a y, refused by scikit-learn's check)
-
-
+# What the target checks set: the classifier's classes and output units, validate_data's
+# n_features_in_ (and feature_names_in_ for a DataFrame).
+_TARGET_STATE = ("classes_", "_label_binarizer", "_output", "n_features_in_",
+                 "feature_names_in_")
 
 
 def _first_activation(layer: Dense, z: np.ndarray) -> np.ndarray:
@@ -561,8 +577,11 @@ class _BaseMLP(BaseEstimator):
         for name in ("loss_curve_", "validation_scores_", "best_validation_score_", "best_loss_",
                      "validation_loss_curve_", "_no_improvement_count"):
             self.__dict__.pop(name, None)
-        if p["solver"] not in _STOCHASTIC_SOLVERS:
-            return  # scikit-learn's lbfgs fit keeps no curves
+        if p["solver"] in _STOCHASTIC_SOLVERS:   # scikit-learn's lbfgs fit keeps no curves
+            self._new_records(p)
+
+    def _new_records(self, p: Dict[str, Any]) -> None:
+        """Empty training curves and stopping state, as scikit-learn's first stochastic fit."""
         self.loss_curve_ = []
         self.validation_loss_curve_ = None
         self._no_improvement_count = 0
@@ -662,17 +681,26 @@ class _BaseMLP(BaseEstimator):
             raise ValueError("partial_fit does not support early_stopping=True")
         assigned = None if first_pass else self._assigned_parameters()
         dtype = self._training_dtype(p, first_pass)
-        X, Y, labels = self._validate_input(X, y, dtype, incremental, first_pass)
-        p["dtype"] = X.dtype
-        sample_weight = self._sample_weight(sample_weight, X.shape[0], X.dtype)
-        sample_weight = self._with_class_weight(p, labels, sample_weight)
-        if validation_data is not None and p["solver"] not in _STOCHASTIC_SOLVERS:
-            raise ValueError("validation_data is scored every epoch: it needs a stochastic "
-                             "solver ('adam' or 'sgd'), not solver='lbfgs'")
-        validation = self._validation_set(validation_data, X.dtype)
-        units = [X.shape[1]] + p["hidden_layer_sizes"] + [Y.shape[1]]
-        if not first_pass:
-            self._check_network(p, units)
+        # The target checks set classes_ (scikit-learn's order): put them back if any later
+        # check refuses the input, so that a refused fit changes nothing.
+        before = {key: self.__dict__[key] for key in _TARGET_STATE if key in self.__dict__}
+        try:
+            X, Y, labels = self._validate_input(X, y, dtype, incremental, first_pass)
+            p["dtype"] = X.dtype
+            sample_weight = self._sample_weight(sample_weight, X.shape[0], X.dtype)
+            sample_weight = self._with_class_weight(p, labels, sample_weight)
+            if validation_data is not None and p["solver"] not in _STOCHASTIC_SOLVERS:
+                raise ValueError("validation_data is scored every epoch: it needs a stochastic "
+                                 "solver ('adam' or 'sgd'), not solver='lbfgs'")
+            validation = self._validation_set(validation_data, X.dtype)
+            units = [X.shape[1]] + p["hidden_layer_sizes"] + [Y.shape[1]]
+            if not first_pass:
+                self._check_network(p, units)
+        except BaseException:
+            for key in _TARGET_STATE:
+                self.__dict__.pop(key, None)
+            self.__dict__.update(before)
+            raise
         self._random_state = check_random_state(self.random_state)
         if first_pass:
             self._initialize(p, units, self._random_state)
@@ -707,9 +735,10 @@ class _BaseMLP(BaseEstimator):
         if validation_data is None:
             return None
         if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
-            raise ValueError(f"validation_data must be a pair (X_val, y_val), got "
-                             f"{type(validation_data).__name__}"
-                             f"{'' if not hasattr(validation_data, '__len__') else ' of length ' + str(len(validation_data))}")
+            what = (f"a {type(validation_data).__name__} of length {len(validation_data)}"
+                    if isinstance(validation_data, (tuple, list))
+                    else type(validation_data).__name__)
+            raise ValueError(f"validation_data must be a pair (X_val, y_val), got {what}")
         X_val, y_val = self._validate_data(validation_data[0], validation_data[1], dtype,
                                            reset=False, **self._y_checks())
         if y_val.ndim == 2 and y_val.shape[1] == 1:
@@ -791,6 +820,13 @@ class _BaseMLP(BaseEstimator):
                         sample_weight: Optional[np.ndarray], incremental: bool,
                         validation: Any) -> None:
         rng = self._random_state
+        if not hasattr(self, "loss_curve_"):     # a warm start from an lbfgs fit
+            self._new_records(p)
+        # A warm start that turns early_stopping on or off starts the other record afresh.
+        if p["early_stopping"] and self.best_validation_score_ is None:
+            self.best_validation_score_ = -np.inf
+        if not p["early_stopping"] and self.best_loss_ is None:
+            self.best_loss_ = np.inf
         w_val = None
         if validation is None and p["early_stopping"]:
             X, Y, labels, sample_weight, validation, w_val = self._split(
@@ -1057,10 +1093,14 @@ _COMMON_DOC = """
       (default floor(sqrt(number of layers))); or ``memory_budget``: bytes or a string such as
       "64MiB", the least recomputation that fits (activations and gradient buffers). lbfgs runs
       the whole training set as one batch, so that is where the budget matters most;
-    - ``dtype``: the network's arithmetic. float32 (the default: ckpt's kernels run about twice
-      as fast in float32 and hold half the memory) or float64 casts X to it; ``None`` follows
-      scikit-learn: float32 X trains in float32, any other X in float64;
+    - ``dtype``: the network's arithmetic. float32 (the default, for speed: half float64's
+      activation memory and memory traffic, and faster GEMMs) or float64 casts X to it;
+      ``None`` follows scikit-learn: float32 X trains in float32, any other X in float64;
     - ``n_threads``: OpenBLAS threads during fit and predict (None: leave the setting);
+    - ``learning_rate="cosine"`` (adam and sgd; scikit-learn's schedules are sgd's only):
+      ``ckpt.optim.schedules.Cosine`` from ``learning_rate_init``, set before every batch,
+      over ``max_iter`` epochs of batches, after a linear warmup over ``warmup_fraction`` of
+      them (default 0); a partial_fit past that holds the last rate;
     - ``dropout``: a Dropout of this probability after each hidden layer (off in predict;
       stochastic solvers only);
     - ``residual=True``: ckpt's pre-norm residual MLP (``ckpt.build_mlp(residual=True)``) with one
