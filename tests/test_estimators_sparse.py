@@ -47,6 +47,12 @@ def test_sparse_training_equals_dense_training(fmt, dtype, rtol):
                                atol=rtol * 1e-2)
     np.testing.assert_allclose(dense.predict_proba(Xs), dense.predict_proba(Xd), rtol=rtol,
                                atol=rtol * 1e-2)
+    # The report is of the compiled chain after the first layer: 500 input columns are not in it.
+    assert sparse.memory_report_["first_layer_outside_chain"]
+    assert not dense.memory_report_["first_layer_outside_chain"]
+    assert sparse.memory_report_["n_layers"] == dense.memory_report_["n_layers"] - 1
+    assert 0 < sparse.memory_report_["measured_peak_bytes"] < dense.memory_report_[
+        "measured_peak_bytes"]
 
 
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")

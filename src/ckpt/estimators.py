@@ -722,7 +722,8 @@ class _BaseMLP(BaseEstimator):
         if not all(np.isfinite(a).all() for a in self.coefs_ + self.intercepts_):
             raise ValueError("Solver produced non-finite parameter weights. The input data may "
                              "contain large values and need to be preprocessed.")
-        self.memory_report_ = self._memory_report(min(self._batch_rows, X.shape[0]))
+        self.memory_report_ = self._memory_report(min(self._batch_rows, X.shape[0]),
+                                                  sp.issparse(X))
         return self
 
     def _with_class_weight(self, p: Dict[str, Any], labels: Any,
@@ -1001,10 +1002,11 @@ class _BaseMLP(BaseEstimator):
             progress.set_postfix_str(f"loss={self.loss_:.6f}", refresh=False)
         progress.write(message, file=sys.stdout)
 
-    def _memory_report(self, batch: int) -> Dict[str, Any]:
-        """What checkpointing saved and cost at the training batch size."""
+    def _memory_report(self, batch: int, sparse: bool) -> Dict[str, Any]:
+        """What checkpointing saved and cost at the training batch size: of the chain that
+        ran, the whole network, or after the first layer for sparse X."""
         from ckpt.plan import uniform_plan
-        model = self._model
+        model = self._rest_chain() if sparse and len(self._model) > 1 else self._model
         widths, dtype = model.widths, model.dtype
         if model.budget_bytes is not None:
             plan = model._plan_for_budget(batch)
@@ -1022,6 +1024,7 @@ class _BaseMLP(BaseEstimator):
             "recompute_flops_fraction": plan.recompute_flops / (3 * plan.plain_forward_flops),
             "measured_peak_bytes": model.memory_tracker.peak_bytes,
             "optimizer_state_bytes": self._optimizer_state_bytes(),
+            "first_layer_outside_chain": model is not self._model,
         }
 
     def _optimizer_state_bytes(self) -> int:
