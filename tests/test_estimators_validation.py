@@ -1,6 +1,5 @@
 """fit(validation_data=), the validation curves, early stopping on them, class_weight, and
 scikit-learn's messages for a diverging fit and a too-small stratified split."""
-import warnings
 
 import numpy as np
 import pytest

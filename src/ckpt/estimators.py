@@ -863,7 +863,8 @@ class _BaseMLP(BaseEstimator):
                 for batch in gen_batches(n, batch_size):
                     idx = order[batch] if p["shuffle"] else batch
                     w = None if sample_weight is None else sample_weight[idx]
-                    weight = batch.stop - batch.start if w is None else float(w.sum(dtype=np.float64))
+                    weight = (batch.stop - batch.start if w is None
+                              else float(w.sum(dtype=np.float64)))
                     if weight == 0:
                         continue  # rows of weight zero only: nothing to learn from this batch
                     rows = batch.stop - batch.start
@@ -1138,7 +1139,7 @@ def _stochastic(estimator: "_BaseMLP") -> bool:
 
 
 class MLPClassifier(ClassifierMixin, _BaseMLP):
-    __doc__ = """Multi-layer perceptron classifier, scikit-learn's ``MLPClassifier`` trained by ckpt.
+    __doc__ = """Multi-layer perceptron classifier: scikit-learn's ``MLPClassifier`` on ckpt.
 
     Binary and multilabel targets use logistic output units with binary cross-entropy,
     multiclass targets a softmax with cross-entropy.
@@ -1174,8 +1175,9 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             nesterovs_momentum=nesterovs_momentum, early_stopping=early_stopping,
             validation_fraction=validation_fraction, beta_1=beta_1, beta_2=beta_2,
             epsilon=epsilon, n_iter_no_change=n_iter_no_change, max_fun=max_fun,
-            warmup_fraction=warmup_fraction, checkpoint_every=checkpoint_every, memory_budget=memory_budget, residual=residual,
-            dropout=dropout, dtype=dtype, n_threads=n_threads)
+            warmup_fraction=warmup_fraction, checkpoint_every=checkpoint_every,
+            memory_budget=memory_budget, residual=residual, dropout=dropout, dtype=dtype,
+            n_threads=n_threads)
         self.class_weight = class_weight
 
     def _check_own_params(self) -> Dict[str, Any]:
@@ -1315,7 +1317,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
 
 
 class MLPRegressor(RegressorMixin, _BaseMLP):
-    __doc__ = """Multi-layer perceptron regressor, scikit-learn's ``MLPRegressor`` trained by ckpt.
+    __doc__ = """Multi-layer perceptron regressor: scikit-learn's ``MLPRegressor`` on ckpt.
 
     ``loss`` as scikit-learn's: "squared_error" (half squared error, identity outputs) or
     "poisson" (half Poisson deviance on exp outputs; targets must be non-negative, and not
@@ -1347,8 +1349,9 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
             nesterovs_momentum=nesterovs_momentum, early_stopping=early_stopping,
             validation_fraction=validation_fraction, beta_1=beta_1, beta_2=beta_2,
             epsilon=epsilon, n_iter_no_change=n_iter_no_change, max_fun=max_fun,
-            warmup_fraction=warmup_fraction, checkpoint_every=checkpoint_every, memory_budget=memory_budget, residual=residual,
-            dropout=dropout, dtype=dtype, n_threads=n_threads)
+            warmup_fraction=warmup_fraction, checkpoint_every=checkpoint_every,
+            memory_budget=memory_budget, residual=residual, dropout=dropout, dtype=dtype,
+            n_threads=n_threads)
         self.loss = loss
 
     def _check_own_params(self) -> Dict[str, Any]:
