@@ -1075,11 +1075,11 @@ class _BaseMLP(BaseEstimator):
     # ---------------------------------------------------------------- pickling
     def __getstate__(self) -> dict:
         # coefs_ and intercepts_ are the layers' arrays: pickled once, with the layers, and
-        # bound again on load (joblib would otherwise write, and load, separate copies).
+        # bound again on load (joblib would otherwise write, and load, separate copies). The
+        # sparse path's chain (_rest) holds the same layers: pickle's memo keeps them shared.
         state = dict(super().__getstate__())
         state.pop("coefs_", None)
         state.pop("intercepts_", None)
-        state.pop("_rest", None)   # the sparse path's chain: rebuilt from the layers on use
         return state
 
     def __setstate__(self, state: dict) -> None:
