@@ -53,15 +53,16 @@ def test_validation_loss_is_the_loss_of_the_validation_set():
     assert clf.validation_loss_curve_[-1] == pytest.approx(cross_entropy, rel=1e-12)
 
 
-@pytest.mark.parametrize("Estimator, data", [
-    (MLPClassifier, lambda s: _classification(seed=s)),
+@pytest.mark.parametrize("Estimator, data, extra", [
+    (MLPClassifier, lambda s: _classification(seed=s), {}),
+    (MLPClassifier, lambda s: _classification(seed=s), dict(residual=True)),
     (MLPRegressor, lambda s: (lambda X, y: (X, y / 100))(*make_regression(240, 6, noise=5.0,
-                                                                           random_state=s)))])
-def test_early_stopping_on_validation_data_restores_the_best_epoch(Estimator, data):
+                                                                           random_state=s)), {})])
+def test_early_stopping_on_validation_data_restores_the_best_epoch(Estimator, data, extra):
     X, y = data(0)
     Xv, yv = data(1)
     kwargs = dict(hidden_layer_sizes=(16,), random_state=0, learning_rate_init=0.05,
-                  dtype=np.float64)
+                  dtype=np.float64, **extra)
     stopped = Estimator(early_stopping=True, n_iter_no_change=3, max_iter=200, **kwargs)
     stopped.fit(X, y, validation_data=(Xv, yv))
     best = int(np.argmax(stopped.validation_scores_)) + 1
@@ -69,7 +70,12 @@ def test_early_stopping_on_validation_data_restores_the_best_epoch(Estimator, da
     assert stopped.best_validation_score_ == max(stopped.validation_scores_)
     # The same training stopped by hand after the best epoch: its weights, bit for bit.
     saved = Estimator(max_iter=best, **kwargs).fit(X, y, validation_data=(Xv, yv))
-    for a, b in zip(stopped.coefs_ + stopped.intercepts_, saved.coefs_ + saved.intercepts_):
+    # Every parameter: with residual=True the LayerNorms' too.
+    from ckpt.optim import collect_parameters
+    ours, theirs = (collect_parameters(m._model)[0] for m in (stopped, saved))
+    n_dense = 2 * len(stopped.coefs_)
+    assert (len(ours) > n_dense) if extra else (len(ours) == n_dense)
+    for a, b in zip(ours, theirs):
         np.testing.assert_array_equal(a, b)
     assert stopped.validation_scores_[:best] == saved.validation_scores_
     assert stopped.score(Xv, yv) == stopped.best_validation_score_

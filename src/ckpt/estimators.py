@@ -572,8 +572,7 @@ class _BaseMLP(BaseEstimator):
         self._model = SegmentCheckpointer(layers, **self._schedule, seed=seed)
         self._rest = None
         self._bind_parameters()
-        self._best_coefs = [c.copy() for c in self.coefs_]
-        self._best_intercepts = [b.copy() for b in self.intercepts_]
+        self._best_parameters = self._parameter_copies()
         for name in ("loss_curve_", "validation_scores_", "best_validation_score_", "best_loss_",
                      "validation_loss_curve_", "_no_improvement_count"):
             self.__dict__.pop(name, None)
@@ -600,6 +599,10 @@ class _BaseMLP(BaseEstimator):
         the output layer; the LayerNorms' parameters are not among them)."""
         self.coefs_ = [layer.W for layer in self._dense_layers()]
         self.intercepts_ = [layer.b for layer in self._dense_layers()]
+
+    def _parameter_copies(self) -> List[np.ndarray]:
+        """Copies of every parameter of the network (coefs_, intercepts_, LayerNorms')."""
+        return [a.copy() for a in collect_parameters(self._model)[0]]
 
     def _dense_layers(self) -> List[Dense]:
         return [layer for layer in walk(self._model.layers) if isinstance(layer, Dense)]
@@ -907,9 +910,8 @@ class _BaseMLP(BaseEstimator):
         finally:
             if progress is not None:
                 progress.close()
-        if p["early_stopping"]:
-            for target, best in zip(self.coefs_ + self.intercepts_,
-                                    self._best_coefs + self._best_intercepts):
+        if p["early_stopping"]:   # the best epoch's parameters, LayerNorms' included
+            for target, best in zip(collect_parameters(self._model)[0], self._best_parameters):
                 np.copyto(target, best)
 
     def _diverged(self, p: Dict[str, Any], n: int, batch_size: int) -> None:
@@ -978,8 +980,7 @@ class _BaseMLP(BaseEstimator):
                 self._no_improvement_count = 0
             if score > self.best_validation_score_:
                 self.best_validation_score_ = score
-                self._best_coefs = [c.copy() for c in self.coefs_]
-                self._best_intercepts = [b.copy() for b in self.intercepts_]
+                self._best_parameters = self._parameter_copies()
         else:
             if self.loss_curve_[-1] > self.best_loss_ - p["tol"]:
                 self._no_improvement_count += 1
