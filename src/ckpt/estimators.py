@@ -951,10 +951,10 @@ class _BaseMLP(BaseEstimator):
                            progress: Any) -> None:
         """The epoch's validation score and loss (the data loss, without the L2 term)."""
         X_val, Y_val, labels_val = validation
-        z = self._raw_outputs(X_val)
+        z = self._raw_outputs(X_val)   # one forward for both
         loss = self._output_loss(z, Y_val, w_val, np.empty_like(z))
         self.validation_loss_curve_.append(np.float64(loss))
-        score = self._validation_score(X_val, labels_val, w_val)
+        score = self._validation_score(self._output_units(z), labels_val, w_val)
         self.validation_scores_.append(score)
         self._say(progress, f"Validation score: {score:f}")
 
@@ -1062,7 +1062,10 @@ class _BaseMLP(BaseEstimator):
         self._adopt_assigned_parameters(self._assigned_parameters())
         if check_input:
             X = self._validate_X(X, self._model.dtype, reset=False)
-        z = self._raw_outputs(X)
+        return self._output_units(self._raw_outputs(X))
+
+    def _output_units(self, z: np.ndarray) -> np.ndarray:
+        """The output units applied to the raw outputs z (overwritten)."""
         if self._output == "logistic":
             return 0.5 * (1.0 + np.tanh(0.5 * z))
         if self._output == "exp":
@@ -1250,9 +1253,8 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             per_sample *= sample_weight
         return self._sample_weight(per_sample, len(per_sample), p["dtype"])
 
-    def _validation_score(self, X: Any, y: Any, w: Optional[np.ndarray]) -> float:
-        pred = self._predict(X, check_input=False)
-        return float(accuracy_score(y, pred, sample_weight=w))
+    def _validation_score(self, outputs: np.ndarray, y: Any, w: Optional[np.ndarray]) -> float:
+        return float(accuracy_score(y, self._from_outputs(outputs), sample_weight=w))
 
     def fit(self, X: Any, y: Any, sample_weight: Any = None, *,
             validation_data: Any = None) -> "MLPClassifier":
@@ -1287,10 +1289,12 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         return self._fit(X, y, sample_weight, incremental=True)
 
     def _predict(self, X: Any, check_input: bool = True) -> np.ndarray:
-        proba = self._forward(X, check_input)
-        if self.n_outputs_ == 1:
-            proba = proba.ravel()
-        return self._label_binarizer.inverse_transform(proba)
+        return self._from_outputs(self._forward(X, check_input))
+
+    def _from_outputs(self, proba: np.ndarray) -> np.ndarray:
+        """The classes of the output units' values."""
+        return self._label_binarizer.inverse_transform(
+            proba.ravel() if self.n_outputs_ == 1 else proba)
 
     def predict(self, X: Any) -> np.ndarray:
         """The predicted classes, (n_samples,) or (n_samples, n_labels) for multilabel."""
@@ -1386,9 +1390,9 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         self._output = "exp" if p["loss"] == "poisson" else "identity"
         super()._initialize(p, units, rng)
 
-    def _validation_score(self, X: Any, y: Any, w: Optional[np.ndarray]) -> float:
-        pred = self._predict(X, check_input=False)
-        if not np.isfinite(pred).all():
+    def _validation_score(self, outputs: np.ndarray, y: Any, w: Optional[np.ndarray]) -> float:
+        pred = self._from_outputs(outputs)
+        if not np.isfinite(pred).all():   # scikit-learn's score of non-finite predictions
             return np.nan
         return float(r2_score(y, pred, sample_weight=w))
 
@@ -1408,7 +1412,10 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         return self._fit(X, y, sample_weight, incremental=True)
 
     def _predict(self, X: Any, check_input: bool = True) -> np.ndarray:
-        pred = self._forward(X, check_input)
+        return self._from_outputs(self._forward(X, check_input))
+
+    @staticmethod
+    def _from_outputs(pred: np.ndarray) -> np.ndarray:
         return pred.ravel() if pred.shape[1] == 1 else pred
 
     def predict(self, X: Any) -> np.ndarray:
