@@ -56,7 +56,7 @@ def test_sparse_training_equals_dense_training(fmt, dtype, rtol):
 
 
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
-@pytest.mark.parametrize("activation", ["relu", "logistic", "gelu"])
+@pytest.mark.parametrize("activation", ["relu", "logistic", "gelu", "silu"])
 def test_sparse_lbfgs_and_regression_equal_dense(activation):
     X, _, score = _sparse_problem(n=600, d=200, density=0.03)
     kwargs = dict(hidden_layer_sizes=(8,), solver="lbfgs", max_iter=15, random_state=0,

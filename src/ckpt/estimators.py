@@ -1096,7 +1096,8 @@ _COMMON_DOC = """
     Parameters are scikit-learn's, with its names, defaults and meaning (``solver`` "adam",
     "sgd" or "lbfgs"; ``max_fun`` for lbfgs), plus ckpt's:
 
-    - ``activation`` also accepts ckpt's "gelu", "leaky_relu" and "softplus";
+    - ``activation`` also accepts every other activation of ckpt's table
+      (:mod:`ckpt.activations`: "gelu", "leaky_relu", "softplus", "silu", ...);
     - ``checkpoint_every``: keep every k-th activation and recompute the rest in backward
       (default floor(sqrt(number of layers))); or ``memory_budget``: bytes or a string such as
       "64MiB", the least recomputation that fits (activations and gradient buffers). lbfgs runs
