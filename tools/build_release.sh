@@ -83,8 +83,10 @@ for tag in ${platform_tags//./ }; do
     case "$tag" in manylinux*) ;; *) fail "$wheel_name carries the tag $tag, not only manylinux tags" ;; esac
 done
 # The glibc floor the docs state is the one auditwheel granted: every manylinux_2_NN_x86_64 in the
-# README and the building page must be the wheel's first (most specific) platform tag.
-granted=${platform_tags%%.*}
+# README and the building page must be the wheel's PEP 600 tag (beside it, a legacy alias such as
+# manylinux2014_x86_64 may come first).
+granted=$(tr '.' '\n' <<< "$platform_tags" | grep -E '^manylinux_2_[0-9]+_x86_64$' || true)
+[ "$(wc -w <<< "$granted")" -eq 1 ] || fail "$wheel_name has no single manylinux_2_NN_x86_64 tag"
 auditwheel show "$wheel" > "$work/show.log" 2>&1 || { cat "$work/show.log" >&2; fail "auditwheel show"; }
 say "glibc symbol versions referenced: $(grep -o "'GLIBC_[0-9.]*'" "$work/show.log" | tr -d "'" | sort -uV | tr '\n' ' ')-> $granted"
 stated=$(cd "$work/src" && grep -oh 'manylinux_2_[0-9]*_x86_64' README.md docs/guide/building.md | sort -u)
