@@ -355,7 +355,7 @@ class Adam(Optimizer):
 class AdamW(Adam):
     """AdamW as PyTorch's ``torch.optim.AdamW``: Adam with decoupled weight decay.
 
-    p *= 1 - lr * weight_decay before the Adam update, which sees the raw gradient.
+    ``p *= 1 - lr * weight_decay`` before the Adam update, which sees the raw gradient.
     The default weight decay is PyTorch's, 0.01.
     """
 
