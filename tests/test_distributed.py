@@ -100,10 +100,10 @@ def test_open_rows_refuses_a_compressed_npz(tmp_path):
 
 def test_fit_keeps_a_memory_map_of_the_model_dtype_unread(tmp_path):
     # fit must not copy the whole memmap up front: it would read data larger than memory.
-    from ckpt.train import _check_inputs
+    from ckpt.inference import check_inputs
     np.savez(tmp_path / "d.npz", X=np.ones((10, 3)), y=np.zeros(10, np.int64))
     arrays = open_rows(tmp_path / "d.npz")
-    X, _ = _check_inputs(arrays["X"], arrays["y"], np.dtype(np.float64), "cross_entropy")
+    X, _ = check_inputs(arrays["X"], arrays["y"], np.dtype(np.float64), "cross_entropy")
     assert np.shares_memory(X, arrays["X"])
 
 

@@ -10,17 +10,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
-import io as _io
 import json
 import math
 import os
 import sys
 import time
-import zipfile
-import zlib
-from importlib import resources
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -28,10 +22,11 @@ import numpy as np
 from ckpt import _core, distributed, get_num_threads, set_num_threads
 from ckpt.threads import MODES, get_threading_mode, threading_mode
 from ckpt.checkpoint import SegmentCheckpointer
-from ckpt.losses import softmax_cross_entropy
+from ckpt.costs import ChainCosts
+from ckpt.datasets import load_data_file, load_digits, prepare_labels, stratified_split
+from ckpt.measure import measure_step, recompute_cost
 from ckpt.optim import OPTIMIZERS
 from ckpt.units import format_size, parse_size
-from ckpt.costs import ChainCosts
 from ckpt.train import build_mlp, describe_architecture, evaluate, fit, mlp_costs
 
 DEFAULTS = {
@@ -120,135 +115,6 @@ def _positive_float(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
     return value
-
-
-# ------------------------------------------------------------------------------------ data
-
-def load_digits() -> Tuple[np.ndarray, np.ndarray]:
-    """The bundled UCI digits: X (1797, 64) uint8 in 0..16, y (1797,) uint8 in 0..9."""
-    raw = (resources.files("ckpt") / "data" / "digits.npz").read_bytes()
-    with np.load(_io.BytesIO(raw)) as data:
-        return data["X"], data["y"]
-
-
-def load_data_file(path: str) -> Tuple[np.ndarray, np.ndarray]:
-    """X and y from an .npz (arrays X and y) or a .csv (the label in the last column)."""
-    suffix = Path(path).suffix.lower()
-    if suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {key: data[key] for key in ("X", "y") if key in data.files}
-        except (ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-            raise UsageError(f"{path} is not a readable .npz file ({exc})") from None
-        missing = [key for key in ("X", "y") if key not in arrays]
-        if missing:
-            raise UsageError(f"{path} has no array {missing[0]!r} (it needs X and y)")
-        X, y = arrays["X"], arrays["y"]
-    elif suffix == ".csv":
-        X, y = _read_csv(path)
-    else:
-        raise UsageError(f"{path}: expected a .npz or .csv file")
-    return X, y
-
-
-def _read_csv(path: str) -> Tuple[np.ndarray, np.ndarray]:
-    with open(path, encoding="utf-8") as f:
-        lines = [line for line in f.read().splitlines() if line.strip()]
-    if lines and not _is_numeric_row(lines[0]):
-        lines = lines[1:]          # a header
-    if not lines:
-        raise UsageError(f"{path} holds no data rows")
-    try:
-        table = np.loadtxt(lines, delimiter=",", ndmin=2, dtype=np.float64)
-    except ValueError as exc:
-        raise UsageError(f"{path} is not a numeric CSV table ({exc})") from None
-    if table.shape[1] < 2:
-        raise UsageError(f"{path} needs at least one feature column and the label column")
-    return table[:, :-1], table[:, -1]
-
-
-def _is_numeric_row(line: str) -> bool:
-    try:
-        [float(field) for field in line.split(",")]
-    except ValueError:
-        return False
-    return True
-
-
-def prepare_labels(X: np.ndarray, y: np.ndarray,
-                   source: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Check X and y; returns X as float64, labels 0..C-1 and the original class values."""
-    X = np.asarray(X)
-    y = np.asarray(y)
-    if X.ndim != 2 or X.shape[1] == 0:
-        raise UsageError(f"{source}: X must be a 2-D table of features, got shape {X.shape}")
-    if y.ndim != 1:
-        raise UsageError(f"{source}: y must be 1-D (one label per row), got shape {y.shape}")
-    if X.shape[0] != y.shape[0]:
-        raise UsageError(f"{source}: {X.shape[0]} rows of features but {y.shape[0]} labels")
-    if not (np.issubdtype(X.dtype, np.number) and not np.issubdtype(X.dtype, np.complexfloating)):
-        raise UsageError(f"{source}: features must be real numbers, got {X.dtype}")
-    X = X.astype(np.float64)
-    if not np.all(np.isfinite(X)):
-        raise UsageError(f"{source}: the features contain NaN or infinite values")
-    if np.issubdtype(y.dtype, np.floating):
-        if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
-            raise UsageError(f"{source}: labels must be whole numbers (class indices)")
-        huge = np.flatnonzero(np.abs(y) > 2**53)
-        if len(huge):
-            raise UsageError(f"{source}: label {y[huge[0]]:g} in row {huge[0]} is too large for "
-                             f"a class value (at most 2**53 in magnitude)")
-        y = y.astype(np.int64)
-    elif not np.issubdtype(y.dtype, np.integer):
-        raise UsageError(f"{source}: labels must be integers, got {y.dtype}")
-    classes, labels = np.unique(y, return_inverse=True)
-    if len(classes) < 2:
-        raise UsageError(f"{source}: need at least 2 classes, got {len(classes)}")
-    return X, labels.astype(np.int64), classes
-
-
-def stratified_split(y: np.ndarray, fraction: float,
-                     rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
-    """Seeded train/test indices with each class split in the same proportion."""
-    test: List[np.ndarray] = []
-    train: List[np.ndarray] = []
-    for label in np.unique(y):
-        idx = rng.permutation(np.flatnonzero(y == label))
-        n_test = int(round(fraction * len(idx))) if len(idx) > 1 else 0
-        test.append(idx[:n_test])
-        train.append(idx[n_test:])
-    train_idx, test_idx = np.concatenate(train), np.concatenate(test)
-    if len(test_idx) == 0:
-        raise UsageError("too few rows to hold out a test split")
-    return rng.permutation(train_idx), np.sort(test_idx)
-
-
-# ------------------------------------------------------------------------------------ measures
-
-def measure_step(layers: Sequence, xb: np.ndarray, yb: np.ndarray, **schedule) -> int:
-    """Peak activation bytes of one training step on copies of the layers.
-
-    ``schedule`` is what SegmentCheckpointer takes: checkpoint_every=, or budget_bytes=.
-    """
-    model = SegmentCheckpointer(copy.deepcopy(list(layers)), **schedule)
-    _, grad = softmax_cross_entropy(model.forward(xb), yb)
-    model.backward(grad)
-    return model.memory_tracker.peak_bytes
-
-
-def recompute_cost(model: SegmentCheckpointer, batch: int) -> Tuple[int, float]:
-    """(recomputed element forwards per step, the FLOPs they and the recomputed internals of
-    compound elements cost, as a fraction of a plain step), from the elements' descriptions.
-
-    A plain step is every element's forward and backward (the first element's input gradient
-    aside).
-    """
-    costs = model.costs
-    compiled = model.schedule(batch)
-    flops = costs.forward_flops
-    extra = sum(flops[i] for i in compiled.recomputed_layers)
-    extra += sum(costs.elements[i].internal_flops for i in compiled.rebuilt_layers)
-    return len(compiled.recomputed_layers), extra / costs.step_flops()
 
 
 def _kib(nbytes: float) -> str:

@@ -1,4 +1,5 @@
-"""Training loops: fit, predict and evaluate a model on in-memory arrays.
+"""Training loops: build an MLP and fit it on in-memory arrays (predict and evaluate, from
+:mod:`ckpt.inference`, are importable from here too).
 
 A model here is a SegmentCheckpointer, or any object with ``forward(x)``, ``backward(grad)``,
 ``params()`` and ``gradients()``; a plain list of layers is wrapped in a SegmentCheckpointer.
@@ -6,7 +7,6 @@ Data flows one way: fit -> loss and optimizer -> the model's forward and backwar
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import numbers
 import signal
@@ -18,7 +18,10 @@ import numpy as np
 
 from ckpt.costs import (ChainCosts, dense_cost, dropout_cost, layernorm_cost,
                         residual_cost)
-from ckpt.distributed import shard_batches
+from ckpt.distributed import DataParallel, shard_batches
+# predict, evaluate and evaluation_mode live below train and distributed; importable from here.
+from ckpt.inference import (as_model, check_inputs, count_correct, evaluate,  # noqa: F401
+                            evaluation_mode, model_dtype, predict)
 from ckpt.layers import (Dense, Dropout, DTypeLike, Layer, LayerNorm, Residual, _as_generator,
                          check_allocation, check_blas_size, check_float_dtype, check_size,
                          walk)
@@ -148,91 +151,6 @@ def describe_architecture(layers: Sequence[Layer]) -> str:
     return f"{dense} Dense layers"
 
 
-def as_model(model: Any):
-    """The model itself, or a SegmentCheckpointer around a list of layers."""
-    if isinstance(model, (list, tuple)):
-        from ckpt.checkpoint import SegmentCheckpointer
-        return SegmentCheckpointer(model)
-    for name in ("forward", "backward", "params", "gradients"):
-        if not callable(getattr(model, name, None)):
-            raise TypeError(f"a model needs forward, backward, params and gradients; "
-                            f"{type(model).__name__} has no {name}()")
-    return model
-
-
-def model_dtype(model: Any) -> np.dtype:
-    """The dtype of the model's parameters."""
-    for part in (model if isinstance(model, (list, tuple)) else [model]):
-        if not callable(getattr(part, "params", None)):
-            raise TypeError(f"model must be a layer, a SegmentCheckpointer or a list of layers, "
-                            f"got {type(part).__name__}")
-    params = model.params() if not isinstance(model, (list, tuple)) else \
-        [p for layer in model for p in layer.params()]
-    if not params:
-        raise ValueError("the model has no parameters")
-    return check_float_dtype(params[0].dtype)
-
-
-def _check_inputs(X: object, y: object, dtype: np.dtype, loss: str, name: str = "X",
-                  widths: Optional[Tuple[int, int]] = None) -> Tuple[np.ndarray, np.ndarray]:
-    """X cast once to the model's dtype; y as int64 labels or float targets.
-
-    ``widths`` (input features, outputs) are checked when the model declares them: X's width,
-    the label range [0, outputs) or the targets' width. Every value of X and y must be finite
-    in the model's dtype (a ValueError names the first bad row).
-    """
-    _refuse_masked(X, name)
-    _refuse_masked(y, f"the targets of {name}")
-    X = np.asarray(X)
-    if X.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (samples, features), got shape {X.shape}")
-    if not (np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer)):
-        raise TypeError(f"{name} must hold real numbers, got dtype {X.dtype}")
-    if widths is not None and X.shape[1] != widths[0]:
-        raise ValueError(f"{name} has {X.shape[1]} features but the model expects {widths[0]}")
-    with np.errstate(over="ignore"):   # overflow in the cast is reported below, by row
-        X = np.ascontiguousarray(X, dtype=dtype)
-    _check_finite(X, name, dtype)
-    y = np.asarray(y)
-    if y.shape[:1] != X.shape[:1]:
-        raise ValueError(f"{name} has {X.shape[0]} rows but its targets have "
-                         f"{y.shape[0] if y.ndim else 0}")
-    if loss == "cross_entropy":
-        if y.ndim != 1 or y.dtype.kind not in "iu":
-            raise TypeError(f"cross_entropy needs 1-D integer labels, got {y.dtype} {y.shape}")
-        bad = np.flatnonzero((y < 0) | (y >= widths[1]) if widths is not None else y < 0)
-        if len(bad):
-            classes = f"the model's {widths[1]} classes [0, {widths[1]})" if widths is not None \
-                else "the classes (labels start at 0)"
-            raise ValueError(f"label {y[bad[0]]} in row {bad[0]} of the targets of {name} is "
-                             f"outside {classes}")
-        y = y.astype(np.int64, copy=False)
-    else:
-        if not (np.issubdtype(y.dtype, np.floating) or np.issubdtype(y.dtype, np.integer)):
-            raise TypeError(f"the targets of {name} must be real numbers, got dtype {y.dtype}")
-        with np.errstate(over="ignore"):
-            y = np.ascontiguousarray(y.reshape(len(y), -1), dtype=dtype)
-        if widths is not None and y.shape[1] != widths[1]:
-            raise ValueError(f"the targets of {name} have {y.shape[1]} columns but the model "
-                             f"has {widths[1]} outputs")
-        _check_finite(y, f"the targets of {name}", dtype)
-    return X, y
-
-
-def _refuse_masked(value: object, name: str) -> None:
-    if isinstance(value, np.ma.MaskedArray):
-        raise TypeError(f"{name} is a masked array, whose mask ckpt would ignore; fill or drop "
-                        f"the masked values first")
-
-
-def _check_finite(values: np.ndarray, name: str, dtype: np.dtype) -> None:
-    """ValueError naming the first row with a NaN or infinite value (after the cast to dtype)."""
-    finite = np.isfinite(values)
-    if not finite.all():
-        row = int(np.flatnonzero(~finite.all(axis=1))[0])
-        raise ValueError(f"row {row} of {name} holds a NaN or infinite value (or one too large "
-                         f"for {np.dtype(dtype).name})")
-
 
 def _model_widths(model: Any) -> Optional[Tuple[int, int]]:
     """(input features, outputs) when the model declares its widths."""
@@ -253,11 +171,6 @@ def _check_optimizer(optimizer: object, model: Any) -> None:
                          f"parameters outside this model: build it on the model you fit "
                          f"(e.g. Adam(model))")
 
-
-def _correct(output: np.ndarray, y: np.ndarray, loss: str) -> int:
-    if loss != "cross_entropy":
-        return 0
-    return int(np.count_nonzero(output.argmax(axis=1) == y))
 
 
 def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy",
@@ -305,7 +218,7 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
         if fn is not None and not callable(fn):
             raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
     widths = _model_widths(model)
-    X, y = _check_inputs(X, y, dtype, loss, widths=widths)
+    X, y = check_inputs(X, y, dtype, loss, widths=widths)
     if len(X) == 0:
         raise ValueError("cannot fit on an empty data set")
     if validation_data is not None:
@@ -313,7 +226,7 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
             X_val, y_val = validation_data
         except (TypeError, ValueError):
             raise TypeError("validation_data must be a pair (X_val, y_val)") from None
-        X_val, y_val = _check_inputs(X_val, y_val, dtype, loss, name="X_val", widths=widths)
+        X_val, y_val = check_inputs(X_val, y_val, dtype, loss, name="X_val", widths=widths)
     if optimizer is not None:
         _check_optimizer(optimizer, model)
     rng = _as_generator(seed)
@@ -322,7 +235,6 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
         optimizer = Adam(model)
     replicas = None
     if comm is not None:
-        from ckpt.distributed import DataParallel
         replicas = DataParallel(comm, model, optimizer, rng=rng, n_rows=len(X))
     forward = _step_forward(model)
     sets_gradients = _backward_sets_gradients(model)
@@ -362,7 +274,7 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
                         raise ValueError(f"the loss is {value} at epoch {epoch}, batch {step + 1} "
                                          f"of {steps}: training diverged (lower the learning "
                                          f"rate?)")
-                    step_correct += _correct(output, yb, loss)
+                    step_correct += count_correct(output, yb, loss)
                     if len(micro) != len(batch):
                         # The loss gradient is a mean over the micro-batch; weigh it by its share.
                         grad *= len(micro) / len(batch)
@@ -463,72 +375,3 @@ def _check_count(value: object, name: str, allow_zero: bool = False) -> int:
         raise ValueError(f"{name} must be {'non-negative' if allow_zero else 'positive'}, "
                          f"got {value}")
     return int(value)
-
-
-def _forward_layers(model: Any) -> Callable[[np.ndarray], np.ndarray]:
-    """A forward pass that stores nothing: through the layers one by one when there are any."""
-    layers: Optional[Sequence] = model if isinstance(model, (list, tuple)) else \
-        getattr(model, "layers", None)
-    if layers:
-        def run(x: np.ndarray) -> np.ndarray:
-            for layer in layers:
-                x = layer.forward(x)
-            return x
-        return run
-    return as_model(model).forward
-
-
-@contextlib.contextmanager
-def evaluation_mode(model: Any):
-    """Run the model in evaluation mode (Dropout off), then restore each part's previous mode."""
-    parts = list(model) if isinstance(model, (list, tuple)) else [model]
-    switchable = [part for part in parts if callable(getattr(part, "set_training", None))]
-    before = [bool(getattr(part, "is_training", True)) for part in switchable]
-    for part in switchable:
-        part.set_training(False)
-    try:
-        yield
-    finally:
-        for part, mode in zip(switchable, before):
-            part.set_training(mode)
-
-
-def predict(model: Any, X: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """The model's outputs for X (cast to the model's dtype), computed batch by batch in
-    evaluation mode (Dropout off); the model's mode is restored afterwards."""
-    dtype = model_dtype(model)
-    batch_size = check_size(batch_size, "batch_size")
-    _refuse_masked(X, "X")
-    X = np.asarray(X)
-    if X.ndim != 2:
-        raise ValueError(f"X must be 2-D (samples, features), got shape {X.shape}")
-    if not (np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer)):
-        raise TypeError(f"X must hold real numbers, got dtype {X.dtype}")
-    X = np.ascontiguousarray(X, dtype=dtype)
-    run = _forward_layers(model)
-    # An empty X still runs one (empty) batch, so the result has the output's width.
-    starts = range(0, max(len(X), 1), batch_size)
-    with evaluation_mode(model):
-        return np.concatenate([np.array(run(X[i:i + batch_size])) for i in starts])
-
-
-def evaluate(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy",
-             batch_size: int = 256, comm: Any = None) -> Dict[str, float]:
-    """Mean loss (and accuracy for cross_entropy) of the model on (X, y), in evaluation mode.
-
-    With an mpi4py communicator ``comm``, each rank evaluates a share of the rows and the
-    metrics are reduced over the ranks (call it on every rank).
-    """
-    if comm is not None:
-        from ckpt import distributed
-        return distributed.evaluate(model, X, y, comm, loss=loss, batch_size=batch_size)
-    loss_fn = get_loss(loss)
-    X, y = _check_inputs(X, y, model_dtype(model), loss)
-    if len(X) == 0:
-        raise ValueError("cannot evaluate on an empty data set")
-    output = predict(model, X, batch_size)
-    value, _ = loss_fn(output, y)
-    result = {"loss": value}
-    if loss == "cross_entropy":
-        result["accuracy"] = _correct(output, y, loss) / len(X)
-    return result
