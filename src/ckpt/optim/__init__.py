@@ -4,6 +4,9 @@ An optimizer takes a model -- anything with ``params()`` and ``gradients()`` (a 
 SegmentCheckpointer) or a list of such -- and updates its parameters in place. Each ``step()`` runs
 one fused Cython kernel per parameter; the moment buffers are allocated once, up front, and
 ``state_bytes`` reports their size so that memory reports can count them.
+
+Learning-rate schedules (constant, cosine with warmup, one-cycle), pure functions of the step,
+are in :mod:`ckpt.optim.schedules`.
 """
 from __future__ import annotations
 
