@@ -122,15 +122,16 @@ def test_bad_arguments_exit_2_with_one_line(capsys, argv, match):
 
 
 @pytest.mark.parametrize("name, content, match", [
-    ("bad.csv", "1,2,0\n3,x,1\n", "not a numeric CSV table"),
-    ("ragged.csv", "1,2,0\n3,1\n", "not a numeric CSV table"),
-    ("empty.csv", "a,b,label\n", "holds no data rows"),
-    ("rows.npz", {"X": np.zeros((5, 2)), "y": np.arange(4)}, "5 rows of features but 4 labels"),
+    ("bad.csv", "1,2,0\n3,x,1\n", "line 2: feature column '1' holds 'x', not a number"),
+    ("ragged.csv", "1,2,0\n3,1\n", "line 2: 2 fields, but the table has 3 columns"),
+    ("empty.csv", "a,b,label\n", "holds no data rows (only a header)"),
+    ("rows.npz", {"X": np.zeros((5, 2)), "y": np.arange(4)}, "5 rows of features but 4 targets"),
     ("noy.npz", {"X": np.zeros((5, 2))}, "has no array 'y'"),
     ("one.npz", {"X": np.zeros((5, 2)), "y": np.zeros(5, int)}, "need at least 2 classes"),
     ("frac.npz", {"X": np.zeros((4, 2)), "y": np.array([0, 0.5, 1, 1])}, "whole numbers"),
-    ("nan.npz", {"X": np.full((4, 2), np.nan), "y": np.array([0, 0, 1, 1])}, "NaN"),
-    ("data.txt", "1,2,0\n", "expected a .npz or .csv file"),
+    ("nan.npz", {"X": np.full((4, 2), np.nan), "y": np.array([0, 0, 1, 1])},
+     "row 0, column '0' holds nan"),
+    ("data.txt", "1,2,0\n", "expected a .csv, .npz, .npy or .parquet file"),
     ("broken.npz", "not a zip", "not a readable .npz file"),
 ])
 def test_bad_data_exit_2_with_one_line(capsys, tmp_path, name, content, match):

@@ -1,6 +1,7 @@
 """The ``ckpt`` command line (also ``python -m ckpt``).
 
-``ckpt train`` trains a checkpointed MLP on the bundled digits (or on ``--data FILE``) and ends
+``ckpt train`` trains a checkpointed MLP on the bundled digits (or on ``--data FILE``, read by
+:mod:`ckpt.datasets`: CSV, .npz, .npy, Parquet, with ``--target`` and ``--features``) and ends
 with one screen: test accuracy, time, peak activation memory with and without checkpointing, and
 the compute spent on recomputation. Subcommands register themselves in ``SUBCOMMANDS``.
 Bad arguments or data, and sizes that cannot fit in memory, print one line to stderr and exit
@@ -23,7 +24,7 @@ from ckpt import _core, distributed, get_num_threads, set_num_threads
 from ckpt.threads import MODES, get_threading_mode, threading_mode
 from ckpt.checkpoint import SegmentCheckpointer
 from ckpt.costs import ChainCosts
-from ckpt.datasets import load_data_file, load_digits, prepare_labels, stratified_split
+from ckpt.datasets import digits_scaler, digits_table, prepare_training_data, read_table
 from ckpt.measure import measure_step, recompute_cost
 from ckpt.optim import OPTIMIZERS
 from ckpt.units import format_size, parse_size
@@ -123,14 +124,46 @@ def _kib(nbytes: float) -> str:
 
 # ------------------------------------------------------------------------------------ train
 
+def _columns(text: str) -> List[str]:
+    """Comma-separated column names or 0-based indices."""
+    names = [part.strip() for part in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated column names or indices, "
+                                         f"got {text!r}")
+    return names
+
+
+def _add_column_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", metavar="NAME|INDEX", default=None,
+                   help="the target column of a table, by header name or 0-based index "
+                        "(negative from the end; default: the last column)")
+    p.add_argument("--features", type=_columns, metavar="A,B,...", default=None,
+                   help="the feature columns, by name or index (default: all but the target)")
+    p.add_argument("--labels", metavar="FILE.npy", default=None,
+                   help="with --data FILE.npy of features: the 1-D .npy of their targets")
+
+
+def _read_data(args: argparse.Namespace, dtype: np.dtype, require_target: bool = True):
+    if args.data is None:
+        for option in ("target", "features", "labels"):
+            if getattr(args, option) is not None:
+                raise UsageError(f"--{option} applies to a --data file, not to the bundled "
+                                 f"digits")
+        return digits_table(dtype)
+    return read_table(args.data, target=args.target, features=args.features,
+                      labels=args.labels, dtype=dtype, require_target=require_target)
+
+
 def add_train_command(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train", help="train a checkpointed MLP classifier",
         description="Train an MLP with gradient checkpointing on the bundled UCI digits "
                     "(or --data FILE), holding out 20%% for testing.")
     p.add_argument("--data", metavar="FILE",
-                   help=".npz with arrays X and y, or .csv with the label in the last column "
-                        "(default: the bundled 8x8 digits)")
+                   help=".csv (with or without a header), .npz with arrays X and y, .npy (a "
+                        "table, or the features with --labels), or .parquet (needs pyarrow: "
+                        "ckpt-cpu[parquet]); default: the bundled 8x8 digits")
+    _add_column_options(p)
     p.add_argument("--depth", type=_positive_int, default=DEFAULTS["depth"],
                    help="number of Dense layers, or of residual blocks with --residual "
                         "(default %(default)s)")
@@ -227,25 +260,15 @@ def _run_train_data_parallel(args: argparse.Namespace, world: distributed.World)
 
 def _train(args: argparse.Namespace, status: Dict[str, Any]) -> int:
     """Train, test and report; ``status`` records the epochs done and the file saved."""
-    if args.data is None:
-        X, y = load_digits()
-        X, y, classes = prepare_labels(X, y, "digits")
-        X = X / 16.0
-        source = "UCI digits (bundled, 1,797 8x8 images)"
-    else:
-        X, y, classes = prepare_labels(*load_data_file(args.data), args.data)
-        source = args.data
-    rng = np.random.default_rng(args.seed)
-    train_idx, test_idx = stratified_split(y, TEST_FRACTION, rng)
-    if args.data is not None:
-        mean = X[train_idx].mean(axis=0)
-        std = X[train_idx].std(axis=0)
-        X = (X - mean) / np.where(std > 0, std, 1.0)
     dtype = np.dtype(args.dtype)
-    X = X.astype(dtype)
-    X_train, y_train, X_test, y_test = X[train_idx], y[train_idx], X[test_idx], y[test_idx]
+    table = _read_data(args, dtype)
+    rng = np.random.default_rng(args.seed)
+    data = prepare_training_data(table, rng, test_fraction=TEST_FRACTION,
+                                 scaler=digits_scaler() if args.data is None else None)
+    X_train, y_train, X_test, y_test = data.X_train, data.y_train, data.X_test, data.y_test
+    classes, source, features = data.classes, table.source, table.X.shape[1]
 
-    layers = build_mlp(X.shape[1], args.depth, args.width, len(classes), args.activation,
+    layers = build_mlp(features, args.depth, args.width, len(classes), args.activation,
                        dtype, rng, residual=args.residual, dropout=args.dropout)
     schedule = ({"budget_bytes": args.budget} if args.budget is not None
                 else {"checkpoint_every": args.checkpoint_every})
@@ -258,8 +281,8 @@ def _train(args: argparse.Namespace, status: Dict[str, Any]) -> int:
     k = model.checkpoint_every
     how = f"checkpoint every {k}" if k is not None else f"budget {format_size(args.budget)}"
 
-    print(f"data: {source}: {len(train_idx)} train / {len(test_idx)} test rows, "
-          f"{X.shape[1]} features, {len(classes)} classes")
+    print(f"data: {source}: {len(X_train)} train / {len(X_test)} test rows, "
+          f"{features} features, {len(classes)} classes")
     print(f"model: {describe_architecture(layers)}, width {args.width}, {args.activation}, "
           f"{args.dtype}, {model.parameter_count:,} parameters; {how}; "
           f"{args.optimizer} lr {lr:g}")

@@ -1,24 +1,53 @@
-"""Data sets for training: the bundled digits, data files, labels and the stratified split.
+"""Data sets for training and prediction: reading tables, labels and targets, the split, scaling.
 
-Shared by ``ckpt train``, the MPI launcher and scripts: every function takes and returns plain
-arrays, and bad data raises :class:`DataError` (a ValueError) whose message names the file and
-the problem, for a front end to print as one line.
+Shared by ``ckpt train``, ``ckpt predict``, the MPI launcher and scripts. Bad data raises
+:class:`DataError` (a ValueError) whose one-line message names the file, the row or line and
+the column, for a front end to print as it is.
+
+Reading (:func:`read_table`): CSV with or without a header (a first line none of whose fields is
+a number), ``.npz`` holding X and y, ``.npy`` (a 2-D table, or features with ``labels=`` a 1-D
+.npy of the same rows), and Parquet through pyarrow (``pip install 'ckpt-cpu[parquet]'``). The
+target is a column chosen by name or 0-based index (negative from the end; default: the last
+column), the features are the other columns or those chosen. Features must be numbers, and every
+value finite.
+
+Memory: a table is read straight into one array of the training dtype, sized up front from a
+count of the file's lines, chunk by chunk (each chunk of text a few MiB); the split
+(:func:`split_in_place`) reorders that array's rows in place so that the training rows come
+first and each part is a view; the scaling (:class:`Standardizer`) is computed and applied in
+blocks, in place. So loading, splitting and scaling together hold the one array (the training
+rows and the held-out ones) and a few MiB besides; ``tests/test_datasets_memory.py`` measures it.
 """
 from __future__ import annotations
 
+import csv
 import io as _io
+import math
 import os
 import zipfile
 import zlib
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+PARQUET_HINT = "pip install 'ckpt-cpu[parquet]'"
+# Text read per parse of a CSV file, and the bytes of a block of rows (in float64) when
+# checking, scaling and splitting: what these steps hold besides the data.
+_CHUNK_BYTES = 1 << 19
+_BLOCK_BYTES = 1 << 19
+
+
+def _block_rows(array: np.ndarray) -> int:
+    """Rows per block of ``array``: about _BLOCK_BYTES of them in float64, at least one."""
+    row = 8 * (int(np.prod(array.shape[1:])) if array.ndim > 1 else 1)
+    return max(1, _BLOCK_BYTES // max(row, 1))
+
 
 class DataError(ValueError):
-    """Data that cannot be trained on; the message names the source and the problem."""
+    """Data that cannot be used; the message names the source and the problem."""
 
 
 def load_digits() -> Tuple[np.ndarray, np.ndarray]:
@@ -28,96 +57,556 @@ def load_digits() -> Tuple[np.ndarray, np.ndarray]:
         return data["X"], data["y"]
 
 
-def load_data_file(path: str) -> Tuple[np.ndarray, np.ndarray]:
-    """X and y from an .npz (arrays X and y) or a .csv (the label in the last column)."""
+# ------------------------------------------------------------------------------------ tables
+
+@dataclass
+class Table:
+    """Features X (rows, features) in the requested dtype, the target column y (or None), the
+    feature names and the target's name. ``named`` says whether the names came from the file
+    (a CSV header, Parquet) or are column positions ("0", "1", ...)."""
+
+    X: np.ndarray
+    y: Optional[np.ndarray]
+    feature_names: List[str]
+    target_name: Optional[str]
+    source: str
+    named: bool = False
+    columns: int = 0          # columns in the file, target included
+
+
+def read_table(path: "os.PathLike[str] | str", *, target: Union[None, str, int] = None,
+               features: Optional[Sequence[Union[str, int]]] = None,
+               labels: "os.PathLike[str] | str | None" = None, dtype: Any = np.float64,
+               require_target: bool = True) -> Table:
+    """Read a data file into a :class:`Table` (see the module docstring for the formats).
+
+    ``target``: the target column, by name or 0-based index; default the last column. With
+    ``require_target=False`` a missing target column is allowed (prediction data): a named
+    target present in the file is still dropped from the features. ``features``: the feature
+    columns (names or indices), default every column but the target. ``labels``: for an .npy
+    of features, the 1-D .npy of its targets. ``dtype``: the dtype of X (float32 or float64).
+    """
+    path = os.fspath(path)
+    dtype = np.dtype(dtype)
+    if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
     suffix = Path(path).suffix.lower()
+    if labels is not None and suffix != ".npy":
+        raise DataError(f"{path}: a separate labels file goes with an .npy of features only")
+    if suffix == ".csv":
+        return _read_csv(path, target, features, dtype, require_target)
     if suffix == ".npz":
+        return _read_npz(path, target, features, dtype, require_target)
+    if suffix == ".npy":
+        return _read_npy(path, target, features, labels, dtype, require_target)
+    if suffix in (".parquet", ".pq"):
+        return _read_parquet(path, target, features, dtype, require_target)
+    raise DataError(f"{path}: expected a .csv, .npz, .npy or .parquet file")
+
+
+def _choose_columns(names: List[str], target: Union[None, str, int],
+                    features: Optional[Sequence[Union[str, int]]], source: str,
+                    require_target: bool) -> Tuple[Optional[int], List[int]]:
+    """(target column or None, feature columns) among ``names``."""
+    def find(key: Union[str, int], what: str) -> Optional[int]:
+        if isinstance(key, str) and key in names:
+            return names.index(key)
         try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {key: data[key] for key in ("X", "y") if key in data.files}
-        except (ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-            raise DataError(f"{path} is not a readable .npz file ({exc})") from None
-        missing = [key for key in ("X", "y") if key not in arrays]
-        if missing:
-            raise DataError(f"{path} has no array {missing[0]!r} (it needs X and y)")
-        X, y = arrays["X"], arrays["y"]
-    elif suffix == ".csv":
-        X, y = _read_csv(path)
+            index = int(key)
+        except (TypeError, ValueError):
+            index = None
+        if index is not None and -len(names) <= index < len(names):
+            return index % len(names)
+        if what == "target" and not require_target:
+            return None
+        shown = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20
+                                         else "")
+        raise DataError(f"{source}: the {what} {key!r} is not a column (columns: {shown})")
+
+    if not names:
+        raise DataError(f"{source} has no columns")
+    if target is None:
+        target_col: Optional[int] = len(names) - 1 if require_target else None
     else:
-        raise DataError(f"{path}: expected a .npz or .csv file")
-    return X, y
+        target_col = find(target, "target")
+    if features is None:
+        chosen = [i for i in range(len(names)) if i != target_col]
+    else:
+        chosen = [find(key, "feature") for key in features]   # type: ignore[misc]
+        if target_col in chosen:
+            raise DataError(f"{source}: column {names[target_col]!r} is both the target and a "
+                            f"feature")
+        if len(set(chosen)) != len(chosen):
+            raise DataError(f"{source}: a feature column is chosen twice")
+    if not chosen:
+        raise DataError(f"{source} needs at least one feature column besides the target "
+                        f"{names[target_col]!r}" if target_col is not None else
+                        f"{source} has no feature columns")
+    return target_col, chosen  # type: ignore[return-value]
 
 
-def _read_csv(path: str) -> Tuple[np.ndarray, np.ndarray]:
-    with open(path, encoding="utf-8") as f:
-        lines = [line for line in f.read().splitlines() if line.strip()]
-    if lines and not _is_numeric_row(lines[0]):
-        lines = lines[1:]          # a header
-    if not lines:
-        raise DataError(f"{path} holds no data rows")
+def _check_finite_block(block: np.ndarray, first_row: int, names: List[str], source: str,
+                        line_of: Optional[List[int]] = None) -> None:
+    """DataError naming the first row and column of ``block`` holding NaN or infinity."""
+    finite = np.isfinite(block)
+    if finite.all():
+        return
+    row, col = (int(i[0]) for i in np.nonzero(~finite))
+    where = f"row {first_row + row}"
+    if line_of is not None:
+        where += f" (line {line_of[row]})"
+    raise DataError(f"{source}: {where}, column {names[col]!r} holds {block[row, col]}; "
+                    f"every value must be a finite number")
+
+
+def _is_number(text: str) -> bool:
     try:
-        table = np.loadtxt(lines, delimiter=",", ndmin=2, dtype=np.float64)
-    except ValueError as exc:
-        raise DataError(f"{path} is not a numeric CSV table ({exc})") from None
-    if table.shape[1] < 2:
-        raise DataError(f"{path} needs at least one feature column and the label column")
-    return table[:, :-1], table[:, -1]
-
-
-def _is_numeric_row(line: str) -> bool:
-    try:
-        [float(field) for field in line.split(",")]
+        float(text)
     except ValueError:
         return False
     return True
 
 
-def prepare_labels(X: np.ndarray, y: np.ndarray,
-                   source: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Check X and y; returns X as float64, labels 0..C-1 and the original class values."""
-    X = np.asarray(X)
+def _split_line(line: str) -> List[str]:
+    return next(csv.reader([line]), [])
+
+
+def _count_lines(path: str) -> int:
+    """Lines in the file (a last line without a newline counts), read in binary chunks."""
+    count = 0
+    last = b"\n"
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(_CHUNK_BYTES)
+            if not chunk:
+                break
+            count += chunk.count(b"\n")
+            last = chunk[-1:]
+    return count + (last != b"\n")
+
+
+def _read_csv(path: str, target: Union[None, str, int],
+              features: Optional[Sequence[Union[str, int]]], dtype: np.dtype,
+              require_target: bool) -> Table:
+    capacity = _count_lines(path)
+    # utf-8-sig drops a byte-order mark; universal newlines read \r\n files too.
+    with open(path, encoding="utf-8-sig") as f:
+        lines = _numbered_lines(f, path)
+        first = next(lines, None)
+        if first is None:
+            raise DataError(f"{path} is empty")
+        first_no, first_line = first
+        fields = _split_line(first_line)
+        named = not any(_is_number(value) for value in fields)
+        if named:
+            names = [value.strip() for value in fields]
+            duplicate = next((n for n in names if names.count(n) > 1), None)
+            if duplicate is not None:
+                raise DataError(f"{path}: the header names column {duplicate!r} twice")
+            pending: List[Tuple[int, str]] = []
+            capacity -= 1
+        else:
+            names = [str(i) for i in range(len(fields))]
+            pending = [first]
+        target_col, feature_cols = _choose_columns(names, target, features, path,
+                                                   require_target)
+        reader = _CsvChunks(path, names, target_col, feature_cols)
+        X = np.empty((max(capacity, 0), len(feature_cols)), dtype)
+        y_parts: List[np.ndarray] = []
+        rows = 0
+        chunk: List[Tuple[int, str]] = pending
+        size = sum(len(line) for _, line in pending)
+        for numbered in lines:
+            chunk.append(numbered)
+            size += len(numbered[1])
+            if size >= _CHUNK_BYTES:
+                rows = reader.parse(chunk, X, rows, y_parts)
+                chunk, size = [], 0
+        if chunk:
+            rows = reader.parse(chunk, X, rows, y_parts)
+    if rows == 0:
+        raise DataError(f"{path} holds no data rows" + (" (only a header)" if named else ""))
+    if rows < len(X):
+        X.resize((rows, X.shape[1]), refcheck=False)   # blank lines: shrink, in place
+    y = np.concatenate(y_parts) if target_col is not None else None
+    return Table(X, y, [names[i] for i in feature_cols],
+                 names[target_col] if target_col is not None else None, path, named,
+                 len(names))
+
+
+def _numbered_lines(f, path: str):
+    """(line number from 1, text) of every line that is not blank."""
+    try:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                yield number, line.rstrip("\r\n")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start} of a "
+                        f"chunk)") from None
+
+
+class _CsvChunks:
+    """Parses chunks of numbered CSV lines into rows of X (and target values)."""
+
+    def __init__(self, path: str, names: List[str], target_col: Optional[int],
+                 feature_cols: List[int]) -> None:
+        self.path = path
+        self.names = names
+        self.target_col = target_col
+        self.feature_cols = feature_cols
+        self.feature_names = [names[i] for i in feature_cols]
+        self.text_target: Optional[bool] = None    # decided by the first data row
+        # The columns parsed: the features and the target (others are never read as numbers).
+        self.used = sorted(set(feature_cols) | ({target_col} if target_col is not None
+                                                  else set()))
+
+    def _check_field_counts(self, chunk: List[Tuple[int, str]]) -> None:
+        """DataError at the first line with more or fewer fields than the table has columns.
+
+        Commas are counted first (fast); a line whose count is off is split as CSV, so that a
+        quoted comma inside a field is not taken for a separator."""
+        commas = len(self.names) - 1
+        for number, line in chunk:
+            if line.count(",") != commas:
+                fields = len(_split_line(line))
+                if fields != len(self.names):
+                    raise DataError(f"{self.path}, line {number}: {fields} fields, but the "
+                                    f"table has {len(self.names)} columns (a ragged row)")
+
+    def parse(self, chunk: List[Tuple[int, str]], X: np.ndarray, rows: int,
+              y_parts: List[np.ndarray]) -> int:
+        if self.text_target is None and self.target_col is not None:
+            fields = _split_line(chunk[0][1])
+            self.text_target = (self.target_col < len(fields)
+                                and not _is_number(fields[self.target_col]))
+        self._check_field_counts(chunk)
+        if self.text_target:
+            table = self._parse_with_text_target(chunk, y_parts)
+        else:
+            try:
+                table = np.loadtxt([line for _, line in chunk], delimiter=",", quotechar='"',
+                                   dtype=np.float64, ndmin=2, comments=None,
+                                   usecols=self.used)
+            except ValueError as exc:
+                raise self._diagnose(chunk, exc) from None
+            if self.target_col is not None:
+                y_parts.append(table[:, self.used.index(self.target_col)].copy())
+            table = table[:, [self.used.index(i) for i in self.feature_cols]]
+        line_of = [number for number, _ in chunk]
+        _check_finite_block(table, rows, self.feature_names, self.path, line_of)
+        if self.target_col is not None and not self.text_target:
+            target = y_parts[-1]
+            bad = np.flatnonzero(~np.isfinite(target))
+            if len(bad):
+                raise DataError(f"{self.path}: row {rows + bad[0]} (line {line_of[bad[0]]}), "
+                                f"target {self.names[self.target_col]!r} holds "
+                                f"{target[bad[0]]}; every value must be a finite number")
+        if rows + len(table) > len(X):
+            raise DataError(f"{self.path} changed while it was read")
+        X[rows:rows + len(table)] = table
+        return rows + len(table)
+
+    def _parse_with_text_target(self, chunk: List[Tuple[int, str]],
+                                y_parts: List[np.ndarray]) -> np.ndarray:
+        records = list(csv.reader(line for _, line in chunk))
+        try:
+            table = np.array([[record[i] for i in self.feature_cols] for record in records],
+                             dtype=np.float64)
+        except ValueError as exc:
+            raise self._diagnose(chunk, exc) from None
+        y_parts.append(np.array([record[self.target_col].strip() for record in records],
+                                dtype=str))
+        return table.reshape(len(records), len(self.feature_cols))
+
+    def _diagnose(self, chunk: List[Tuple[int, str]], exc: Optional[Exception]) -> DataError:
+        """The first ragged line or non-number of the chunk, as a DataError."""
+        for number, line in chunk:
+            fields = _split_line(line)
+            for i in self.feature_cols:
+                if not _is_number(fields[i]):
+                    value = fields[i].strip()
+                    what = "is empty (missing values are not supported)" if not value else \
+                        f"holds {value!r}, not a number"
+                    return DataError(f"{self.path}, line {number}: feature column "
+                                     f"{self.names[i]!r} {what}; features must be numeric")
+            if self.target_col is not None and not self.text_target \
+                    and not _is_number(fields[self.target_col]):
+                return DataError(f"{self.path}, line {number}: the target "
+                                 f"{self.names[self.target_col]!r} holds "
+                                 f"{fields[self.target_col].strip()!r}, but its first value is "
+                                 f"a number")
+        return DataError(f"{self.path} is not a CSV table of numbers ({exc})")
+
+
+def _numeric_array(values: np.ndarray, what: str, source: str) -> np.ndarray:
+    if values.dtype.kind not in "biuf":
+        raise DataError(f"{source}: {what} must hold real numbers, got dtype {values.dtype}")
+    return values
+
+
+def _fill(X: np.ndarray, values: np.ndarray, names: List[str], source: str) -> None:
+    """Copy ``values`` into X block by block (cast to X's dtype), checking each is finite."""
+    step = _block_rows(values)
+    for start in range(0, len(values), step):
+        block = np.asarray(values[start:start + step], dtype=np.float64)
+        _check_finite_block(block, start, names, source)
+        X[start:start + len(block)] = block
+
+
+def _from_array(values: np.ndarray, y: Optional[np.ndarray], target: Union[None, str, int],
+                features: Optional[Sequence[Union[str, int]]], dtype: np.dtype, source: str,
+                require_target: bool, target_in_table: bool) -> Table:
+    """A Table from a 2-D array (its columns named by position) and, apart, its targets."""
+    if values.ndim != 2:
+        raise DataError(f"{source}: the features must be a 2-D table, got shape {values.shape}")
+    names = [str(i) for i in range(values.shape[1])]
+    if target_in_table:
+        target_col, feature_cols = _choose_columns(names, target, features, source,
+                                                   require_target)
+    else:
+        target_col, feature_cols = _choose_columns(names, None, features, source, False)
+    _numeric_array(values, "the features", source)
+    if not target_in_table and y is not None:
+        if y.ndim != 1:
+            raise DataError(f"{source}: the targets must be 1-D (one per row), got shape "
+                            f"{y.shape}")
+        if len(y) != len(values):
+            raise DataError(f"{source}: {len(values)} rows of features but {len(y)} targets")
+    elif target_col is not None:
+        y = np.asarray(values[:, target_col])
+    X = np.empty((len(values), len(feature_cols)), dtype)
+    chosen = values if feature_cols == list(range(values.shape[1])) else \
+        values[:, feature_cols]
+    _fill(X, chosen, [names[i] for i in feature_cols], source)
+    if y is not None and y.dtype.kind in "biuf":
+        y = y.astype(np.float64)
+        bad = np.flatnonzero(~np.isfinite(y))
+        if len(bad):
+            raise DataError(f"{source}: row {bad[0]}, the target holds {y[bad[0]]}; every "
+                            f"value must be a finite number")
+    elif y is not None and y.dtype.kind not in "US":
+        raise DataError(f"{source}: the targets must be numbers or strings, got dtype {y.dtype}")
+    return Table(X, y, [names[i] for i in feature_cols],
+                 names[target_col] if target_col is not None else
+                 ("y" if y is not None else None), source, False, len(names))
+
+
+def _read_npz(path: str, target: Union[None, str, int],
+              features: Optional[Sequence[Union[str, int]]], dtype: np.dtype,
+              require_target: bool) -> Table:
+    if target is not None:
+        raise DataError(f"{path}: an .npz keeps its targets in array y; a target column is "
+                        f"chosen in tables (.csv, .npy, .parquet)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in ("X", "y") if key in data.files}
+    except (ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise DataError(f"{path} is not a readable .npz file ({exc})") from None
+    wanted = ("X", "y") if require_target else ("X",)
+    missing = [key for key in wanted if key not in arrays]
+    if missing:
+        raise DataError(f"{path} has no array {missing[0]!r} (it needs X and y)")
+    return _from_array(arrays["X"], arrays.get("y"), None, features, dtype, path,
+                       require_target, target_in_table=False)
+
+
+def _load_npy(path: str) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, EOFError) as exc:
+        raise DataError(f"{path} is not a readable .npy file ({exc})") from None
+
+
+def _read_npy(path: str, target: Union[None, str, int],
+              features: Optional[Sequence[Union[str, int]]],
+              labels: "os.PathLike[str] | str | None", dtype: np.dtype,
+              require_target: bool) -> Table:
+    values = _load_npy(path)
+    if labels is None:
+        return _from_array(values, None, target, features, dtype, path, require_target,
+                           target_in_table=True)
+    if target is not None:
+        raise DataError(f"{path}: the targets come from {os.fspath(labels)}; no target column "
+                        f"is chosen among the features")
+    return _from_array(values, _load_npy(os.fspath(labels)), None, features, dtype,
+                       f"{path} with {os.fspath(labels)}", require_target,
+                       target_in_table=False)
+
+
+def _import_parquet():
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise DataError(f"reading Parquet needs pyarrow: {PARQUET_HINT} ({exc})") from None
+    return pq
+
+
+def _read_parquet(path: str, target: Union[None, str, int],
+                  features: Optional[Sequence[Union[str, int]]], dtype: np.dtype,
+                  require_target: bool) -> Table:
+    pq = _import_parquet()
+    import pyarrow as pa
+    try:
+        schema = pq.read_schema(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(f"{path} is not a readable Parquet file ({exc})") from None
+    names = list(schema.names)
+    target_col, feature_cols = _choose_columns(names, target, features, path, require_target)
+    for i in feature_cols:
+        kind = schema.field(i).type
+        if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)
+                or pa.types.is_boolean(kind)):
+            raise DataError(f"{path}: feature column {names[i]!r} is of type {kind}; features "
+                            f"must be numeric")
+    used = feature_cols + ([target_col] if target_col is not None else [])
+    try:
+        table = pq.read_table(path, columns=[names[i] for i in used])
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(f"{path} is not a readable Parquet file ({exc})") from None
+    X = np.empty((table.num_rows, len(feature_cols)), dtype)
+    for j, i in enumerate(feature_cols):
+        column = table.column(names[i])
+        if column.null_count:
+            row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+            raise DataError(f"{path}: row {row}, column {names[i]!r} is missing a value; "
+                            f"every value must be a finite number")
+        values = column.to_numpy().astype(np.float64, copy=False)
+        _check_finite_block(values[:, None], 0, [names[i]], path)
+        X[:, j] = values
+    y = None
+    if target_col is not None:
+        column = table.column(names[target_col])
+        if column.null_count:
+            row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+            raise DataError(f"{path}: row {row}, the target {names[target_col]!r} is missing")
+        y = column.to_numpy()
+        if y.dtype.kind in "biuf":
+            y = y.astype(np.float64)
+            _check_finite_block(y[:, None], 0, [names[target_col]], path)
+        else:
+            y = y.astype(str)
+    if table.num_rows == 0:
+        raise DataError(f"{path} holds no data rows")
+    return Table(X, y, [names[i] for i in feature_cols],
+                 names[target_col] if target_col is not None else None, path, True,
+                 len(names))
+
+
+# ------------------------------------------------------------------------------------ targets
+
+def encode_classes(y: np.ndarray, source: str) -> Tuple[np.ndarray, np.ndarray]:
+    """(labels 0..C-1 as int64, the sorted class values) of class targets ``y``."""
     y = np.asarray(y)
-    if X.ndim != 2 or X.shape[1] == 0:
-        raise DataError(f"{source}: X must be a 2-D table of features, got shape {X.shape}")
-    if y.ndim != 1:
-        raise DataError(f"{source}: y must be 1-D (one label per row), got shape {y.shape}")
-    if X.shape[0] != y.shape[0]:
-        raise DataError(f"{source}: {X.shape[0]} rows of features but {y.shape[0]} labels")
-    if not (np.issubdtype(X.dtype, np.number) and not np.issubdtype(X.dtype, np.complexfloating)):
-        raise DataError(f"{source}: features must be real numbers, got {X.dtype}")
-    X = X.astype(np.float64)
-    if not np.all(np.isfinite(X)):
-        raise DataError(f"{source}: the features contain NaN or infinite values")
-    if np.issubdtype(y.dtype, np.floating):
-        if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
-            raise DataError(f"{source}: labels must be whole numbers (class indices)")
+    if y.dtype.kind == "f":
+        if np.any(y != np.round(y)):
+            raise DataError(f"{source}: class labels must be whole numbers or text; "
+                            f"{y[np.flatnonzero(y != np.round(y))[0]]} is neither")
         huge = np.flatnonzero(np.abs(y) > 2**53)
         if len(huge):
             raise DataError(f"{source}: label {y[huge[0]]:g} in row {huge[0]} is too large for "
-                             f"a class value (at most 2**53 in magnitude)")
+                            f"a class value (at most 2**53 in magnitude)")
         y = y.astype(np.int64)
-    elif not np.issubdtype(y.dtype, np.integer):
-        raise DataError(f"{source}: labels must be integers, got {y.dtype}")
     classes, labels = np.unique(y, return_inverse=True)
     if len(classes) < 2:
         raise DataError(f"{source}: need at least 2 classes, got {len(classes)}")
-    return X, labels.astype(np.int64), classes
+    return labels.astype(np.int64), classes
 
+
+# ------------------------------------------------------------------------------------ splits
 
 def stratified_split(y: np.ndarray, fraction: float,
                      rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
-    """Seeded train/test indices with each class split in the same proportion."""
-    test: List[np.ndarray] = []
-    train: List[np.ndarray] = []
+    """Seeded (kept, held-out) row indices, each class split in the same proportion, both
+    sorted; ``y`` holds class labels. Every class of at least 2 rows gives round(fraction *
+    rows) rows to the held-out part."""
+    held: List[np.ndarray] = []
     for label in np.unique(y):
         idx = rng.permutation(np.flatnonzero(y == label))
-        n_test = int(round(fraction * len(idx))) if len(idx) > 1 else 0
-        test.append(idx[:n_test])
-        train.append(idx[n_test:])
-    train_idx, test_idx = np.concatenate(train), np.concatenate(test)
-    if len(test_idx) == 0:
-        raise DataError("too few rows to hold out a test split")
-    return rng.permutation(train_idx), np.sort(test_idx)
+        n_held = int(round(fraction * len(idx))) if len(idx) > 1 else 0
+        held.append(idx[:n_held])
+    return _complement(len(y), np.concatenate(held))
+
+
+def _complement(n: int, held: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    mask = np.zeros(n, bool)
+    mask[held] = True
+    return np.flatnonzero(~mask), np.flatnonzero(mask)
+
+
+def split_in_place(X: np.ndarray, held: np.ndarray, *others: np.ndarray) -> int:
+    """Move the rows ``held`` (sorted indices) of X to its end, in place; returns the number
+    of kept rows m, so that X[:m] holds the kept rows and X[m:] the held ones (both views).
+
+    The arrays in ``others`` (y, row numbers: anything with X's rows) are reordered alike.
+    Each held row before m is swapped with a kept row from m on, both in increasing order,
+    through a buffer of at most a block of rows: the memory is that of X alone.
+    """
+    n = len(X)
+    m = n - len(held)
+    front = held[held < m]                          # held rows that must leave the front
+    mask = np.ones(n - m, bool)
+    mask[held[held >= m] - m] = False
+    back = np.flatnonzero(mask) + m                 # kept rows that must come forward
+    step = _block_rows(X)
+    for start in range(0, len(front), step):
+        a, b = front[start:start + step], back[start:start + step]
+        for array in (X,) + others:
+            swap = array[a]
+            array[a] = array[b]
+            array[b] = swap
+    return m
+
+
+# ------------------------------------------------------------------------------------ scaling
+
+@dataclass
+class Standardizer:
+    """Per-column (x - mean) / scale, with scale the standard deviation (1 where it is 0).
+
+    :meth:`fit` reads the rows in blocks, in float64 (two passes: the mean, then the squared
+    deviations), and :meth:`transform` writes in place, block by block, in the array's dtype:
+    the same operations on the same values give the same bits in training and prediction.
+    """
+
+    mean: np.ndarray
+    scale: np.ndarray
+
+    @classmethod
+    def fit(cls, X: np.ndarray) -> "Standardizer":
+        X = np.asarray(X)
+        if X.ndim == 1:
+            return cls.fit(X[:, None])
+        if len(X) == 0:
+            raise DataError("cannot scale an empty set of rows")
+        step = _block_rows(X)
+        total = np.zeros(X.shape[1])
+        for start in range(0, len(X), step):
+            total += X[start:start + step].sum(axis=0, dtype=np.float64)
+        mean = total / len(X)
+        squares = np.zeros(X.shape[1])
+        for start in range(0, len(X), step):
+            deviation = X[start:start + step] - mean
+            squares += np.einsum("ij,ij->j", deviation, deviation)
+        std = np.sqrt(squares / len(X))
+        return cls(mean, np.where(std > 0, std, 1.0))
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        """Scale X in place (returns X)."""
+        if X.shape[-1] != len(self.mean):
+            raise DataError(f"{X.shape[-1]} columns to scale, but the scaling has "
+                            f"{len(self.mean)}")
+        mean = self.mean.astype(X.dtype)
+        scale = self.scale.astype(X.dtype)
+        step = _block_rows(X)
+        for start in range(0, len(X), step):
+            block = X[start:start + step]
+            block -= mean
+            block /= scale
+        return X
+
+    def inverse(self, values: np.ndarray) -> np.ndarray:
+        """values * scale + mean, in float64 (a new array)."""
+        return np.asarray(values, dtype=np.float64) * self.scale + self.mean
 
 
 # ------------------------------------------------------------------------------------ memory maps
@@ -168,3 +657,53 @@ def _map_member(raw, info: zipfile.ZipInfo, path: str) -> np.ndarray:
         raise ValueError(f"{path}: array {info.filename[:-4]!r} holds Python objects")
     return np.memmap(path, dtype=dtype, mode="r", offset=raw.tell(), shape=shape,
                      order="F" if fortran else "C")
+
+
+# ------------------------------------------------------------------------------------ training
+
+@dataclass
+class TrainingData:
+    """A data set ready to fit: the training and test rows (views of one array, scaled), the
+    labels, and what prediction needs again (the class values, the scaling, the columns)."""
+
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+    classes: np.ndarray
+    scaler: Standardizer
+    table: Table
+
+
+def digits_table(dtype: Any = np.float32) -> Table:
+    """The bundled digits as a Table (pixels 0..16 in ``dtype``, 64 features "0".."63")."""
+    X, y = load_digits()
+    return Table(X.astype(dtype), y, [str(i) for i in range(X.shape[1])], None,
+                 "UCI digits (bundled, 1,797 8x8 images)", False, X.shape[1])
+
+
+def digits_scaler() -> Standardizer:
+    """The digits' fixed scaling: pixels / 16, into [0, 1]."""
+    return Standardizer(np.zeros(64), np.full(64, 16.0))
+
+
+def prepare_training_data(table: Table, rng: np.random.Generator, *, test_fraction: float,
+                          scaler: Optional[Standardizer] = None) -> TrainingData:
+    """Encode the class labels, hold out a stratified ``test_fraction`` of the rows and scale.
+
+    The table's X is reordered and scaled in place (see :func:`split_in_place`): the training
+    rows come first. The features are standardised with the training rows' mean and standard
+    deviation, or with ``scaler`` when one is given (the digits' :func:`digits_scaler`).
+    """
+    if table.y is None:
+        raise DataError(f"{table.source} holds no target column")
+    labels, classes = encode_classes(table.y, table.source)
+    _, held = stratified_split(labels, test_fraction, rng)
+    if len(held) == 0:
+        raise DataError(f"{table.source}: too few rows to hold out a test split")
+    m = split_in_place(table.X, held, labels)
+    X = table.X
+    if scaler is None:
+        scaler = Standardizer.fit(X[:m])
+    scaler.transform(X)
+    return TrainingData(X[:m], labels[:m], X[m:], labels[m:], classes, scaler, table)
