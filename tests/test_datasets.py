@@ -213,7 +213,7 @@ def test_train_reads_target_and_features_from_a_header(tmp_path, capsys):
     path = _csv(tmp_path, "\n".join(lines) + "\n")
     assert main(["train", "--data", str(path), "--target", "kind", "--features",
                  "signal,noise", "--epochs", "20", "--depth", "2", "--width", "8",
-                 "--batch-size", "8", "--lr", "0.01", "--json"]) == 0
+                 "--batch-size", "8", "--lr", "0.01", "--json"]) == 0   # text labels: classes
     out = capsys.readouterr().out
     assert "64 train / 16 test rows, 2 features, 2 classes" in out
     import json

@@ -24,11 +24,13 @@ from ckpt import _core, distributed, get_num_threads, set_num_threads
 from ckpt.threads import MODES, get_threading_mode, threading_mode
 from ckpt.checkpoint import SegmentCheckpointer
 from ckpt.costs import ChainCosts
-from ckpt.datasets import digits_scaler, digits_table, prepare_training_data, read_table
+from ckpt.datasets import (TrainingData, digits_scaler, digits_table, prepare_training_data,
+                           read_table)
+from ckpt.inference import regression_metrics
 from ckpt.measure import measure_step, recompute_cost
 from ckpt.optim import OPTIMIZERS
 from ckpt.units import format_size, parse_size
-from ckpt.train import build_mlp, describe_architecture, evaluate, fit, mlp_costs
+from ckpt.train import build_mlp, describe_architecture, evaluate, fit, mlp_costs, predict
 
 DEFAULTS = {
     "depth": 8,
@@ -143,6 +145,16 @@ def _add_column_options(p: argparse.ArgumentParser) -> None:
                    help="with --data FILE.npy of features: the 1-D .npy of their targets")
 
 
+def _add_task_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", choices=["auto", "classification", "regression"], default="auto",
+                   help="auto (default): integer-like targets with at most 2%% of the rows "
+                        "(and at most 1,000) distinct values, or text labels, are classes; "
+                        "otherwise regression (squared error; RMSE and R^2 reported)")
+    p.add_argument("--no-scale-target", dest="scale_target", action="store_false",
+                   help="regression: train on the targets as they are (default: standardised "
+                        "with the training rows' mean and deviation, undone in predictions)")
+
+
 def _read_data(args: argparse.Namespace, dtype: np.dtype, require_target: bool = True):
     if args.data is None:
         for option in ("target", "features", "labels"):
@@ -164,6 +176,7 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
                         "table, or the features with --labels), or .parquet (needs pyarrow: "
                         "ckpt-cpu[parquet]); default: the bundled 8x8 digits")
     _add_column_options(p)
+    _add_task_options(p)
     p.add_argument("--depth", type=_positive_int, default=DEFAULTS["depth"],
                    help="number of Dense layers, or of residual blocks with --residual "
                         "(default %(default)s)")
@@ -263,12 +276,16 @@ def _train(args: argparse.Namespace, status: Dict[str, Any]) -> int:
     dtype = np.dtype(args.dtype)
     table = _read_data(args, dtype)
     rng = np.random.default_rng(args.seed)
-    data = prepare_training_data(table, rng, test_fraction=TEST_FRACTION,
-                                 scaler=digits_scaler() if args.data is None else None)
+    data = prepare_training_data(table, rng, test_fraction=TEST_FRACTION, task=args.task,
+                                 scaler=digits_scaler() if args.data is None else None,
+                                 scale_target=args.scale_target)
     X_train, y_train, X_test, y_test = data.X_train, data.y_train, data.X_test, data.y_test
-    classes, source, features = data.classes, table.source, table.X.shape[1]
+    source, features = table.source, table.X.shape[1]
+    classification = data.task == "classification"
+    loss = "cross_entropy" if classification else "mse"
+    outputs = len(data.classes) if classification else 1
 
-    layers = build_mlp(features, args.depth, args.width, len(classes), args.activation,
+    layers = build_mlp(features, args.depth, args.width, outputs, args.activation,
                        dtype, rng, residual=args.residual, dropout=args.dropout)
     schedule = ({"budget_bytes": args.budget} if args.budget is not None
                 else {"checkpoint_every": args.checkpoint_every})
@@ -281,8 +298,11 @@ def _train(args: argparse.Namespace, status: Dict[str, Any]) -> int:
     k = model.checkpoint_every
     how = f"checkpoint every {k}" if k is not None else f"budget {format_size(args.budget)}"
 
+    targets = f"{len(data.classes)} classes" if classification else (
+        "target standardised" if data.target_scaler is not None else "target as it is")
     print(f"data: {source}: {len(X_train)} train / {len(X_test)} test rows, "
-          f"{features} features, {len(classes)} classes")
+          f"{features} features, {targets}")
+    print(f"task: {data.task_reason}")
     print(f"model: {describe_architecture(layers)}, width {args.width}, {args.activation}, "
           f"{args.dtype}, {model.parameter_count:,} parameters; {how}; "
           f"{args.optimizer} lr {lr:g}")
@@ -303,18 +323,18 @@ def _train(args: argparse.Namespace, status: Dict[str, Any]) -> int:
 
     start = time.perf_counter()
     try:
-        history = fit(model, X_train, y_train, optimizer=optimizer, epochs=args.epochs,
+        history = fit(model, X_train, y_train, loss=loss, optimizer=optimizer, epochs=args.epochs,
                       batch_size=args.batch_size, seed=rng, step_callback=progress.step,
                       callback=epoch_done, comm=args.comm)
     finally:
         progress.close()
     seconds = time.perf_counter() - start
 
-    test = evaluate(model, X_test, y_test, comm=args.comm)
+    test = _test_metrics(model, data, args.comm)
     batch = min(args.batch_size, len(X_train))
     xb, yb = X_train[:batch], y_train[:batch]
-    peak = measure_step(model.layers, xb, yb, **schedule)
-    peak_plain = measure_step(model.layers, xb, yb, checkpoint_every=1)
+    peak = measure_step(model.layers, xb, yb, loss=loss, **schedule)
+    peak_plain = measure_step(model.layers, xb, yb, loss=loss, checkpoint_every=1)
     recomputed, extra = recompute_cost(model, batch)
     if args.save and (args.comm is None or args.comm.Get_rank() == 0):
         from ckpt.io import save
@@ -322,10 +342,10 @@ def _train(args: argparse.Namespace, status: Dict[str, Any]) -> int:
         status["saved"] = args.save
 
     results = {
-        "test_accuracy": test["accuracy"],
-        "test_loss": test["loss"],
+        "task": data.task,
+        **{f"test_{key}": value for key, value in test.items()},
         "train_loss": history["loss"][-1],
-        "train_accuracy": history["accuracy"][-1],
+        **({"train_accuracy": history["accuracy"][-1]} if classification else {}),
         "seconds": seconds,
         "epochs": args.epochs,
         "steps": args.epochs * math.ceil(len(X_train) / (ranks * args.batch_size)),
@@ -347,8 +367,12 @@ def _train(args: argparse.Namespace, status: Dict[str, Any]) -> int:
         "simd": _core.simd_variant(),
     }
     saving = 1 - peak / peak_plain if peak_plain else 0.0
-    print(f"test accuracy     {test['accuracy']:.2%}   (loss {test['loss']:.4f}; "
-          f"train accuracy {results['train_accuracy']:.2%})")
+    if classification:
+        print(f"test accuracy     {test['accuracy']:.2%}   (loss {test['loss']:.4f}; "
+              f"train accuracy {results['train_accuracy']:.2%})")
+    else:
+        print(f"test RMSE         {test['rmse']:.6g}   (R^2 {test['r2']:.4f}; train loss "
+              f"{results['train_loss']:.4f}{' standardised' if data.target_scaler else ''})")
     print(f"training time     {seconds:.2f} s for {args.epochs} epochs, "
           f"{results['steps'] / seconds:,.0f} steps/s")
     print(f"peak activations  {_kib(peak)} with checkpointing ({how}), "
@@ -363,6 +387,21 @@ def _train(args: argparse.Namespace, status: Dict[str, Any]) -> int:
     if args.json:
         print(json.dumps(results))
     return 0
+
+
+def _test_metrics(model: SegmentCheckpointer, data: TrainingData, comm: Any) -> Dict[str, float]:
+    """Test loss and accuracy, or RMSE and R^2 in the target's own units (and the loss, the
+    mean squared error in the units trained on)."""
+    if data.task == "classification":
+        return evaluate(model, data.X_test, data.y_test, comm=comm)
+    scaled = predict(model, data.X_test)[:, 0]
+    values = data.target_scaler.inverse(scaled[:, None])[:, 0] if data.target_scaler \
+        else scaled
+    metrics = regression_metrics(data.y_test, values)
+    trained_on = data.target_scaler.transform(data.y_test[:, None].copy())[:, 0] \
+        if data.target_scaler else data.y_test
+    return {"rmse": metrics["rmse"], "r2": metrics["r2"],
+            "loss": regression_metrics(trained_on, scaled)["mse"]}
 
 
 class _Progress:
@@ -383,7 +422,8 @@ class _Progress:
                             unit="step", file=sys.stdout, dynamic_ncols=True)
         tracker = self.model.memory_tracker
         live = tracker.stored_activation_bytes + tracker.gradient_bytes
-        self.bar.set_postfix_str(f"loss={info['loss']:.4f} acc={info['accuracy']:.3f} "
+        acc = f" acc={info['accuracy']:.3f}" if "accuracy" in info else ""
+        self.bar.set_postfix_str(f"loss={info['loss']:.4f}{acc} "
                                  f"mem={_kib(live)} peak={_kib(tracker.peak_bytes)}",
                                  refresh=False)
         self.bar.update(1)

@@ -34,6 +34,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 PARQUET_HINT = "pip install 'ckpt-cpu[parquet]'"
+TASKS = ("classification", "regression")
+# Auto task: integer-like targets with at most this share of the rows distinct, and at most
+# this many distinct values, are class labels.
+AUTO_MAX_CLASS_FRACTION = 0.02
+AUTO_MAX_CLASSES = 1000
 # Text read per parse of a CSV file, and the bytes of a block of rows (in float64) when
 # checking, scaling and splitting: what these steps hold besides the data.
 _CHUNK_BYTES = 1 << 19
@@ -494,6 +499,33 @@ def _read_parquet(path: str, target: Union[None, str, int],
 
 # ------------------------------------------------------------------------------------ targets
 
+def choose_task(y: np.ndarray, task: str = "auto") -> Tuple[str, str]:
+    """(task, why): "classification" or "regression" for targets ``y``.
+
+    ``auto``: text labels are classes; numbers are classes when they are all integer-like and
+    at most 2% of the rows (and at most 1,000) are distinct values, else regression targets.
+    """
+    if task not in TASKS + ("auto",):
+        raise ValueError(f"task must be classification, regression or auto, got {task!r}")
+    y = np.asarray(y)
+    text = y.dtype.kind in "US"
+    if task == "regression" and text:
+        raise DataError(f"regression needs numeric targets, got text labels such as {y[0]!r}")
+    if task != "auto":
+        return task, f"{task} (as asked)"
+    if text:
+        return "classification", "classification (auto: the targets are text labels)"
+    distinct = len(np.unique(y))
+    integer_like = bool(np.all(y == np.round(y)))
+    limit = min(AUTO_MAX_CLASSES, math.floor(AUTO_MAX_CLASS_FRACTION * len(y)))
+    if integer_like and distinct <= limit:
+        return "classification", (f"classification (auto: {distinct} distinct integer-like "
+                                  f"targets in {len(y):,} rows, at most {limit})")
+    reason = "not all integer-like" if not integer_like else \
+        f"{distinct} distinct values in {len(y):,} rows, more than {limit}"
+    return "regression", f"regression (auto: the targets are {reason})"
+
+
 def encode_classes(y: np.ndarray, source: str) -> Tuple[np.ndarray, np.ndarray]:
     """(labels 0..C-1 as int64, the sorted class values) of class targets ``y``."""
     y = np.asarray(y)
@@ -525,6 +557,12 @@ def stratified_split(y: np.ndarray, fraction: float,
         n_held = int(round(fraction * len(idx))) if len(idx) > 1 else 0
         held.append(idx[:n_held])
     return _complement(len(y), np.concatenate(held))
+
+
+def random_split(n: int, fraction: float,
+                 rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+    """Seeded (kept, held-out) row indices of n rows, round(fraction * n) held out, sorted."""
+    return _complement(n, rng.permutation(n)[:int(round(fraction * n))])
 
 
 def _complement(n: int, held: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -663,15 +701,20 @@ def _map_member(raw, info: zipfile.ZipInfo, path: str) -> np.ndarray:
 
 @dataclass
 class TrainingData:
-    """A data set ready to fit: the training and test rows (views of one array, scaled), the
-    labels, and what prediction needs again (the class values, the scaling, the columns)."""
+    """A data set ready to fit: the training and test rows (views of one array, scaled), their
+    targets (class labels 0..C-1, or float64 values: the training ones standardised unless
+    asked not to, the test ones in the original units), and what prediction needs again: the
+    task, the class values, the scalings, the columns."""
 
     X_train: np.ndarray
     y_train: np.ndarray
     X_test: np.ndarray
     y_test: np.ndarray
-    classes: np.ndarray
+    task: str
+    task_reason: str
+    classes: Optional[np.ndarray]
     scaler: Standardizer
+    target_scaler: Optional[Standardizer]
     table: Table
 
 
@@ -688,22 +731,37 @@ def digits_scaler() -> Standardizer:
 
 
 def prepare_training_data(table: Table, rng: np.random.Generator, *, test_fraction: float,
-                          scaler: Optional[Standardizer] = None) -> TrainingData:
-    """Encode the class labels, hold out a stratified ``test_fraction`` of the rows and scale.
+                          task: str = "auto", scaler: Optional[Standardizer] = None,
+                          scale_target: bool = True) -> TrainingData:
+    """Choose the task, prepare the targets, hold out ``test_fraction`` of the rows, and scale.
 
-    The table's X is reordered and scaled in place (see :func:`split_in_place`): the training
-    rows come first. The features are standardised with the training rows' mean and standard
-    deviation, or with ``scaler`` when one is given (the digits' :func:`digits_scaler`).
+    Classification targets become labels 0..C-1 and the held-out rows are stratified by class;
+    regression targets are float64, held out at random, and standardised with the training
+    rows' mean and standard deviation when ``scale_target``. The table's X is reordered and
+    scaled in place (see :func:`split_in_place`): the training rows come first. The features
+    are standardised with the training rows' statistics, or with ``scaler`` when one is given
+    (the digits' :func:`digits_scaler`).
     """
     if table.y is None:
         raise DataError(f"{table.source} holds no target column")
-    labels, classes = encode_classes(table.y, table.source)
-    _, held = stratified_split(labels, test_fraction, rng)
+    task, reason = choose_task(table.y, task)
+    classes: Optional[np.ndarray] = None
+    if task == "classification":
+        y, classes = encode_classes(table.y, table.source)
+        _, held = stratified_split(y, test_fraction, rng)
+    else:
+        y = np.array(table.y, dtype=np.float64)
+        _, held = random_split(len(y), test_fraction, rng)
     if len(held) == 0:
         raise DataError(f"{table.source}: too few rows to hold out a test split")
-    m = split_in_place(table.X, held, labels)
+    m = split_in_place(table.X, held, y)
     X = table.X
     if scaler is None:
         scaler = Standardizer.fit(X[:m])
     scaler.transform(X)
-    return TrainingData(X[:m], labels[:m], X[m:], labels[m:], classes, scaler, table)
+    y_train, target_scaler = y[:m], None
+    if task == "regression" and scale_target:
+        target_scaler = Standardizer.fit(y_train)
+        y_train = target_scaler.transform(y_train[:, None].copy())[:, 0]
+    return TrainingData(X[:m], y_train, X[m:], y[m:], task, reason, classes, scaler,
+                        target_scaler, table)

@@ -185,3 +185,17 @@ def evaluate(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_ent
     if loss == "cross_entropy":
         result["accuracy"] = float(totals[1] / totals[2])
     return result
+
+
+def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> Dict[str, float]:
+    """{"rmse", "r2", "mse"} of predictions against targets (1-D, or one column each)."""
+    y_true = np.asarray(y_true, dtype=np.float64).reshape(len(y_true), -1)
+    y_pred = np.asarray(y_pred, dtype=np.float64).reshape(len(y_pred), -1)
+    if y_true.shape != y_pred.shape or len(y_true) == 0:
+        raise ValueError(f"{y_pred.shape} predictions for {y_true.shape} targets")
+    residual = float(np.sum((y_true - y_pred) ** 2))
+    total = float(np.sum((y_true - y_true.mean(axis=0)) ** 2))
+    mse = residual / y_true.size
+    # R^2 of a constant target is 1 for exact predictions, else 0 (scikit-learn's choice).
+    r2 = 1.0 - residual / total if total > 0 else float(residual == 0)
+    return {"mse": mse, "rmse": mse ** 0.5, "r2": r2}

@@ -11,16 +11,20 @@ from typing import Sequence, Tuple
 import numpy as np
 
 from ckpt.checkpoint import SegmentCheckpointer
-from ckpt.losses import softmax_cross_entropy
+from ckpt.losses import get_loss
 
 
-def measure_step(layers: Sequence, xb: np.ndarray, yb: np.ndarray, **schedule) -> int:
-    """Peak activation bytes of one training step on copies of the layers.
+def measure_step(layers: Sequence, xb: np.ndarray, yb: np.ndarray, *,
+                 loss: str = "cross_entropy", **schedule) -> int:
+    """Peak activation bytes of one training step with ``loss`` on copies of the layers.
 
     ``schedule`` is what SegmentCheckpointer takes: checkpoint_every=, or budget_bytes=.
     """
     model = SegmentCheckpointer(copy.deepcopy(list(layers)), **schedule)
-    _, grad = softmax_cross_entropy(model.forward(xb), yb)
+    output = model.forward(xb)
+    if loss != "cross_entropy":
+        yb = np.asarray(yb, dtype=output.dtype).reshape(len(yb), -1)
+    _, grad = get_loss(loss)(output, yb)
     model.backward(grad)
     return model.memory_tracker.peak_bytes
 
