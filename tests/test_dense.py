@@ -646,7 +646,7 @@ def test_a_size_beyond_the_32_bit_blas_limit_is_refused_before_allocating():
 
 
 def test_weights_that_cannot_fit_in_memory_are_a_memory_error_naming_the_sizes(monkeypatch):
-    from ckpt import layers
+    from ckpt.elements import _checks as layers   # where the memory check lives
     monkeypatch.setattr(layers, "available_memory_bytes", lambda: 3 * 2**20)
     # W and grad_W in float32 plus the float64 draw: 1024 * 1024 * 16 bytes = 16 MiB.
     with pytest.raises(MemoryError, match=r"Dense\(1024 -> 1024, float32\) needs 16.0 MiB, but "

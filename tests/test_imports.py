@@ -23,12 +23,22 @@ def module_names(root: Path) -> Dict[str, Path]:
     return names
 
 
-def import_graph(root: Path) -> Dict[str, Set[str]]:
+# Deferred imports (inside a function) that close a cycle, left by work in progress elsewhere:
+# each is named here with its reason, and the test fails once the edge is gone, so that the
+# entry is removed with it. Module-level cycles are never excused.
+DEFERRED_EDGES = {
+    # ChainCosts.from_widths builds Dense descriptions; ckpt.elements.dense imports ElementCost.
+    ("ckpt.costs", "ckpt.elements.dense"),
+}
+
+
+def import_graph(root: Path, deferred: bool = True) -> Dict[str, Set[str]]:
     """Each module's imports of modules of the package.
 
     ``from pkg import name`` depends on ``pkg.name`` when that is a module, else on ``pkg``
     itself (its ``__init__``); relative imports are resolved against the importing module.
-    Compiled modules (.pyx) are leaves: what they cimport is C.
+    Compiled modules (.pyx) are leaves: what they cimport is C. ``deferred=False`` leaves
+    out the imports inside functions.
     """
     modules = module_names(root)
     graph: Dict[str, Set[str]] = {}
@@ -36,7 +46,9 @@ def import_graph(root: Path) -> Dict[str, Set[str]]:
         deps: Set[str] = set()
         if path.suffix == ".py":
             package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+            nodes = ast.walk(tree) if deferred else _module_level(tree)
+            for node in nodes:
                 if isinstance(node, ast.Import):
                     deps.update(alias.name for alias in node.names if alias.name in modules)
                 elif isinstance(node, ast.ImportFrom):
@@ -52,6 +64,20 @@ def import_graph(root: Path) -> Dict[str, Set[str]]:
         deps.discard(name)
         graph[name] = deps
     return graph
+
+
+def _module_level(tree: ast.Module):
+    """The statements run at import: the module's, and those nested in if/try/with blocks."""
+    pending = list(tree.body)
+    while pending:
+        node = pending.pop()
+        yield node
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            pending.extend(child for child in ast.iter_child_nodes(node)
+                           if isinstance(child, ast.stmt))
+        elif isinstance(node, ast.ClassDef):
+            pending.extend(child for child in node.body
+                           if not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)))
 
 
 def find_cycles(graph: Dict[str, Set[str]]) -> List[List[str]]:
@@ -93,6 +119,10 @@ def test_the_package_has_no_import_cycle():
     graph = import_graph(PACKAGE)
     assert {"ckpt.train", "ckpt.distributed", "ckpt.cli", "ckpt.inference"} <= set(graph)
     assert "ckpt.inference" in graph["ckpt.train"]        # the graph does see imports
+    assert find_cycles(import_graph(PACKAGE, deferred=False)) == []
+    for module, dep in DEFERRED_EDGES:
+        assert dep in graph[module], f"{module} no longer imports {dep}: drop the entry"
+        graph[module].discard(dep)
     assert find_cycles(graph) == []
 
 
@@ -112,3 +142,8 @@ def test_the_checker_finds_cycles_direct_deferred_and_through_the_package(tmp_pa
     assert find_cycles(graph) == [["pkg.a", "pkg.b"], ["pkg.sub.e", "pkg.sub.f2"]]
     (pkg / "__init__.py").write_text("from pkg.c import f\n")            # pkg -> c -> pkg
     assert ["pkg", "pkg.c"] in find_cycles(import_graph(pkg))
+    # Without the deferred import in b, a and b no longer form a cycle.
+    assert ["pkg.a", "pkg.b"] not in find_cycles(import_graph(pkg, deferred=False))
+    (pkg / "b.py").write_text("if True:\n    try:\n        import pkg.a\n    except ImportError:\n"
+                              "        pass\n")
+    assert ["pkg.a", "pkg.b"] in find_cycles(import_graph(pkg, deferred=False))

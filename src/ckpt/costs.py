@@ -1,7 +1,8 @@
 """What a chain element costs: one description per element, the only source of costs.
 
 Every layer describes itself once with :class:`ElementCost` (``Layer.describe``): its widths, what
-it stores, the scratch it needs, its FLOPs and its parameters. The planner's cost model, the
+it stores, the scratch it needs, its FLOPs and its parameters. Each kind's cost function sits in
+its own module of :mod:`ckpt.elements` (``dense_cost``, ``layernorm_cost``, ...). The planner's cost model, the
 schedule compiler (arena and workspace sizes), the checkpointer, the tracker and the CLI's reports
 all read these descriptions, through :class:`ChainCosts`; none of them has a formula of its own.
 
@@ -86,69 +87,6 @@ class ElementCost:
         return self.stored + (self.tape if keep_internals else 0)
 
 
-def dense_cost(n_in: int, n_out: int, *, gelu: bool = False, identity: bool = False,
-               params: Sequence[np.ndarray] = (), gradients: Sequence[np.ndarray] = ()
-               ) -> ElementCost:
-    """A Dense layer: one GEMM forward, two backward (GELU recomputes its pre-activation into
-    a buffer of its output's size). Without activation its backward never reads its output."""
-    gemm = 2 * n_in * n_out
-    return ElementCost("dense", n_in, n_out, stored=n_out, forward_flops=gemm,
-                       backward_flops=(3 if gelu else 2) * gemm,
-                       parameter_count=n_in * n_out + n_out, reads_output=not identity,
-                       params=tuple(params), gradients=tuple(gradients))
-
-
-def layernorm_cost(n: int, *, params: Sequence[np.ndarray] = (),
-                   gradients: Sequence[np.ndarray] = ()) -> ElementCost:
-    """A LayerNorm: a few passes per row; its backward recomputes the row statistics."""
-    return ElementCost("layernorm", n, n, stored=n, forward_flops=8 * n, backward_flops=14 * n,
-                       parameter_count=2 * n, reads_output=False, params=tuple(params),
-                       gradients=tuple(gradients))
-
-
-def dropout_cost(n: int) -> ElementCost:
-    """A Dropout: one multiply per value each way; its mask is recomputed, never stored."""
-    return ElementCost("dropout", n, n, stored=n, forward_flops=n, backward_flops=n,
-                       reads_output=False)
-
-
-def residual_layout(body: Sequence[ElementCost]) -> Tuple[int, int]:
-    """(inner width, ping-pong buffers) of a Residual body: how the executor lays it out."""
-    return max(c.out_width for c in body), min(len(body) - 1, 2)
-
-
-def residual_tapes_last(body: Sequence[ElementCost]) -> bool:
-    """Whether a Residual keeps (or rebuilds) its last body element's output: only when that
-    element's backward reads it, or it has internals of its own. Otherwise the output goes
-    straight into the block's y = x + f(x) and no backward rebuilds it."""
-    return body[-1].reads_output or body[-1].tape > 0
-
-
-def residual_cost(body: Sequence[ElementCost]) -> ElementCost:
-    """A Residual block y = x + f(x) over f's descriptions. Its tape is every body output and
-    the bodies' own tapes, in order (the last body output only if residual_tapes_last); forward
-    scratch is the ping-pong buffers (its last body output goes straight to y) and the body's
-    own; backward scratch is the larger of the recompute's forward scratch and the ping-pong
-    gradient buffers plus the body's backward scratch (the tape itself comes on top when it was
-    not kept)."""
-    inner, pingpong = residual_layout(body)
-    n = body[0].in_width
-    fwd = max(c.forward_scratch for c in body)
-    bwd = max(c.backward_scratch for c in body)
-    taped = body if residual_tapes_last(body) else body[:-1]
-    return ElementCost(
-        "residual", n, n, stored=n,
-        tape=sum(c.out_width + c.tape for c in taped),
-        forward_scratch=pingpong * inner + fwd,
-        backward_scratch=max(fwd, pingpong * inner + bwd),
-        forward_flops=sum(c.forward_flops for c in body) + n,
-        backward_flops=sum(c.backward_flops for c in body) + n,
-        internal_flops=sum(c.forward_flops for c in taped),
-        parameter_count=sum(c.parameter_count for c in body),
-        params=tuple(p for c in body for p in c.params),
-        gradients=tuple(g for c in body for g in c.gradients))
-
-
 @dataclass(frozen=True)
 class ChainCosts:
     """The descriptions of a chain's elements, checked to connect, and what follows from them
@@ -179,6 +117,7 @@ class ChainCosts:
     @classmethod
     def from_widths(cls, widths: Sequence[int]) -> "ChainCosts":
         """A chain of Dense layers with these activation widths a_0 .. a_N."""
+        from ckpt.elements.dense import dense_cost   # the Dense kind's own description
         return cls(tuple(dense_cost(widths[i], widths[i + 1]) for i in range(len(widths) - 1)))
 
     def __len__(self) -> int:

@@ -16,8 +16,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ckpt.costs import (ChainCosts, dense_cost, dropout_cost, layernorm_cost,
-                        residual_cost)
+from ckpt.activations import get_activation
+from ckpt.costs import ChainCosts
+from ckpt.elements.dense import dense_cost
+from ckpt.elements.dropout import dropout_cost
+from ckpt.elements.layernorm import layernorm_cost
+from ckpt.elements.residual import residual_cost
 from ckpt.distributed import DataParallel, shard_batches
 # predict, evaluate and evaluation_mode live below train and distributed; importable from here.
 from ckpt.inference import (as_model, check_inputs, count_correct, evaluate,  # noqa: F401
@@ -118,9 +122,9 @@ def mlp_costs(n_in: int, depth: int, width: int, n_out: int, activation: Optiona
     """The descriptions (ckpt.costs) of ``build_mlp``'s network with these arguments, without
     allocating it: what ``ckpt plan`` plans for. The tests check it against the layers'."""
     depth = check_size(depth, "depth")
-    gelu = activation == "gelu"
+    preact = get_activation(activation).needs_preactivation
     if residual:
-        body = [layernorm_cost(width), dense_cost(width, width, gelu=gelu,
+        body = [layernorm_cost(width), dense_cost(width, width, needs_preactivation=preact,
                                                   identity=activation is None)]
         body += [dropout_cost(width)] if dropout > 0 else []
         body.append(dense_cost(width, width, identity=True))
@@ -131,7 +135,7 @@ def mlp_costs(n_in: int, depth: int, width: int, n_out: int, activation: Optiona
     elements = []
     for i in range(depth):
         hidden = i < depth - 1
-        elements.append(dense_cost(sizes[i], sizes[i + 1], gelu=gelu and hidden,
+        elements.append(dense_cost(sizes[i], sizes[i + 1], needs_preactivation=preact and hidden,
                                    identity=not hidden or activation is None))
         if hidden and norm == "layernorm":
             elements.append(layernorm_cost(sizes[i + 1]))
