@@ -25,11 +25,12 @@ from ckpt.activations import NAMES as ACTIVATION_NAMES
 from ckpt.threads import MODES, get_threading_mode, threading_mode
 from ckpt.checkpoint import SegmentCheckpointer
 from ckpt.costs import ChainCosts
-from ckpt.datasets import (TrainingData, digits_scaler, digits_table, prepare_training_data,
-                           read_table)
+from ckpt.datasets import (Preprocessing, TrainingData, digits_scaler, digits_table,
+                           prepare_training_data, read_table, write_csv)
 from ckpt.inference import regression_metrics
 from ckpt.measure import measure_step, recompute_cost
 from ckpt.optim import OPTIMIZERS
+from ckpt.predictor import load_predictor, prediction_table, read_features
 from ckpt.units import format_size, parse_size
 from ckpt.train import build_mlp, describe_architecture, evaluate, fit, mlp_costs, predict
 
@@ -220,7 +221,9 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
                    help="split: each thread runs a slice of the batch; blas (default, or "
                         "CKPT_THREADS_MODE): OpenBLAS threads each matrix product; auto: split "
                         "for mid-sized matrix products")
-    p.add_argument("--save", metavar="FILE", help="save parameters and optimizer state (.npz)")
+    p.add_argument("--save", metavar="FILE",
+                   help="save the model (.npz): parameters, optimizer state, and the feature "
+                        "and target scaling, classes and columns, for `ckpt predict`")
     p.add_argument("--json", action="store_true",
                    help="end the output with one line of JSON holding the results")
     p.set_defaults(run=run_train, comm=None)
@@ -339,7 +342,7 @@ def _train(args: argparse.Namespace, status: Dict[str, Any]) -> int:
     recomputed, extra = recompute_cost(model, batch)
     if args.save and (args.comm is None or args.comm.Get_rank() == 0):
         from ckpt.io import save
-        save(args.save, model, optimizer)
+        save(args.save, model, optimizer, Preprocessing.from_training(data))
         status["saved"] = args.save
 
     results = {
@@ -436,6 +439,64 @@ class _Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+# ------------------------------------------------------------------------------------ predict
+
+def add_predict_command(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "predict", help="predict with a saved model",
+        description="Predict with a model saved by `ckpt train --save`, on raw data (scaled as "
+                    "in training). Writes CSV with a header: the predicted label and one "
+                    "probability per class (p_<class>), or the predicted value.")
+    p.add_argument("model", metavar="MODEL", help="a model file from `ckpt train --save`")
+    p.add_argument("data", metavar="DATA",
+                   help="features as in training (.csv, .npz, .npy, .parquet); a column named "
+                        "as the training's target is left out")
+    p.add_argument("-o", "--output", metavar="FILE", default=None,
+                   help="write the CSV to FILE (default: standard output)")
+    p.set_defaults(run=run_predict)
+
+
+def add_evaluate_command(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "evaluate", help="score a saved model on data with targets",
+        description="Score a model saved by `ckpt train --save` on DATA, which holds the "
+                    "training's target column: accuracy and loss, or RMSE and R^2.")
+    p.add_argument("model", metavar="MODEL", help="a model file from `ckpt train --save`")
+    p.add_argument("data", metavar="DATA", help="features and target (.csv, .npz, .npy, "
+                                                ".parquet)")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON line")
+    p.set_defaults(run=run_evaluate)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    predictor = load_predictor(args.model)
+    table = read_features(args.data, predictor.preprocessing, predictor.dtype)
+    header, rows = prediction_table(predictor, table.X)
+    if args.output is None:
+        import csv
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+    else:
+        write_csv(args.output, header, rows)
+        print(f"{len(rows):,} predictions written to {args.output}", file=sys.stderr)
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    predictor = load_predictor(args.model)
+    table = read_features(args.data, predictor.preprocessing, predictor.dtype, with_target=True)
+    metrics = predictor.score(table.X, table.y)
+    if args.json:
+        print(json.dumps({"task": predictor.task, "rows": len(table.X), **metrics}))
+    elif predictor.task == "classification":
+        print(f"accuracy {metrics['accuracy']:.2%}   (loss {metrics['loss']:.4f}; "
+              f"{len(table.X):,} rows)")
+    else:
+        print(f"RMSE {metrics['rmse']:.6g}   (R^2 {metrics['r2']:.4f}; {len(table.X):,} rows)")
+    return 0
 
 
 # ------------------------------------------------------------------------------------ plan
@@ -544,8 +605,8 @@ def _plot_tradeoff(curve: Sequence[Tuple[int, int, int]], step_flops: int, path:
 
 # Each entry adds one subcommand to the parser; its parser sets `run` to a function
 # run(args) -> exit status.
-SUBCOMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [add_train_command,
-                                                                  add_plan_command]
+SUBCOMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [
+    add_train_command, add_predict_command, add_evaluate_command, add_plan_command]
 
 
 def build_parser() -> ArgumentParser:
@@ -569,6 +630,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
+    except BrokenPipeError:
+        # The reader of our output left (`ckpt predict ... | head`): stop without a word.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(1) from None
     except KeyboardInterrupt as exc:
         # Ctrl-C: one line saying what was done, and the shell's status for SIGINT.
         print(f"ckpt {args.command}: {str(exc) or 'interrupted'}", file=sys.stderr)

@@ -21,6 +21,7 @@ rows and the held-out ones) and a few MiB besides; ``tests/test_datasets_memory.
 from __future__ import annotations
 
 import csv
+import errno
 import io as _io
 import math
 import os
@@ -77,6 +78,8 @@ class Table:
     source: str
     named: bool = False
     columns: int = 0          # columns in the file, target included
+    feature_columns: List[int] = field(default_factory=list)    # their positions in the file
+    target_column: Optional[int] = None
 
 
 def read_table(path: "os.PathLike[str] | str", *, target: Union[None, str, int] = None,
@@ -107,6 +110,28 @@ def read_table(path: "os.PathLike[str] | str", *, target: Union[None, str, int] 
     if suffix in (".parquet", ".pq"):
         return _read_parquet(path, target, features, dtype, require_target)
     raise DataError(f"{path}: expected a .csv, .npz, .npy or .parquet file")
+
+
+def column_names(path: "os.PathLike[str] | str") -> Optional[List[str]]:
+    """The column names of a data file that names them (Parquet; a CSV whose first line is a
+    header, as :func:`read_table` decides), else None (arrays, headerless CSV)."""
+    path = os.fspath(path)
+    suffix = Path(path).suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        pq = _import_parquet()
+        try:
+            return list(pq.read_schema(path).names)
+        except Exception as exc:   # pyarrow raises its own errors for a bad file
+            raise DataError(f"{path} is not a readable Parquet file ({exc})") from None
+    if suffix != ".csv":
+        return None
+    with open(path, encoding="utf-8-sig") as f:
+        for _, line in _numbered_lines(f, path):
+            fields = _split_line(line)
+            if any(_is_number(value) for value in fields):
+                return None
+            return [value.strip() for value in fields]
+    return None
 
 
 def _choose_columns(names: List[str], target: Union[None, str, int],
@@ -236,7 +261,7 @@ def _read_csv(path: str, target: Union[None, str, int],
     y = np.concatenate(y_parts) if target_col is not None else None
     return Table(X, y, [names[i] for i in feature_cols],
                  names[target_col] if target_col is not None else None, path, named,
-                 len(names))
+                 len(names), feature_cols, target_col)
 
 
 def _numbered_lines(f, path: str):
@@ -393,7 +418,8 @@ def _from_array(values: np.ndarray, y: Optional[np.ndarray], target: Union[None,
         raise DataError(f"{source}: the targets must be numbers or strings, got dtype {y.dtype}")
     return Table(X, y, [names[i] for i in feature_cols],
                  names[target_col] if target_col is not None else
-                 ("y" if y is not None else None), source, False, len(names))
+                 ("y" if y is not None else None), source, False, len(names), feature_cols,
+                 target_col)
 
 
 def _read_npz(path: str, target: Union[None, str, int],
@@ -494,7 +520,7 @@ def _read_parquet(path: str, target: Union[None, str, int],
         raise DataError(f"{path} holds no data rows")
     return Table(X, y, [names[i] for i in feature_cols],
                  names[target_col] if target_col is not None else None, path, True,
-                 len(names))
+                 len(names), feature_cols, target_col)
 
 
 # ------------------------------------------------------------------------------------ targets
@@ -716,13 +742,15 @@ class TrainingData:
     scaler: Standardizer
     target_scaler: Optional[Standardizer]
     table: Table
+    test_rows: np.ndarray        # the held-out rows' positions in the table as read
 
 
 def digits_table(dtype: Any = np.float32) -> Table:
     """The bundled digits as a Table (pixels 0..16 in ``dtype``, 64 features "0".."63")."""
     X, y = load_digits()
     return Table(X.astype(dtype), y, [str(i) for i in range(X.shape[1])], None,
-                 "UCI digits (bundled, 1,797 8x8 images)", False, X.shape[1])
+                 "UCI digits (bundled, 1,797 8x8 images)", False, X.shape[1],
+                 list(range(X.shape[1])))
 
 
 def digits_scaler() -> Standardizer:
@@ -754,7 +782,8 @@ def prepare_training_data(table: Table, rng: np.random.Generator, *, test_fracti
         _, held = random_split(len(y), test_fraction, rng)
     if len(held) == 0:
         raise DataError(f"{table.source}: too few rows to hold out a test split")
-    m = split_in_place(table.X, held, y)
+    rows = np.arange(len(y))
+    m = split_in_place(table.X, held, y, rows)
     X = table.X
     if scaler is None:
         scaler = Standardizer.fit(X[:m])
@@ -764,4 +793,137 @@ def prepare_training_data(table: Table, rng: np.random.Generator, *, test_fracti
         target_scaler = Standardizer.fit(y_train)
         y_train = target_scaler.transform(y_train[:, None].copy())[:, 0]
     return TrainingData(X[:m], y_train, X[m:], y[m:], task, reason, classes, scaler,
-                        target_scaler, table)
+                        target_scaler, table, rows[m:])
+
+
+# ------------------------------------------------------------------------------------ preprocessing
+
+@dataclass
+class Preprocessing:
+    """What a model file keeps besides the network, so that it predicts on raw data alone: the
+    task, the feature columns (by name, or by position when ``named`` is False) and their
+    scaling, the target's name and position, its scaling (regression) or the class values
+    (classification). ``columns`` is the width of the table trained on, target included."""
+
+    task: str
+    feature_names: List[str]
+    named: bool
+    scaler: Standardizer
+    target_name: Optional[str] = None
+    target_index: Optional[int] = None
+    columns: int = 0
+    feature_columns: List[int] = field(default_factory=list)
+    classes: Optional[np.ndarray] = None
+    target_scaler: Optional[Standardizer] = None
+
+    @classmethod
+    def from_training(cls, data: TrainingData) -> "Preprocessing":
+        table = data.table
+        return cls(data.task, list(table.feature_names), table.named, data.scaler,
+                   table.target_name, table.target_column, table.columns,
+                   list(table.feature_columns), data.classes, data.target_scaler)
+
+    @property
+    def n_features(self) -> int:
+        return len(self.feature_names)
+
+    def record(self) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
+        """(JSON-able fields, float64 arrays) for a model file."""
+        fields = {"task": self.task, "feature_names": list(self.feature_names),
+                  "named": self.named, "target_name": self.target_name,
+                  "target_index": self.target_index, "columns": self.columns,
+                  "feature_columns": list(self.feature_columns),
+                  "classes": None if self.classes is None else self.classes.tolist(),
+                  "target_scaling": self.target_scaler is not None}
+        arrays = {"feature_mean": self.scaler.mean, "feature_scale": self.scaler.scale}
+        if self.target_scaler is not None:
+            arrays.update(target_mean=self.target_scaler.mean,
+                          target_scale=self.target_scaler.scale)
+        return fields, {key: np.asarray(value, np.float64) for key, value in arrays.items()}
+
+    @classmethod
+    def from_record(cls, fields: Dict[str, Any], arrays: Dict[str, np.ndarray], inputs: int,
+                    outputs: int) -> "Preprocessing":
+        """Rebuild from :meth:`record`'s parts, checked against the network's widths;
+        ValueError naming the first field that does not fit."""
+        if not isinstance(fields, dict):
+            raise ValueError("the preprocessing record is not a JSON object")
+        task = fields.get("task")
+        if task not in TASKS:
+            raise ValueError(f"the preprocessing's task is {task!r}")
+        names = fields.get("feature_names")
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)
+                and len(names) == inputs):
+            count = len(names) if isinstance(names, list) else names
+            raise ValueError(f"the preprocessing names {count!r} features for a network of "
+                             f"{inputs} inputs")
+        scaler = _scaler_from(arrays, "feature", inputs)
+        classes = fields.get("classes")
+        target_scaler = None
+        if task == "classification":
+            if not isinstance(classes, list) or len(classes) != outputs or \
+                    not all(isinstance(c, (int, float, str)) and not isinstance(c, bool)
+                            for c in classes):
+                raise ValueError(f"the preprocessing holds {classes!r} as the classes of a "
+                                 f"network of {outputs} outputs")
+            classes_array: Optional[np.ndarray] = np.array(classes)
+        else:
+            if outputs != 1:
+                raise ValueError(f"a regression model has one output, this network {outputs}")
+            classes_array = None
+            if fields.get("target_scaling"):
+                target_scaler = _scaler_from(arrays, "target", 1)
+        index = fields.get("target_index")
+        columns = fields.get("columns")
+        if index is not None and not (isinstance(index, int) and not isinstance(index, bool)):
+            raise ValueError(f"the preprocessing's target_index is {index!r}")
+        if not isinstance(columns, int) or isinstance(columns, bool) or columns < 0:
+            raise ValueError(f"the preprocessing's columns is {columns!r}")
+        positions = fields.get("feature_columns")
+        if not (isinstance(positions, list) and len(positions) == inputs
+                and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < columns
+                        for i in positions)):
+            raise ValueError(f"the preprocessing's feature_columns is {positions!r}")
+        target_name = fields.get("target_name")
+        if target_name is not None and not isinstance(target_name, str):
+            raise ValueError(f"the preprocessing's target_name is {target_name!r}")
+        return cls(task, names, bool(fields.get("named")), scaler, target_name, index, columns,
+                   positions, classes_array, target_scaler)
+
+
+def _scaler_from(arrays: Dict[str, np.ndarray], what: str, width: int) -> Standardizer:
+    mean, scale = arrays.get(f"{what}_mean"), arrays.get(f"{what}_scale")
+    for key, value in ((f"{what}_mean", mean), (f"{what}_scale", scale)):
+        if value is None or value.shape != (width,):
+            raise ValueError(f"the {what} scaling {key} has shape "
+                             f"{None if value is None else value.shape}, expected ({width},)")
+        if not np.all(np.isfinite(value)):
+            raise ValueError(f"the {what} scaling {key} holds NaN or infinite values")
+    if not np.all(scale > 0):
+        raise ValueError(f"the {what} scaling divides by a scale that is not positive")
+    return Standardizer(np.asarray(mean, np.float64), np.asarray(scale, np.float64))
+
+
+def write_csv(path: "os.PathLike[str] | str", header: Sequence[str],
+              rows: Sequence[Sequence[Any]]) -> None:
+    """Write a CSV file with a header, atomically: a temporary file beside ``path`` renamed
+    over it, so that a failure leaves no partial file. Floats are written exactly (repr)."""
+    import tempfile
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), 0o644)
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(header)
+            writer.writerows(rows)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
