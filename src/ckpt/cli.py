@@ -30,6 +30,7 @@ from ckpt.datasets import (Preprocessing, TrainingData, digits_scaler, digits_ta
 from ckpt.inference import regression_metrics
 from ckpt.measure import measure_step, recompute_cost
 from ckpt.optim import OPTIMIZERS
+from ckpt.optim.schedules import SCHEDULES, make_schedule
 from ckpt.predictor import load_predictor, prediction_table, read_features
 from ckpt.units import format_size, parse_size
 from ckpt.train import build_mlp, describe_architecture, evaluate, fit, mlp_costs, predict
@@ -109,6 +110,27 @@ def _probability(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {text!r}") from None
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}") \
+            from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text}")
     return value
 
 
@@ -204,6 +226,24 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
                    help="default %(default)s (sgd uses momentum 0.9)")
     p.add_argument("--dtype", choices=["float32", "float64"], default=DEFAULTS["dtype"],
                    help="default %(default)s")
+    p.add_argument("--val-fraction", type=_fraction, default=0.0, metavar="F",
+                   help="hold out F of the training rows for validation after every epoch "
+                        "(stratified by class for classification; default 0: none)")
+    p.add_argument("--early-stopping", type=_positive_int, default=None, metavar="PATIENCE",
+                   help="stop after PATIENCE epochs without a lower validation loss and keep "
+                        "the best epoch's parameters (needs --val-fraction)")
+    p.add_argument("--lr-schedule", choices=sorted(SCHEDULES), default="constant",
+                   help="learning rate per batch: constant (default), cosine (linear warmup, "
+                        "then cosine decay to 0) or onecycle (up from lr/25, then down)")
+    p.add_argument("--warmup", type=_probability, default=None, metavar="F",
+                   help="the fraction of the steps that warm up: cosine (default 0), onecycle "
+                        "(default 0.3)")
+    p.add_argument("--weight-decay", type=_non_negative_float, default=None, metavar="WD",
+                   help="L2 weight decay (sgd, adam), decoupled for adamw (default 0; adamw "
+                        "0.01)")
+    p.add_argument("--plot", metavar="FILE.png", default=None,
+                   help="draw loss and accuracy (or RMSE) per epoch, train and validation "
+                        "(needs matplotlib)")
     p.add_argument("--seed", type=_non_negative_int, default=DEFAULTS["seed"],
                    help="seeds the split, the weights and the shuffling (default %(default)s)")
     how = p.add_mutually_exclusive_group()
@@ -277,10 +317,17 @@ def _run_train_data_parallel(args: argparse.Namespace, world: distributed.World)
 
 def _train(args: argparse.Namespace, status: Dict[str, Any]) -> int:
     """Train, test and report; ``status`` records the epochs done and the file saved."""
+    if args.early_stopping is not None and not args.val_fraction:
+        raise UsageError("--early-stopping watches the validation loss: give --val-fraction")
+    if args.warmup is not None and args.lr_schedule == "constant":
+        raise UsageError("--warmup needs --lr-schedule cosine or onecycle")
+    if args.plot:
+        _require_matplotlib("--plot")
     dtype = np.dtype(args.dtype)
     table = _read_data(args, dtype)
     rng = np.random.default_rng(args.seed)
-    data = prepare_training_data(table, rng, test_fraction=TEST_FRACTION, task=args.task,
+    data = prepare_training_data(table, rng, test_fraction=TEST_FRACTION,
+                                 val_fraction=args.val_fraction, task=args.task,
                                  scaler=digits_scaler() if args.data is None else None,
                                  scale_target=args.scale_target)
     X_train, y_train, X_test, y_test = data.X_train, data.y_train, data.X_test, data.y_test
@@ -297,19 +344,26 @@ def _train(args: argparse.Namespace, status: Dict[str, Any]) -> int:
     ranks = args.comm.Get_size() if args.comm is not None else 1
     lr = args.lr if args.lr is not None else \
         (DEFAULT_LR_RESIDUAL if args.residual else DEFAULT_LR)[args.optimizer]
-    optimizer = (OPTIMIZERS["sgd"](model, lr, momentum=0.9) if args.optimizer == "sgd"
-                 else OPTIMIZERS[args.optimizer](model, lr))
+    decay = {} if args.weight_decay is None else {"weight_decay": args.weight_decay}
+    optimizer = (OPTIMIZERS["sgd"](model, lr, momentum=0.9, **decay) if args.optimizer == "sgd"
+                 else OPTIMIZERS[args.optimizer](model, lr, **decay))
+    schedule_fn = (None if args.lr_schedule == "constant"
+                   else make_schedule(args.lr_schedule, lr, args.warmup))
+    validation = (data.X_val, data.y_val) if data.X_val is not None else None
     k = model.checkpoint_every
     how = f"checkpoint every {k}" if k is not None else f"budget {format_size(args.budget)}"
 
     targets = f"{len(data.classes)} classes" if classification else (
         "target standardised" if data.target_scaler is not None else "target as it is")
-    print(f"data: {source}: {len(X_train)} train / {len(X_test)} test rows, "
+    val_rows = f"{len(data.X_val)} validation / " if data.X_val is not None else ""
+    print(f"data: {source}: {len(X_train)} train / {val_rows}{len(X_test)} test rows, "
           f"{features} features, {targets}")
     print(f"task: {data.task_reason}")
     print(f"model: {describe_architecture(layers)}, width {args.width}, {args.activation}, "
           f"{args.dtype}, {model.parameter_count:,} parameters; {how}; "
-          f"{args.optimizer} lr {lr:g}")
+          f"{args.optimizer} lr {lr:g}"
+          + (f" ({args.lr_schedule} schedule)" if schedule_fn is not None else "")
+          + (f", weight decay {optimizer.weight_decay:g}" if optimizer.weight_decay else ""))
     if ranks > 1:
         print(f"data-parallel: {ranks} ranks x batch {args.batch_size} = global batch "
               f"{ranks * args.batch_size}, BLAS threads per rank: {get_num_threads()}")
@@ -328,6 +382,8 @@ def _train(args: argparse.Namespace, status: Dict[str, Any]) -> int:
     start = time.perf_counter()
     try:
         history = fit(model, X_train, y_train, loss=loss, optimizer=optimizer, epochs=args.epochs,
+                      validation_data=validation, lr_schedule=schedule_fn,
+                      early_stopping=args.early_stopping,
                       batch_size=args.batch_size, seed=rng, step_callback=progress.step,
                       callback=epoch_done, comm=args.comm)
     finally:
@@ -345,14 +401,22 @@ def _train(args: argparse.Namespace, status: Dict[str, Any]) -> int:
         save(args.save, model, optimizer, Preprocessing.from_training(data))
         status["saved"] = args.save
 
+    epochs_run = len(history["loss"])
+    # The parameters kept: the last epoch's, or the best one's under early stopping.
+    best = epochs_run - 1 if args.early_stopping is None else \
+        int(np.argmin(history["val_loss"]))
     results = {
         "task": data.task,
         **{f"test_{key}": value for key, value in test.items()},
-        "train_loss": history["loss"][-1],
-        **({"train_accuracy": history["accuracy"][-1]} if classification else {}),
+        "train_loss": history["loss"][best],
+        **({"train_accuracy": history["accuracy"][best]} if classification else {}),
+        **({"val_loss": history["val_loss"][best]} if validation is not None else {}),
+        **({"val_accuracy": history["val_accuracy"][best]}
+           if validation is not None and classification else {}),
         "seconds": seconds,
-        "epochs": args.epochs,
-        "steps": args.epochs * math.ceil(len(X_train) / (ranks * args.batch_size)),
+        "epochs": epochs_run,
+        "best_epoch": best + 1,
+        "steps": epochs_run * math.ceil(len(X_train) / (ranks * args.batch_size)),
         "ranks": ranks,
         "global_batch_size": ranks * args.batch_size,
         "architecture": describe_architecture(layers),
@@ -369,6 +433,7 @@ def _train(args: argparse.Namespace, status: Dict[str, Any]) -> int:
         "threads": get_num_threads(),
         "threads_mode": "split" if model.slices(batch) > 1 else "blas",
         "simd": _core.simd_variant(),
+        "history": history,
     }
     saving = 1 - peak / peak_plain if peak_plain else 0.0
     if classification:
@@ -377,7 +442,15 @@ def _train(args: argparse.Namespace, status: Dict[str, Any]) -> int:
     else:
         print(f"test RMSE         {test['rmse']:.6g}   (R^2 {test['r2']:.4f}; train loss "
               f"{results['train_loss']:.4f}{' standardised' if data.target_scaler else ''})")
-    print(f"training time     {seconds:.2f} s for {args.epochs} epochs, "
+    if validation is not None:
+        metric = (f"accuracy {results['val_accuracy']:.2%}, " if classification else "")
+        print(f"validation        {metric}loss {results['val_loss']:.4f} at epoch {best + 1}")
+    if args.early_stopping is not None:
+        stopped = f"stopped after epoch {epochs_run}" if epochs_run < args.epochs else \
+            f"ran all {epochs_run} epochs"
+        print(f"early stopping    {stopped}; kept epoch {best + 1}, the lowest validation "
+              f"loss (patience {args.early_stopping})")
+    print(f"training time     {seconds:.2f} s for {epochs_run} epochs, "
           f"{results['steps'] / seconds:,.0f} steps/s")
     print(f"peak activations  {_kib(peak)} with checkpointing ({how}), "
           f"{_kib(peak_plain)} without: {saving:.0%} less (batch {batch})")
@@ -388,9 +461,56 @@ def _train(args: argparse.Namespace, status: Dict[str, Any]) -> int:
           f"({args.threads_mode or get_threading_mode()} mode)")
     if args.save:
         print(f"saved             {args.save}")
+    if args.plot and (args.comm is None or args.comm.Get_rank() == 0):
+        _plot_history(history, data, args.plot)
+        print(f"plot              {args.plot}")
     if args.json:
         print(json.dumps(results))
     return 0
+
+
+def _require_matplotlib(option: str) -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError(f"{option} needs matplotlib: pip install matplotlib (it comes with "
+                         f"the ckpt-cpu[bench] extra)") from None
+
+
+def _plot_history(history: Dict[str, List[float]], data: TrainingData, path: str) -> None:
+    """Loss and accuracy (classification) or RMSE in the target's units (regression) per
+    epoch, for the training rows (the running mean over each epoch) and the validation rows."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = history["epoch"]
+    if data.task == "classification":
+        metric, curves = "accuracy", {key: history[key] for key in ("accuracy", "val_accuracy")
+                                      if key in history}
+    else:
+        scale = float(data.target_scaler.scale[0]) if data.target_scaler is not None else 1.0
+        metric = "RMSE"
+        curves = {key.replace("loss", "rmse"): [scale * v ** 0.5 for v in history[key]]
+                  for key in ("loss", "val_loss") if key in history}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for key in ("loss", "val_loss"):
+        if key in history:
+            left.plot(epochs, history[key], marker=".",
+                      label="validation" if key.startswith("val") else "train")
+    for key, values in curves.items():
+        right.plot(epochs, values, marker=".",
+                   label="validation" if key.startswith("val") else "train")
+    left.set_ylabel("loss" + (" (standardised target)" if data.target_scaler else ""))
+    right.set_ylabel(metric)
+    for ax in (left, right):
+        ax.set_xlabel("epoch")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle("ckpt train")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _test_metrics(model: SegmentCheckpointer, data: TrainingData, comm: Any) -> Dict[str, float]:

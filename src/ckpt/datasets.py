@@ -736,6 +736,8 @@ class TrainingData:
     y_train: np.ndarray
     X_test: np.ndarray
     y_test: np.ndarray
+    X_val: Optional[np.ndarray]     # validation rows (None without a validation split), with
+    y_val: Optional[np.ndarray]     # targets in the units trained on
     task: str
     task_reason: str
     classes: Optional[np.ndarray]
@@ -759,16 +761,20 @@ def digits_scaler() -> Standardizer:
 
 
 def prepare_training_data(table: Table, rng: np.random.Generator, *, test_fraction: float,
-                          task: str = "auto", scaler: Optional[Standardizer] = None,
+                          val_fraction: float = 0.0, task: str = "auto",
+                          scaler: Optional[Standardizer] = None,
                           scale_target: bool = True) -> TrainingData:
-    """Choose the task, prepare the targets, hold out ``test_fraction`` of the rows, and scale.
+    """Choose the task, prepare the targets, hold out rows for testing (and validation), and
+    scale.
 
-    Classification targets become labels 0..C-1 and the held-out rows are stratified by class;
-    regression targets are float64, held out at random, and standardised with the training
-    rows' mean and standard deviation when ``scale_target``. The table's X is reordered and
-    scaled in place (see :func:`split_in_place`): the training rows come first. The features
-    are standardised with the training rows' statistics, or with ``scaler`` when one is given
-    (the digits' :func:`digits_scaler`).
+    ``test_fraction`` of the rows are held out for testing, then ``val_fraction`` of the rest
+    for validation: stratified by class for classification, at random for regression. Class
+    targets become labels 0..C-1; regression targets are float64, standardised with the
+    training rows' mean and standard deviation when ``scale_target`` (the validation targets
+    alike; the test targets stay in their units). The table's X is reordered and scaled in
+    place (see :func:`split_in_place`): training rows first, then validation, then test, each
+    a view. The features are standardised with the training rows' statistics, or with
+    ``scaler`` when one is given (the digits' :func:`digits_scaler`).
     """
     if table.y is None:
         raise DataError(f"{table.source} holds no target column")
@@ -776,24 +782,39 @@ def prepare_training_data(table: Table, rng: np.random.Generator, *, test_fracti
     classes: Optional[np.ndarray] = None
     if task == "classification":
         y, classes = encode_classes(table.y, table.source)
-        _, held = stratified_split(y, test_fraction, rng)
     else:
         y = np.array(table.y, dtype=np.float64)
-        _, held = random_split(len(y), test_fraction, rng)
+
+    def hold_out(labels: np.ndarray, fraction: float) -> np.ndarray:
+        if task == "classification":
+            return stratified_split(labels, fraction, rng)[1]
+        return random_split(len(labels), fraction, rng)[1]
+
+    held = hold_out(y, test_fraction)
     if len(held) == 0:
         raise DataError(f"{table.source}: too few rows to hold out a test split")
     rows = np.arange(len(y))
-    m = split_in_place(table.X, held, y, rows)
+    kept = split_in_place(table.X, held, y, rows)
+    m = kept
+    if val_fraction > 0:
+        held = hold_out(y[:kept], val_fraction)
+        if len(held) == 0 or len(held) == kept:
+            raise DataError(f"{table.source}: too few rows to hold out a validation split "
+                            f"({kept} rows besides the test rows)")
+        m = split_in_place(table.X[:kept], held, y[:kept], rows[:kept])
     X = table.X
     if scaler is None:
         scaler = Standardizer.fit(X[:m])
     scaler.transform(X)
-    y_train, target_scaler = y[:m], None
+    y_train, y_val, target_scaler = y[:m], y[m:kept], None
     if task == "regression" and scale_target:
         target_scaler = Standardizer.fit(y_train)
         y_train = target_scaler.transform(y_train[:, None].copy())[:, 0]
-    return TrainingData(X[:m], y_train, X[m:], y[m:], task, reason, classes, scaler,
-                        target_scaler, table, rows[m:])
+        y_val = target_scaler.transform(y_val[:, None].copy())[:, 0]
+    validation = kept > m
+    return TrainingData(X[:m], y_train, X[kept:], y[kept:],
+                        X[m:kept] if validation else None, y_val if validation else None,
+                        task, reason, classes, scaler, target_scaler, table, rows[kept:])
 
 
 # ------------------------------------------------------------------------------------ preprocessing

@@ -183,7 +183,8 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
         validation_data: Optional[Tuple[np.ndarray, np.ndarray]] = None,
         callback: Optional[Callable[[Dict[str, float]], Any]] = None,
         step_callback: Optional[Callable[[Dict[str, float]], Any]] = None,
-        comm: Any = None) -> History:
+        comm: Any = None, lr_schedule: Optional[Callable[[int, int], float]] = None,
+        early_stopping: Optional[int] = None) -> History:
     """Train ``model`` on (X, y) with mini-batch gradient descent; returns the history.
 
     - ``loss``: "cross_entropy" (y holds integer class labels; accuracy is reported) or "mse"
@@ -202,6 +203,13 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
     - ``comm``: an mpi4py communicator: train data-parallel over its ranks (see
       :mod:`ckpt.distributed`). Call fit on every rank with the whole (X, y); ``batch_size`` is
       per rank, and K ranks train exactly as one process with batch K * batch_size would.
+    - ``lr_schedule``: a function (step, total_steps) -> learning rate, such as the schedules
+      of :mod:`ckpt.optim.schedules`; the optimizer's ``lr`` is set from it before every
+      optimizer step, counted from 0 over the ``epochs * steps per epoch`` of the run.
+    - ``early_stopping``: a patience in epochs (needs ``validation_data``): training stops
+      after that many epochs without a lower val_loss than the best so far, and the
+      parameters of the best epoch (the first with the lowest val_loss) are restored; the
+      history holds every epoch run. The optimizer's state stays that of the last epoch.
 
     X is cast to the model's dtype once, up front (a memory map of that dtype stays one). The
     history maps each metric name to its list of per-epoch values.
@@ -231,6 +239,12 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
         except (TypeError, ValueError):
             raise TypeError("validation_data must be a pair (X_val, y_val)") from None
         X_val, y_val = check_inputs(X_val, y_val, dtype, loss, name="X_val", widths=widths)
+    if lr_schedule is not None and not callable(lr_schedule):
+        raise TypeError(f"lr_schedule must be callable or None, got {type(lr_schedule).__name__}")
+    if early_stopping is not None:
+        early_stopping = _check_count(early_stopping, "early_stopping")
+        if validation_data is None:
+            raise ValueError("early_stopping needs validation_data to watch")
     if optimizer is not None:
         _check_optimizer(optimizer, model)
     rng = _as_generator(seed)
@@ -248,6 +262,10 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
 
     history: History = {}
     n = len(X)
+    ranks = comm.Get_size() if comm is not None else 1
+    total_steps = epochs * -(-n // (ranks * batch_size))
+    done_steps = 0
+    best: Optional[Tuple[float, int, List[np.ndarray]]] = None   # val_loss, epoch, parameters
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
         order = rng.permutation(n)
@@ -300,7 +318,10 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
             if replicas is not None:
                 step_loss, step_correct = replicas.allreduce_gradients(
                     len(batch), global_rows, step_loss, step_correct)
+            if lr_schedule is not None:
+                optimizer.lr = _scheduled_rate(lr_schedule, done_steps, total_steps)
             _uninterrupted(optimizer.step)
+            done_steps += 1
             total_loss += step_loss
             correct += step_correct
             seen += global_rows
@@ -322,7 +343,24 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
             history.setdefault(key, []).append(value)
         if callback is not None:
             callback(metrics)
+        if early_stopping is not None:
+            if best is None or metrics["val_loss"] < best[0]:
+                best = (metrics["val_loss"], epoch, [p.copy() for p in model.params()])
+            elif epoch - best[1] >= early_stopping:
+                break
+    if best is not None:
+        for target, value in zip(model.params(), best[2]):
+            np.copyto(target, value)
     return history
+
+
+def _scheduled_rate(schedule: Callable[[int, int], float], step: int, total: int) -> float:
+    rate = schedule(step, total)
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not rate > 0 \
+            or not np.isfinite(rate):
+        raise ValueError(f"lr_schedule({step}, {total}) gave {rate!r}; a learning rate must be "
+                         f"a positive finite number")
+    return float(rate)
 
 
 def _step_forward(model: Any) -> Callable[[np.ndarray, int, Optional[int]], np.ndarray]:
