@@ -32,6 +32,7 @@ from ckpt.measure import measure_step, recompute_cost
 from ckpt.optim import OPTIMIZERS
 from ckpt.optim.schedules import SCHEDULES, make_schedule
 from ckpt.predictor import load_predictor, prediction_table, read_features
+from ckpt.resume import StateFolder
 from ckpt.units import format_size, parse_size
 from ckpt.train import build_mlp, describe_architecture, evaluate, fit, mlp_costs, predict
 
@@ -244,6 +245,16 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--plot", metavar="FILE.png", default=None,
                    help="draw loss and accuracy (or RMSE) per epoch, train and validation "
                         "(needs matplotlib)")
+    p.add_argument("--checkpoint-dir", metavar="DIR", default=None,
+                   help="write a resumable training state to DIR (atomically) at the end of "
+                        "every epoch, keeping the last 2; resume with --resume DIR")
+    p.add_argument("--checkpoint-steps", type=_positive_int, default=None, metavar="N",
+                   help="with --checkpoint-dir or --resume: also write a state every N "
+                        "optimizer steps")
+    p.add_argument("--resume", metavar="DIR", default=None,
+                   help="continue the run whose states are in DIR (and keep writing them "
+                        "there): the same model and data arguments, --epochs may grow; the "
+                        "state's threads and threading mode are used")
     p.add_argument("--seed", type=_non_negative_int, default=DEFAULTS["seed"],
                    help="seeds the split, the weights and the shuffling (default %(default)s)")
     how = p.add_mutually_exclusive_group()
@@ -271,6 +282,7 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     world = distributed.detect_world()   # from the environment: mpi4py is not imported yet
+    _open_run_state(args, writer=world is None or world.rank == 0)
     if world is not None and world.size > 1:
         return _run_train_data_parallel(args, world)
     threads = get_num_threads()
@@ -286,6 +298,71 @@ def run_train(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt(f"interrupted {done}; {saved}") from None
     finally:
         set_num_threads(threads)
+
+
+# The arguments that make a run what it is: resuming with any of them changed is refused.
+RUN_ARGUMENTS = ("data", "target", "features", "labels", "task", "scale_target", "depth",
+                 "width", "residual", "dropout", "activation", "batch_size", "lr", "optimizer",
+                 "dtype", "seed", "checkpoint_every", "budget", "val_fraction",
+                 "early_stopping", "lr_schedule", "warmup", "weight_decay")
+
+
+def _run_arguments(args: argparse.Namespace, ranks: int) -> Dict[str, Any]:
+    config = {name: getattr(args, name) for name in RUN_ARGUMENTS}
+    if args.data is not None:
+        config["data"] = os.path.abspath(args.data)
+        config["data_bytes"] = os.path.getsize(args.data)
+    config["ranks"] = ranks
+    return config
+
+
+def _open_run_state(args: argparse.Namespace, writer: bool) -> None:
+    """Set args.run_state (a StateFolder, or None) from --checkpoint-dir / --resume; on resume
+    refuse other run arguments (naming each difference) and take the state's threads."""
+    args.run_state = None
+    if args.checkpoint_steps is not None and not (args.checkpoint_dir or args.resume):
+        raise UsageError("--checkpoint-steps needs --checkpoint-dir or --resume")
+    if args.checkpoint_dir and args.resume and \
+            os.path.abspath(args.checkpoint_dir) != os.path.abspath(args.resume):
+        raise UsageError("--resume keeps writing its states in its own folder: give "
+                         "--checkpoint-dir the same folder, or leave it out")
+    if not (args.checkpoint_dir or args.resume):
+        return
+    world = distributed.detect_world()
+    config = _run_arguments(args, world.size if world is not None else 1)
+    if args.resume is None:
+        args.run_state = StateFolder(args.checkpoint_dir, every_steps=args.checkpoint_steps,
+                                     writer=writer,
+                                     info={"arguments": config, "epochs": args.epochs})
+        return
+    folder = StateFolder(args.resume, every_steps=args.checkpoint_steps, resume=True,
+                         writer=writer)
+    state = folder.resume_from
+    saved = state.info.get("arguments", {})
+    differences = [f"{_option(name)} {config.get(name)!r} (the state's: {saved.get(name)!r})"
+                   for name in sorted(set(config) | set(saved))
+                   if config.get(name) != saved.get(name)]
+    if differences:
+        raise UsageError(f"--resume {args.resume}: the state is of another run: "
+                         f"{'; '.join(differences)}")
+    if args.epochs < state.epoch:
+        raise UsageError(f"--resume {args.resume}: the state has {state.epoch} epochs done, "
+                         f"more than --epochs {args.epochs}")
+    for name, value in (("threads", state.info.get("threads")),
+                        ("threads_mode", state.info.get("threads_mode"))):
+        given = getattr(args, name)
+        if given is not None and given != value:
+            raise UsageError(f"--resume {args.resume}: the state was trained with "
+                             f"{_option(name)} {value}; a resumed run uses the same to compute "
+                             f"the same bits (got {given})")
+        setattr(args, name, value)
+    folder.info = dict(state.info, epochs=args.epochs)
+    args.run_state = folder
+
+
+def _option(name: str) -> str:
+    return {"data_bytes": "--data (its size in bytes)", "ranks": "MPI ranks"}.get(
+        name, "--" + name.replace("_", "-"))
 
 
 def _run_train_data_parallel(args: argparse.Namespace, world: distributed.World) -> int:
@@ -379,11 +456,19 @@ def _train(args: argparse.Namespace, status: Dict[str, Any]) -> int:
         status["epochs"] = metrics["epoch"]
         progress.epoch(metrics)
 
+    run_state = args.run_state
+    if run_state is not None:
+        run_state.info.update(threads=get_num_threads(), threads_mode=get_threading_mode())
+        if run_state.resume_from is not None:
+            resumed = run_state.resume_from
+            print(f"resumed           from {args.resume}: epoch {resumed.epoch} done, "
+                  f"{resumed.step} steps into the next"
+                  + "".join(f"; skipped {reason}" for reason in run_state.skipped))
     start = time.perf_counter()
     try:
         history = fit(model, X_train, y_train, loss=loss, optimizer=optimizer, epochs=args.epochs,
                       validation_data=validation, lr_schedule=schedule_fn,
-                      early_stopping=args.early_stopping,
+                      early_stopping=args.early_stopping, run_state=run_state,
                       batch_size=args.batch_size, seed=rng, step_callback=progress.step,
                       callback=epoch_done, comm=args.comm)
     finally:

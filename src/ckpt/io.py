@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import errno
 import glob
+import io as _io
 import json
 import os
 import tempfile
 import zipfile
 import zlib
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -85,7 +86,16 @@ def save(path: "os.PathLike[str] | str", model: Any, optimizer: Optional[Optimiz
         meta["preprocessing"] = fields
         arrays.update({_PREP + key: value for key, value in prep_arrays.items()})
     arrays[_META] = np.array(json.dumps(meta))
+    write_npz(path, arrays)
 
+
+def write_npz(path: "os.PathLike[str] | str", arrays: Dict[str, np.ndarray], *,
+              halfway: Optional[Callable[[], None]] = None) -> None:
+    """Write ``arrays`` as an .npz at ``path``, atomically (how :func:`save` writes).
+
+    ``halfway``, when given, is called once half of the file's bytes are written to the
+    temporary file (and synced): a test seam for a crash in the middle of a write.
+    """
     path = os.fspath(path)
     with _naming(path):
         _check_destination(path)
@@ -94,7 +104,17 @@ def save(path: "os.PathLike[str] | str", model: Any, optimizer: Optional[Optimiz
         try:
             with os.fdopen(fd, "wb") as f:
                 os.fchmod(f.fileno(), 0o644)   # mkstemp's 0600 would make the saved model private
-                np.savez(f, **arrays)
+                if halfway is None:
+                    np.savez(f, **arrays)
+                else:
+                    buffer = _io.BytesIO()
+                    np.savez(buffer, **arrays)
+                    data = buffer.getbuffer()
+                    f.write(data[:len(data) // 2])
+                    f.flush()
+                    os.fsync(f.fileno())
+                    halfway()
+                    f.write(data[len(data) // 2:])
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)

@@ -31,6 +31,7 @@ from ckpt.layers import (Dense, Dropout, DTypeLike, Layer, LayerNorm, Residual, 
                          walk)
 from ckpt.losses import get_loss
 from ckpt.optim import Adam, Optimizer
+from ckpt.resume import RunState
 
 History = Dict[str, List[float]]
 
@@ -184,7 +185,7 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
         callback: Optional[Callable[[Dict[str, float]], Any]] = None,
         step_callback: Optional[Callable[[Dict[str, float]], Any]] = None,
         comm: Any = None, lr_schedule: Optional[Callable[[int, int], float]] = None,
-        early_stopping: Optional[int] = None) -> History:
+        early_stopping: Optional[int] = None, run_state: Any = None) -> History:
     """Train ``model`` on (X, y) with mini-batch gradient descent; returns the history.
 
     - ``loss``: "cross_entropy" (y holds integer class labels; accuracy is reported) or "mse"
@@ -210,6 +211,10 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
       after that many epochs without a lower val_loss than the best so far, and the
       parameters of the best epoch (the first with the lowest val_loss) are restored; the
       history holds every epoch run. The optimizer's state stays that of the last epoch.
+    - ``run_state``: a :class:`ckpt.resume.StateFolder`: a resumable state is written there at
+      the end of every epoch (and every ``every_steps`` steps), and when it was opened to
+      resume, training continues from its state (``epochs`` may be more than the state's) and
+      ends with the bits an uninterrupted run would have, on the same threads.
 
     X is cast to the model's dtype once, up front (a memory map of that dtype stays one). The
     history maps each metric name to its list of per-epoch values.
@@ -247,13 +252,15 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
             raise ValueError("early_stopping needs validation_data to watch")
     if optimizer is not None:
         _check_optimizer(optimizer, model)
+    resume = run_state.resume_from if run_state is not None else None
+    if resume is not None:
+        _check_resumable(resume, model, optimizer if optimizer is not None else Adam(model),
+                         epochs)
     rng = _as_generator(seed)
     # Everything is checked: from here on the model, the optimizer and rng change.
     if optimizer is None:
         optimizer = Adam(model)
     replicas = None
-    if comm is not None:
-        replicas = DataParallel(comm, model, optimizer, rng=rng, n_rows=len(X))
     forward = _step_forward(model)
     sets_gradients = _backward_sets_gradients(model)
     next_seed = getattr(model, "next_step_seed", None)
@@ -266,16 +273,45 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
     total_steps = epochs * -(-n // (ranks * batch_size))
     done_steps = 0
     best: Optional[Tuple[float, int, List[np.ndarray]]] = None   # val_loss, epoch, parameters
-    for epoch in range(1, epochs + 1):
+    first_epoch, first_step, stopped = 1, 0, False
+    resumed_order: Optional[np.ndarray] = None
+    sums: Tuple[float, int, int] = (0.0, 0, 0)
+    if resume is not None:
+        # Before DataParallel: its broadcast then copies the restored state to every rank.
+        history, best, done_steps, stopped = _restore(resume, model, optimizer, rng)
+        first_epoch, first_step = resume.epoch + 1, resume.step
+        if first_step:
+            resumed_order, sums = np.asarray(resume.order), resume.sums
+    if comm is not None:
+        replicas = DataParallel(comm, model, optimizer, rng=rng, n_rows=len(X))
+    step_rng = _step_seed_generator(model)
+
+    def state(epoch_done: int, step: int, order: Optional[np.ndarray],
+              epoch_sums: Tuple[float, int, int], stop: bool = False) -> RunState:
+        return RunState(epoch_done, step, done_steps, [p.copy() for p in model.params()],
+                        optimizer.state_dict(), rng.bit_generator.state,
+                        step_rng.bit_generator.state if step_rng is not None else None,
+                        order, epoch_sums, {key: list(v) for key, v in history.items()},
+                        best[:2] if best is not None else None,
+                        best[2] if best is not None else None, stop)
+
+    for epoch in range(first_epoch, epochs + 1):
+        if stopped:
+            break
         start = time.perf_counter()
-        order = rng.permutation(n)
+        if resumed_order is not None:
+            order, skip = resumed_order, first_step
+            total_loss, correct, seen = sums
+            resumed_order = None
+        else:
+            order, skip = rng.permutation(n), 0
+            total_loss, correct, seen = 0.0, 0, 0
         batches = (replicas.shard(order, batch_size) if replicas is not None
                    else shard_batches(order, batch_size))
         steps = len(batches)
-        total_loss = 0.0
-        correct = 0
-        seen = 0
         for step, (batch, row_offset, global_rows) in enumerate(batches):
+            if step < skip:
+                continue   # done before the state this run resumed from
             # The step's first backward sets the gradients when the model can (no pass to
             # zero them); otherwise they are zeroed here and every backward adds.
             fresh = sets_gradients
@@ -325,6 +361,9 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
             total_loss += step_loss
             correct += step_correct
             seen += global_rows
+            if run_state is not None and run_state.every_steps \
+                    and done_steps % run_state.every_steps == 0 and step + 1 < steps:
+                run_state.write(state(epoch - 1, step + 1, order, (total_loss, correct, seen)))
             if step_callback is not None:
                 info = {"epoch": epoch, "step": step + 1, "steps": steps,
                         "loss": total_loss / seen}
@@ -346,12 +385,52 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
         if early_stopping is not None:
             if best is None or metrics["val_loss"] < best[0]:
                 best = (metrics["val_loss"], epoch, [p.copy() for p in model.params()])
-            elif epoch - best[1] >= early_stopping:
-                break
+            else:
+                stopped = epoch - best[1] >= early_stopping
+        if run_state is not None:
+            run_state.write(state(epoch, 0, None, (0.0, 0, 0), stopped))
     if best is not None:
         for target, value in zip(model.params(), best[2]):
             np.copyto(target, value)
     return history
+
+
+def _step_seed_generator(model: Any) -> Optional[np.random.Generator]:
+    """The generator behind the model's next_step_seed (a SegmentCheckpointer's), if any."""
+    rng = getattr(model, "_rng", None)
+    return rng if isinstance(rng, np.random.Generator) else None
+
+
+def _check_resumable(state: RunState, model: Any, optimizer: Optimizer, epochs: int) -> None:
+    """ValueError unless ``state`` fits the model, the optimizer and ``epochs``."""
+    params = model.params()
+    shapes = [tuple(p.shape) for p in params]
+    saved = [tuple(p.shape) for p in state.params]
+    if saved != shapes:
+        raise ValueError(f"the state's parameters have shapes {saved}, the model's {shapes}")
+    optimizer.check_state_dict(state.optimizer)
+    if state.epoch > epochs:
+        raise ValueError(f"the state has {state.epoch} epochs done, more than epochs={epochs}")
+    if state.step and state.order is None:
+        raise ValueError("the state is within an epoch but holds no order of the rows")
+
+
+def _restore(state: RunState, model: Any, optimizer: Optimizer,
+             rng: np.random.Generator) -> Tuple[History, Any, int, bool]:
+    """Copy ``state`` into the model, optimizer and generators; returns (history, best,
+    steps done, stopped) for fit's loop."""
+    for target, value in zip(model.params(), state.params):
+        np.copyto(target, value)
+    optimizer.load_state_dict(state.optimizer)
+    rng.bit_generator.state = state.rng_state
+    step_rng = _step_seed_generator(model)
+    if step_rng is not None and state.step_seed_state is not None:
+        step_rng.bit_generator.state = state.step_seed_state
+    best = None
+    if state.best is not None:
+        best = (state.best[0], state.best[1], [np.array(p) for p in state.best_params])
+    history = {key: list(values) for key, values in state.history.items()}
+    return history, best, state.steps_done, state.stopped
 
 
 def _scheduled_rate(schedule: Callable[[int, int], float], step: int, total: int) -> float:
