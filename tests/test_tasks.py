@@ -79,3 +79,33 @@ def test_regression_metrics_by_hand():
     assert m["mse"] == pytest.approx(4 / 3) and m["rmse"] == pytest.approx((4 / 3) ** 0.5)
     assert m["r2"] == pytest.approx(1 - 4 / 2)          # total sum of squares 2
     assert regression_metrics([2.0, 2.0], [2.0, 2.0])["r2"] == 1.0
+
+
+def test_the_diabetes_example_is_a_regression(capsys):
+    pytest.importorskip("sklearn")
+    assert main(["train", "--example", "diabetes", "--epochs", "20", "--depth", "3",
+                 "--width", "64", "--json"]) == 0
+    out = capsys.readouterr().out
+    results = json.loads(out.splitlines()[-1])
+    assert "diabetes (scikit-learn's bundled copy, 442 patients): 354 train / 88 test rows, " \
+           "10 features, target standardised" in out
+    assert results["task"] == "regression" and results["test_r2"] > 0.2
+
+
+def test_the_diabetes_example_without_scikit_learn_names_the_extra(capsys, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--example", "diabetes", "--epochs", "1"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'ckpt-cpu[sklearn]'" in err
+
+
+def test_example_and_data_exclude_each_other(tmp_path, capsys):
+    np.savez(tmp_path / "d.npz", X=np.zeros((4, 2)), y=np.arange(4))
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--example", "digits", "--data", str(tmp_path / "d.npz")])
+    assert info.value.code == 2
+    assert "--example trains on a bundled data set: leave out --data" in capsys.readouterr().err

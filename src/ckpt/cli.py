@@ -25,7 +25,7 @@ from ckpt.activations import NAMES as ACTIVATION_NAMES
 from ckpt.threads import MODES, get_threading_mode, threading_mode
 from ckpt.checkpoint import SegmentCheckpointer
 from ckpt.costs import ChainCosts
-from ckpt.datasets import (Preprocessing, TrainingData, digits_scaler, digits_table,
+from ckpt.datasets import (EXAMPLES, Preprocessing, TrainingData, example_table,
                            prepare_training_data, read_table, write_csv)
 from ckpt.inference import regression_metrics
 from ckpt.measure import measure_step, recompute_cost
@@ -180,15 +180,18 @@ def _add_task_options(p: argparse.ArgumentParser) -> None:
                         "with the training rows' mean and deviation, undone in predictions)")
 
 
-def _read_data(args: argparse.Namespace, dtype: np.dtype, require_target: bool = True):
+def _read_data(args: argparse.Namespace, dtype: np.dtype):
+    """(table, its fixed scaling or None): the --data file, or the bundled --example."""
     if args.data is None:
         for option in ("target", "features", "labels"):
             if getattr(args, option) is not None:
                 raise UsageError(f"--{option} applies to a --data file, not to the bundled "
-                                 f"digits")
-        return digits_table(dtype)
+                                 f"{args.example or 'digits'}")
+        return example_table(args.example or "digits", dtype)
+    if args.example is not None:
+        raise UsageError("--example trains on a bundled data set: leave out --data")
     return read_table(args.data, target=args.target, features=args.features,
-                      labels=args.labels, dtype=dtype, require_target=require_target)
+                      labels=args.labels, dtype=dtype), None
 
 
 def add_train_command(subparsers: argparse._SubParsersAction) -> None:
@@ -200,6 +203,9 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
                    help=".csv (with or without a header), .npz with arrays X and y, .npy (a "
                         "table, or the features with --labels), or .parquet (needs pyarrow: "
                         "ckpt-cpu[parquet]); default: the bundled 8x8 digits")
+    p.add_argument("--example", choices=list(EXAMPLES), default=None,
+                   help="a bundled data set instead of --data: digits (the default) or "
+                        "diabetes (regression; needs scikit-learn, ckpt-cpu[sklearn])")
     _add_column_options(p)
     _add_task_options(p)
     p.add_argument("--depth", type=_positive_int, default=DEFAULTS["depth"],
@@ -301,7 +307,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 # The arguments that make a run what it is: resuming with any of them changed is refused.
-RUN_ARGUMENTS = ("data", "target", "features", "labels", "task", "scale_target", "depth",
+RUN_ARGUMENTS = ("data", "example", "target", "features", "labels", "task", "scale_target", "depth",
                  "width", "residual", "dropout", "activation", "batch_size", "lr", "optimizer",
                  "dtype", "seed", "checkpoint_every", "budget", "val_fraction",
                  "early_stopping", "lr_schedule", "warmup", "weight_decay")
@@ -401,11 +407,11 @@ def _train(args: argparse.Namespace, status: Dict[str, Any]) -> int:
     if args.plot:
         _require_matplotlib("--plot")
     dtype = np.dtype(args.dtype)
-    table = _read_data(args, dtype)
+    table, fixed_scaler = _read_data(args, dtype)
     rng = np.random.default_rng(args.seed)
     data = prepare_training_data(table, rng, test_fraction=TEST_FRACTION,
                                  val_fraction=args.val_fraction, task=args.task,
-                                 scaler=digits_scaler() if args.data is None else None,
+                                 scaler=fixed_scaler,
                                  scale_target=args.scale_target)
     X_train, y_train, X_test, y_test = data.X_train, data.y_train, data.X_test, data.y_test
     source, features = table.source, table.X.shape[1]

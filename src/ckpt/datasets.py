@@ -755,6 +755,37 @@ def digits_table(dtype: Any = np.float32) -> Table:
                  list(range(X.shape[1])))
 
 
+SKLEARN_HINT = "pip install 'ckpt-cpu[sklearn]'"
+EXAMPLES = ("digits", "diabetes")
+
+
+def diabetes_table(dtype: Any = np.float32) -> Table:
+    """scikit-learn's bundled diabetes data (Efron et al., 2004), unscaled: 442 patients, 10
+    named features, and the disease progression a year later as the regression target.
+    Needs scikit-learn (a DataError naming the ckpt-cpu[sklearn] extra without it)."""
+    try:
+        from sklearn.datasets import load_diabetes
+    except ImportError as exc:
+        raise DataError(f"the diabetes example comes with scikit-learn: {SKLEARN_HINT} "
+                        f"({exc})") from None
+    bunch = load_diabetes(scaled=False)
+    X = np.asarray(bunch.data, dtype=np.float64)
+    names = [str(name) for name in bunch.feature_names]
+    return Table(X.astype(dtype), np.asarray(bunch.target, dtype=np.float64), names,
+                 "progression", "diabetes (scikit-learn's bundled copy, 442 patients)", True,
+                 len(names) + 1, list(range(len(names))), len(names))
+
+
+def example_table(name: str, dtype: Any = np.float32) -> Tuple[Table, Optional[Standardizer]]:
+    """A bundled example as (table, its fixed scaling or None to standardise): "digits" (the
+    pixels / 16) or "diabetes" (standardised; needs scikit-learn)."""
+    if name == "digits":
+        return digits_table(dtype), digits_scaler()
+    if name == "diabetes":
+        return diabetes_table(dtype), None
+    raise ValueError(f"unknown example {name!r}; expected one of {', '.join(EXAMPLES)}")
+
+
 def digits_scaler() -> Standardizer:
     """The digits' fixed scaling: pixels / 16, into [0, 1]."""
     return Standardizer(np.zeros(64), np.full(64, 16.0))
