@@ -93,6 +93,7 @@ class World:
         self.dense = ckpt.Dense(N_IN, WIDTH, "relu", rng=6)
         self.norm = ckpt.LayerNorm(N_IN)
         self.drop = ckpt.Dropout(0.5, seed=7)
+        self.act = ckpt.Activation("gelu")
         self.res = ckpt.Residual(ckpt.Dense(N_IN, N_IN, "relu", rng=8))
         self.wrapped = ckpt.CheckpointedLayer(ckpt.Dense(N_IN, WIDTH, "gelu", rng=9),
                                               tracker=self.tracker, seed=10)
@@ -382,6 +383,27 @@ def dropout_cases(draw):
     return Case(f"Dropout.forward({label})", lambda w: w.drop.forward(x), ("input",) + ARRAY_WORDS,
                 # Dropout has no weights: any width of a float array is legitimate.
                 may_succeed=label.endswith("columns"))
+
+
+@st.composite
+def activation_cases(draw):
+    what = draw(st.sampled_from(["name", "slope", "forward", "backward"]))
+    if what == "name":
+        value = draw(st.sampled_from([None, "", "ReLU", "swish", 3, b"relu", ["relu"]]))
+        return Case(f"Activation({value!r})", lambda w: ckpt.Activation(value),
+                    ("activation",))
+    if what == "slope":
+        value = draw(bad_rate(0.0, 1.0, low_open=False, high_open=True))
+        return Case(f"Activation(negative_slope={value!r})",
+                    lambda w: ckpt.Activation("leaky_relu", negative_slope=value),
+                    ("negative_slope",))
+    label, x = array_case(draw, BATCH, N_IN)
+    if what == "forward":
+        # An activation has no weights: any width of a float array is legitimate.
+        return Case(f"Activation.forward({label})", lambda w: w.act.forward(x),
+                    ("input",) + ARRAY_WORDS, may_succeed=label.endswith("columns"))
+    return Case(f"Activation.backward(grad_output: {label})", lambda w: w.act.backward(w.x, x),
+                ("grad_output",) + ARRAY_WORDS)
 
 
 @st.composite
@@ -833,6 +855,7 @@ COVERAGE: Dict[str, object] = {
     "Dropout": dropout_cases(),
     "Layer": layer_base_cases(),
     "LayerNorm": layernorm_cases(),
+    "Activation": activation_cases(),
     "MemoryUsageTracker": tracker_cases(),
     "Residual": residual_cases(),
     "SegmentCheckpointer": segment_checkpointer_cases(),

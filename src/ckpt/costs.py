@@ -162,6 +162,22 @@ class ChainCosts:
         """Width of each of the two chain-level gradient buffers (the widest activation)."""
         return max(self.widths)
 
+    def gradient_buffer_values(self, batch_size: int) -> int:
+        """Values of the two chain-level gradient buffers the compiled backward ping-pongs
+        between, at this batch size."""
+        return 2 * batch_size * self.gradient_width()
+
+    def gradient_copy_values(self, slices: int) -> int:
+        """Values of the parameter-gradient copies a step split into ``slices`` batch slices
+        holds: one copy of every gradient for each slice after the first."""
+        return max(0, slices - 1) * self.parameter_count()
+
+    def gradient_workspace_bytes(self, batch_size: int, slices: int, itemsize: int) -> int:
+        """Bytes of the gradient workspace of a compiled backward, outside a plan's peak: the
+        two gradient buffers and the split copies."""
+        return (self.gradient_buffer_values(batch_size)
+                + self.gradient_copy_values(slices)) * itemsize
+
     def step_flops(self, input_grad: bool = False) -> int:
         """FLOPs per row of one plain training step: every forward, every backward (the first
         element's input gradient is skipped unless ``input_grad``; for Dense that is one GEMM)."""
