@@ -140,6 +140,15 @@ def test_a_different_number_of_features_is_one_line_and_writes_nothing(tmp_path,
                                                           "train.csv", "two.csv", "x.npz"]
 
 
+def test_an_unwritable_output_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    _train(tmp_path, monkeypatch, "regression", "float32")
+    capsys.readouterr()
+    target = tmp_path / "no" / "out.csv"
+    err = _one_line_exit(capsys, ["predict", str(tmp_path / "m.npz"), str(tmp_path / "held.csv"),
+                                  "-o", str(target)])
+    assert "No such file or directory" in err and str(target) in err
+
+
 def test_positional_data_without_a_header(tmp_path, monkeypatch, capsys):
     _train(tmp_path, monkeypatch, "regression", "float64")
     X, y = _data("regression", rows=5)

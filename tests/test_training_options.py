@@ -173,3 +173,13 @@ def test_plot_without_matplotlib_names_the_extra_and_writes_nothing(tmp_path, ca
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "ckpt-cpu[bench]" in err and "matplotlib" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unwritable_plot_path_fails_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "fit", lambda *a, **k: pytest.fail("trained before the check"))
+    target = tmp_path / "no" / "such" / "h.png"
+    with pytest.raises(SystemExit) as info:
+        main(SMALL + ["--plot", str(target)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No such file or directory" in err and str(target) in err

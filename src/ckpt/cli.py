@@ -406,6 +406,8 @@ def _train(args: argparse.Namespace, status: Dict[str, Any]) -> int:
         raise UsageError("--warmup needs --lr-schedule cosine or onecycle")
     if args.plot:
         _require_matplotlib("--plot")
+        from ckpt.io import check_save_path
+        check_save_path(args.plot)       # a folder that exists and can be written: before training
     dtype = np.dtype(args.dtype)
     table, fixed_scaler = _read_data(args, dtype)
     rng = np.random.default_rng(args.seed)
@@ -682,6 +684,9 @@ def add_evaluate_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    if args.output is not None:
+        from ckpt.io import check_save_path
+        check_save_path(args.output)
     predictor = load_predictor(args.model)
     table = read_features(args.data, predictor.preprocessing, predictor.dtype)
     header, rows = prediction_table(predictor, table.X)
