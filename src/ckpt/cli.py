@@ -1,9 +1,13 @@
 """The ``ckpt`` command line (also ``python -m ckpt``).
 
-``ckpt train`` trains a checkpointed MLP on the bundled digits (or on ``--data FILE``, read by
-:mod:`ckpt.datasets`: CSV, .npz, .npy, Parquet, with ``--target`` and ``--features``) and ends
-with one screen: test accuracy, time, peak activation memory with and without checkpointing, and
-the compute spent on recomputation. Subcommands register themselves in ``SUBCOMMANDS``.
+``ckpt train`` trains a checkpointed MLP on the bundled digits (or ``--example diabetes``, or
+``--data FILE`` read by :mod:`ckpt.datasets`: CSV, .npz, .npy, Parquet, with ``--target`` and
+``--features``), as a classifier or a regression (``--task``), and ends with one screen: the
+test metrics, time, peak activation memory with and without checkpointing, and the compute
+spent on recomputation. ``--save`` writes a model file that predicts on raw data by itself:
+``ckpt predict`` and ``ckpt evaluate`` use it (:mod:`ckpt.predictor`). ``--checkpoint-dir`` and
+``--resume`` continue a killed run (:mod:`ckpt.resume`). Subcommands register themselves in
+``SUBCOMMANDS``; this module parses, calls the library and prints.
 Bad arguments or data, and sizes that cannot fit in memory, print one line to stderr and exit
 with status 2; Ctrl-C prints one line (what was trained and saved) and exits with status 130.
 """
