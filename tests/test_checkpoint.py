@@ -27,8 +27,9 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from ckpt import (CheckpointedLayer, CheckpointStateError, Dense, Layer, MemoryUsageTracker,
                   SegmentCheckpointer, _reference)
+from ckpt.activations import ACTIVATIONS as _TABLE
 
-ACTIVATIONS = [None, "relu", "leaky_relu", "tanh", "sigmoid", "gelu", "softplus"]
+ACTIVATIONS = list(_TABLE)
 DTYPES = [np.float32, np.float64]
 NUMPY_TOL = {np.dtype(np.float32): dict(rtol=2e-4, atol=2e-5),
              np.dtype(np.float64): dict(rtol=1e-10, atol=1e-11)}

@@ -35,10 +35,10 @@ def _values_for_backward(x, w, b, activation):
 
 def test_activation_codes_cover_the_documented_activations():
     assert set(ACTIVATIONS) == {None, "relu", "leaky_relu", "tanh", "sigmoid", "gelu",
-                                "softplus"}
+                                "softplus", "silu"}
     assert ACTIVATIONS[None].code == 0
-    assert len({a.code for a in ACTIVATIONS.values()}) == 7
-    assert {a.name for a in ACTIVATIONS.values() if a.needs_preactivation} == {"gelu"}
+    assert len({a.code for a in ACTIVATIONS.values()}) == 8
+    assert {a.name for a in ACTIVATIONS.values() if a.needs_preactivation} == {"gelu", "silu"}
 
 
 def test_the_c_enum_and_the_activation_table_agree():
@@ -180,6 +180,7 @@ CLOSED_FORMS = {
     "sigmoid": (_sigmoid, _sigmoid_prime),
     "gelu": (_gelu, _gelu_prime),
     "softplus": (_softplus, _sigmoid),
+    "silu": (lambda z: z * _sigmoid(z), lambda z: _sigmoid(z) * (1 + z * (1 - _sigmoid(z)))),
 }
 
 
@@ -283,7 +284,7 @@ def test_dense_forward_rejects_bad_shapes(case):
     np.testing.assert_array_equal(args["y"], y_before)
 
 
-@pytest.mark.parametrize("act", [-1, 7, 100])
+@pytest.mark.parametrize("act", [-1, len(ACTIVATIONS), 100])   # the first code past the table
 def test_kernels_reject_unknown_activation_codes(act):
     a = _forward_args()
     with pytest.raises(ValueError, match=f"unknown activation code {act}"):

@@ -96,14 +96,18 @@ def _check_kind(kind: ElementKind):
     for got, want in zip(layer.gradients(), twin_grads):
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
-    # Finite differences, in evaluation mode where a kind is stochastic (Dropout's mask).
-    layer.set_training(not layer.uses_stream)
-    loss = lambda: float((layer.forward_step(x, step) * weights).sum())  # noqa: E731
-    layer.zero_grad()
-    gx = layer.backward_step(x, weights, step)
-    np.testing.assert_allclose(gx, numeric_gradient(loss, x), rtol=1e-6, atol=1e-7)
-    for p, g in zip(layer.params(), layer.gradients()):
-        np.testing.assert_allclose(g, numeric_gradient(loss, p), rtol=1e-6, atol=1e-7)
+    # Finite differences, in evaluation mode where a kind is stochastic (Dropout's mask), each
+    # evaluation a step of its own (BatchNorm recomputes its batch statistics for a new step).
+    for training in ((False,) if layer.uses_stream else (True, False)):
+        layer.set_training(training)
+        loss = lambda: float((layer.forward_step(x, ckpt.elements.Step(3)) * weights).sum())  # noqa: E731
+        step = ckpt.elements.Step(3)
+        layer.forward_step(x, step)
+        layer.zero_grad()
+        gx = layer.backward_step(x, weights, step)
+        np.testing.assert_allclose(gx, numeric_gradient(loss, x), rtol=1e-6, atol=1e-7)
+        for p, g in zip(layer.params(), layer.gradients()):
+            np.testing.assert_allclose(g, numeric_gradient(loss, p), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", [kind.name for kind in kinds()])
@@ -113,8 +117,9 @@ def test_every_built_in_kind_has_what_a_kind_needs(name):
 
 def test_the_built_in_kinds_are_the_documented_ones():
     assert [kind.name for kind in kinds()] == ["Dense", "LayerNorm", "Dropout", "Residual",
-                                               "Activation"]
-    assert {kind.name for kind in kinds() if kind.executor is None} == {"Activation"}
+                                               "Activation", "BatchNorm"]
+    assert {kind.name for kind in kinds() if kind.executor is None} == {"Activation",
+                                                                          "BatchNorm"}
 
 
 def test_a_registered_kind_shows_up_everywhere_and_runs_on_the_python_path(with_scale):

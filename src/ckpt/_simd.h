@@ -39,13 +39,14 @@ enum {
     CKPT_ACT_SIGMOID = 4,
     CKPT_ACT_GELU = 5,
     CKPT_ACT_SOFTPLUS = 6,
-    CKPT_ACT_COUNT = 7      /* sentinel: codes are 0 .. CKPT_ACT_COUNT - 1 */
+    CKPT_ACT_SILU = 7,
+    CKPT_ACT_COUNT = 8      /* sentinel: codes are 0 .. CKPT_ACT_COUNT - 1 */
 };
 
 /* The name of an activation code (NULL outside 0 .. CKPT_ACT_COUNT - 1). */
 static inline const char *ckpt_act_name(int act) {
     static const char *const names[CKPT_ACT_COUNT] = {
-        "identity", "relu", "leaky_relu", "tanh", "sigmoid", "gelu", "softplus"};
+        "identity", "relu", "leaky_relu", "tanh", "sigmoid", "gelu", "softplus", "silu"};
     return act >= 0 && act < CKPT_ACT_COUNT ? names[act] : NULL;
 }
 

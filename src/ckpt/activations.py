@@ -78,6 +78,10 @@ def _entries():
         entry("softplus", False, None,
               lambda z, a: np.maximum(z, 0) + np.log1p(np.exp(-np.abs(z))),
               lambda z, a: _sigmoid(z)),
+        # x * sigmoid(x) (Elfwing et al. 2018; "swish" with beta = 1), PyTorch's nn.SiLU. Like
+        # ReLU it is unbounded above and near zero below, so it takes He initialisation.
+        entry("silu", True, lambda slope: 2.0, lambda z, a: z * _sigmoid(z),
+              lambda z, a: _silu_derivative(z)),
     ]
 
 

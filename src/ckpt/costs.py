@@ -40,6 +40,8 @@ class ElementCost:
       description was built from shapes alone); ``parameter_count``: their total size.
     - ``reads_output``: whether its backward needs its output (or a buffer its size); inside a
       Residual body, the output of a last element that does not is never kept or rebuilt.
+    - ``step_state``: values the element holds for the step whatever the batch size, from its
+      first forward to its backward (BatchNorm's batch mean and variance, 2 x features).
     """
 
     kind: str
@@ -54,6 +56,7 @@ class ElementCost:
     internal_flops: int = 0
     parameter_count: int = 0
     reads_output: bool = True
+    step_state: int = 0
     params: Tuple[np.ndarray, ...] = field(default=(), compare=False, repr=False)
     gradients: Tuple[np.ndarray, ...] = field(default=(), compare=False, repr=False)
 
@@ -62,7 +65,7 @@ class ElementCost:
             raise TypeError(f"ElementCost.kind must be a non-empty string, got {self.kind!r}")
         for name in ("in_width", "out_width", "stored", "forward_flops", "backward_flops",
                      "tape", "forward_scratch", "backward_scratch", "internal_flops",
-                     "parameter_count"):
+                     "parameter_count", "step_state"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
                 raise ValueError(f"ElementCost.{name} must be a non-negative integer, "
@@ -76,7 +79,7 @@ class ElementCost:
         """The numbers alone (what makes two elements cost the same)."""
         return (self.in_width, self.out_width, self.stored, self.tape, self.forward_scratch,
                 self.backward_scratch, self.forward_flops, self.backward_flops,
-                self.internal_flops, self.reads_output)
+                self.internal_flops, self.reads_output, self.step_state)
 
     def backward_transient(self, keep_internals: bool) -> int:
         """Scratch held during the backward: the tape too when it was not kept."""
@@ -187,6 +190,11 @@ class ChainCosts:
 
     def parameter_count(self) -> int:
         return sum(e.parameter_count for e in self.elements)
+
+    def step_state(self) -> int:
+        """Values the elements hold for a step whatever its batch size (BatchNorm's batch
+        statistics)."""
+        return sum(e.step_state for e in self.elements)
 
     def min_units(self) -> int:
         """The least peak (elements per row) of any schedule: element i's forward or backward

@@ -17,6 +17,7 @@ kinds, so that a block (Residual) can rebuild its body without importing the oth
 """
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
@@ -28,6 +29,9 @@ from ckpt.costs import ElementCost, _Undescribable
 from ckpt.elements._checks import _FLOAT_DTYPES, _check_learning_rate, _assign_into, _copy_into
 
 
+_step_tokens = itertools.count(1)
+
+
 @dataclass(frozen=True)
 class Step:
     """What the forward, the recomputations and the backward of one training step share.
@@ -35,12 +39,15 @@ class Step:
     ``seed`` keys the step's Dropout masks; ``row0`` is the global index of the batch's first
     row (a slice of a larger batch, on another thread or MPI rank, passes its offset, so masks
     do not depend on how a batch is split); ``streams`` maps each Dropout layer (by id) to its
-    stream, its rank among the chain's Dropout layers.
+    stream, its rank among the chain's Dropout layers. ``token`` is unique to each Step made:
+    a layer with per-step state (BatchNorm's batch statistics) tells a recomputation of the
+    step it holds from a new step by it.
     """
 
     seed: int
     row0: int = 0
     streams: Dict[int, int] = field(default_factory=dict)
+    token: int = field(default_factory=lambda: next(_step_tokens), compare=False)
 
     def stream(self, layer: "Layer") -> int:
         return self.streams.get(id(layer), 0)

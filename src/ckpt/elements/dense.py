@@ -37,10 +37,10 @@ class Dense(Layer):
 
     Activations (:mod:`ckpt.activations`): None (identity), "relu", "leaky_relu" (slope
     ``negative_slope`` below zero), "tanh", "sigmoid", "gelu" (the exact form x * Phi(x) with
-    the normal CDF, as PyTorch's default), "softplus".
+    the normal CDF, as PyTorch's default), "softplus", "silu" (x * sigmoid(x)).
 
     Initialisation, as the activation table says: He-normal, std = sqrt(gain / in_features),
-    for relu and gelu (gain 2; for leaky_relu 2 / (1 + slope^2)); Glorot-uniform, limit
+    for relu, gelu and silu (gain 2; for leaky_relu 2 / (1 + slope^2)); Glorot-uniform, limit
     sqrt(6 / (in + out)), for the others. Biases start at zero. ``rng`` is a numpy Generator or
     an int seed.
 

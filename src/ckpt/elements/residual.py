@@ -49,6 +49,7 @@ def residual_cost(body: Sequence[ElementCost]) -> ElementCost:
         backward_flops=sum(c.backward_flops for c in body) + n,
         internal_flops=sum(c.forward_flops for c in taped),
         parameter_count=sum(c.parameter_count for c in body),
+        step_state=sum(c.step_state for c in body),
         params=tuple(p for c in body for p in c.params),
         gradients=tuple(g for c in body for g in c.gradients))
 
