@@ -19,6 +19,10 @@ from ckpt.elements._checks import (DTypeLike, ActivationName, _as_generator, _ch
 from ckpt.elements.base import ElementKind, ExecutorRecord, Layer, RowContext, Twin
 
 
+# Values of the float64 draw made at once when initialising weights (1 MiB).
+_DRAW_BLOCK = 1 << 17
+
+
 def dense_cost(n_in: int, n_out: int, *, needs_preactivation: bool = False,
                identity: bool = False, params: Sequence[np.ndarray] = (),
                gradients: Sequence[np.ndarray] = ()) -> ElementCost:
@@ -64,8 +68,9 @@ class Dense(Layer):
         self.activation = activation
         self.negative_slope = float(negative_slope)
         self._act_code = act.code
-        # W and grad_W in the layer's dtype, and the float64 draw they start from.
-        check_allocation(self.in_features * self.out_features * (2 * self.dtype.itemsize + 8),
+        # W and grad_W in the layer's dtype, and one block of the float64 draw they start from.
+        size = self.in_features * self.out_features
+        check_allocation(size * 2 * self.dtype.itemsize + min(size, _DRAW_BLOCK) * 8,
                          f"Dense({self.in_features} -> {self.out_features}, {self.dtype.name})")
         rng = _as_generator(rng)
         self.W = self._initial_weights(rng)
@@ -93,14 +98,20 @@ class Dense(Layer):
                           gradients=self.gradients())
 
     def _initial_weights(self, rng: np.random.Generator) -> np.ndarray:
-        shape = (self.in_features, self.out_features)
+        """The weights, drawn in float64 and rounded to the layer's dtype block by block: the
+        same values as one draw of the whole matrix (a Generator's stream does not depend on
+        how it is cut), without a float64 copy of it."""
+        w = np.empty((self.in_features, self.out_features), self.dtype)
+        flat = w.reshape(-1)
         if self._act.he_gain is not None:
-            gain = self._act.he_gain(self.negative_slope)
-            w = rng.normal(0.0, np.sqrt(gain / self.in_features), shape)
+            std = np.sqrt(self._act.he_gain(self.negative_slope) / self.in_features)
+            draw = lambda n: rng.normal(0.0, std, n)  # noqa: E731
         else:
             limit = np.sqrt(6.0 / (self.in_features + self.out_features))
-            w = rng.uniform(-limit, limit, shape)
-        return w.astype(self.dtype)
+            draw = lambda n: rng.uniform(-limit, limit, n)  # noqa: E731
+        for start in range(0, flat.size, _DRAW_BLOCK):
+            flat[start:start + _DRAW_BLOCK] = draw(min(_DRAW_BLOCK, flat.size - start))
+        return w
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         x = as_batch(x, self.in_features, self.dtype, "the input", self._name)
