@@ -146,3 +146,38 @@ def test_resuming_another_run_is_refused_with_the_differences(tmp_path, capsys):
     assert "--checkpoint-steps needs --checkpoint-dir or --resume" in err
     assert sorted(os.listdir(states)) == before
     assert not (tmp_path / "none").exists()
+
+
+def _fit_batchnorm(folder=None, stop_at=None, resume=False):
+    """fit a Dense -> BatchNorm -> ReLU chain (dropout, validation, early stopping bookkeeping)
+    with states every 3 steps, stopped by an exception after ``stop_at`` steps."""
+    rng = np.random.default_rng(0)
+    X, X_val = rng.standard_normal((100, 4)), rng.standard_normal((40, 4))
+    y, y_val = (X[:, 0] > 0).astype(int), (X_val[:, 0] > 0).astype(int)
+    model = ckpt.SegmentCheckpointer(ckpt.build_mlp(4, 3, 8, 2, "relu", np.float64, seed=1,
+                                                    norm="batch", dropout=0.1), seed=5)
+    state = StateFolder(folder, resume=resume, every_steps=3) if folder else None
+    steps = [0]
+
+    def step(info):
+        steps[0] += 1
+        if steps[0] == stop_at:
+            raise KeyboardInterrupt
+    ckpt.fit(model, X, y, optimizer=ckpt.Adam(model, 0.01), epochs=4, batch_size=16,
+             seed=np.random.default_rng(2), run_state=state, step_callback=step,
+             validation_data=(X_val, y_val), early_stopping=10)
+    norms = [layer for layer in model.layers if hasattr(layer, "running_mean")]
+    assert len(norms) == 2
+    return ([p.copy() for p in model.params()]
+            + [np.array(v) for layer in norms for v in layer.buffers().values()])
+
+
+def test_batchnorm_buffers_are_part_of_the_state(tmp_path):
+    reference = _fit_batchnorm()
+    with pytest.raises(KeyboardInterrupt):
+        _fit_batchnorm(tmp_path, stop_at=10)                  # epoch 2, after step 9's state
+    resumed = _fit_batchnorm(tmp_path, resume=True)
+    assert len(resumed) == len(reference)
+    for a, b in zip(resumed, reference):
+        np.testing.assert_array_equal(a, b)
+    assert int(reference[-1]) > 0                             # num_batches_tracked counted

@@ -54,6 +54,8 @@ class RunState:
     the epoch in progress' (loss sum, correct, rows seen). ``best`` is early stopping's (lowest
     val_loss, its epoch) and ``best_params`` that epoch's parameters; ``stopped`` says early
     stopping ended the run. ``info`` is the front end's: the arguments and threads of the run.
+    ``buffers`` holds, for each layer with buffers (BatchNorm's running statistics and count),
+    their values, and ``best_buffers`` those of the best epoch.
     """
 
     epoch: int
@@ -70,6 +72,8 @@ class RunState:
     best_params: Optional[List[np.ndarray]] = None
     stopped: bool = False
     info: Dict[str, Any] = field(default_factory=dict)
+    buffers: List[Dict[str, Any]] = field(default_factory=list)   # per layer that has any
+    best_buffers: Optional[List[Dict[str, Any]]] = None
 
     def arrays(self) -> Dict[str, np.ndarray]:
         """The state as the arrays of one .npz (one of them the JSON of the rest)."""
@@ -81,6 +85,20 @@ class RunState:
             arrays["order"] = np.asarray(self.order, np.int64)
         for i, p in enumerate(self.best_params or []):
             arrays[f"best_{i}"] = p
+        scalars = []
+        for prefix, layers in (("buffer", self.buffers), ("best_buffer", self.best_buffers)):
+            record = []
+            for i, values in enumerate(layers or []):
+                counts = {}
+                for name, value in values.items():
+                    if isinstance(value, np.ndarray):
+                        arrays[f"{prefix}_{i}_{name}"] = value
+                    else:
+                        counts[name] = value
+                record.append({"arrays": sorted(n for n, v in values.items()
+                                                if isinstance(v, np.ndarray)),
+                               "counts": counts})
+            scalars.append(record if layers is not None else None)
         meta = {
             "format": STATE_FORMAT, "epoch": self.epoch, "step": self.step,
             "steps_done": self.steps_done, "params": len(self.params),
@@ -90,6 +108,7 @@ class RunState:
             "sums": list(self.sums), "history": self.history,
             "best": list(self.best) if self.best is not None else None,
             "stopped": self.stopped, "info": self.info,
+            "layer_buffers": scalars[0], "best_layer_buffers": scalars[1],
         }
         meta["crc"] = _crc(arrays)
         arrays[_META] = np.array(json.dumps(meta))
@@ -116,12 +135,21 @@ class RunState:
                    for name, n in meta["buffers"].items()}
         best_params = [arrays[f"best_{i}"] for i in range(count)] if "best_0" in arrays \
             else None
+
+        def layer_buffers(prefix: str,
+                          record: Optional[list]) -> Optional[List[Dict[str, Any]]]:
+            if record is None:
+                return None
+            return [{**{name: arrays[f"{prefix}_{i}_{name}"] for name in layer["arrays"]},
+                     **layer["counts"]} for i, layer in enumerate(record)]
         return cls(meta["epoch"], meta["step"], meta["steps_done"],
                    [arrays[f"param_{i}"] for i in range(count)],
                    {**meta["optimizer"], "buffers": buffers}, meta["rng_state"],
                    meta["step_seed_state"], arrays.get("order"), tuple(meta["sums"]),
                    meta["history"], tuple(meta["best"]) if meta["best"] is not None else None,
-                   best_params, bool(meta["stopped"]), meta["info"])
+                   best_params, bool(meta["stopped"]), meta["info"],
+                   layer_buffers("buffer", meta["layer_buffers"]) or [],
+                   layer_buffers("best_buffer", meta["best_layer_buffers"]))
 
 
 def _crc(arrays: Dict[str, np.ndarray]) -> int:

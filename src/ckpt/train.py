@@ -324,7 +324,8 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
     ranks = comm.Get_size() if comm is not None else 1
     total_steps = epochs * -(-n // (ranks * batch_size))
     done_steps = 0
-    best: Optional[Tuple[float, int, List[np.ndarray]]] = None   # val_loss, epoch, parameters
+    # Early stopping's best so far: val_loss, epoch, parameters, buffers (BatchNorm's).
+    best: Optional[Tuple[float, int, List[np.ndarray], List[Dict[str, Any]]]] = None
     first_epoch, first_step, stopped = 1, 0, False
     resumed_order: Optional[np.ndarray] = None
     sums: Tuple[float, int, int] = (0.0, 0, 0)
@@ -345,7 +346,9 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
                         step_rng.bit_generator.state if step_rng is not None else None,
                         order, epoch_sums, {key: list(v) for key, v in history.items()},
                         best[:2] if best is not None else None,
-                        best[2] if best is not None else None, stop)
+                        best[2] if best is not None else None, stop,
+                        buffers=_get_buffers(model),
+                        best_buffers=best[3] if best is not None else None)
 
     for epoch in range(first_epoch, epochs + 1):
         if stopped:
@@ -436,7 +439,8 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
             callback(metrics)
         if early_stopping is not None:
             if best is None or metrics["val_loss"] < best[0]:
-                best = (metrics["val_loss"], epoch, [p.copy() for p in model.params()])
+                best = (metrics["val_loss"], epoch, [p.copy() for p in model.params()],
+                        _get_buffers(model))
             else:
                 stopped = epoch - best[1] >= early_stopping
         if run_state is not None:
@@ -444,7 +448,30 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
     if best is not None:
         for target, value in zip(model.params(), best[2]):
             np.copyto(target, value)
+        _set_buffers(model, best[3])
     return history
+
+
+def _buffered_layers(model: Any) -> List[Any]:
+    """The model's layers that hold buffers (state that is not a parameter: BatchNorm's)."""
+    layers = model if isinstance(model, (list, tuple)) else getattr(model, "layers", None)
+    return [layer for layer in walk(layers or []) if callable(getattr(layer, "buffers", None))]
+
+
+def _get_buffers(model: Any) -> List[Dict[str, Any]]:
+    """A copy of every buffer, layer by layer: arrays copied, counts as they are."""
+    return [{name: value.copy() if isinstance(value, np.ndarray) else value
+             for name, value in layer.buffers().items()} for layer in _buffered_layers(model)]
+
+
+def _set_buffers(model: Any, saved: List[Dict[str, Any]]) -> None:
+    for layer, values in zip(_buffered_layers(model), saved):
+        for name, value in values.items():
+            current = getattr(layer, name)
+            if isinstance(current, np.ndarray):
+                np.copyto(current, value)
+            else:
+                setattr(layer, name, type(current)(value))
 
 
 def _step_seed_generator(model: Any) -> Optional[np.random.Generator]:
@@ -465,6 +492,13 @@ def _check_resumable(state: RunState, model: Any, optimizer: Optimizer, epochs: 
         raise ValueError(f"the state has {state.epoch} epochs done, more than epochs={epochs}")
     if state.step and state.order is None:
         raise ValueError("the state is within an epoch but holds no order of the rows")
+    mine = _get_buffers(model)
+    described = [{name: np.shape(value) for name, value in layer.items()} for layer in mine]
+    saved_buffers = [{name: np.shape(value) for name, value in layer.items()}
+                     for layer in state.buffers]
+    if described != saved_buffers:
+        raise ValueError(f"the state's buffers {saved_buffers} do not fit the model's "
+                         f"{described}")
 
 
 def _restore(state: RunState, model: Any, optimizer: Optimizer,
@@ -478,9 +512,11 @@ def _restore(state: RunState, model: Any, optimizer: Optimizer,
     step_rng = _step_seed_generator(model)
     if step_rng is not None and state.step_seed_state is not None:
         step_rng.bit_generator.state = state.step_seed_state
+    _set_buffers(model, state.buffers)
     best = None
     if state.best is not None:
-        best = (state.best[0], state.best[1], [np.array(p) for p in state.best_params])
+        best = (state.best[0], state.best[1], [np.array(p) for p in state.best_params],
+                state.best_buffers or [])
     history = {key: list(values) for key, values in state.history.items()}
     return history, best, state.steps_done, state.stopped
 
