@@ -5,24 +5,35 @@ destination (``os.replace`` is atomic), so an interrupted save leaves the previo
 Loading checks the whole file against the model (and optimizer) before copying anything, so a
 mismatched file raises ValueError and changes nothing. Files hold plain arrays and one JSON
 string: they load without pickle.
+
+Format 2 adds, optionally, the preprocessing that ``ckpt train`` applied (feature and target
+scaling, class values, task, column names: :class:`ckpt.datasets.Preprocessing`), so that the
+file predicts on raw data by itself (:func:`ckpt.predictor.load_predictor`). Files of format 1
+keep loading, without preprocessing; a file of a newer format is refused with a message saying
+so.
 """
 from __future__ import annotations
 
 import errno
 import glob
+import io as _io
 import json
 import os
 import tempfile
 import zipfile
 import zlib
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from ckpt.datasets import Preprocessing
 from ckpt.layers import layer_config, layer_from_config
 from ckpt.optim import Optimizer, collect_parameters
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# The formats this version reads: 1 (no preprocessing) and 2.
+READABLE_FORMATS = (1, 2)
+_PREP = "preprocessing_"
 _META = "ckpt_meta"
 # The metadata is a short JSON string: refuse to read more than this from a (crafted) file.
 _MAX_META_BYTES = 1 << 20
@@ -39,8 +50,10 @@ class ModelFileError(ValueError):
     """
 
 
-def save(path: "os.PathLike[str] | str", model: Any, optimizer: Optional[Optimizer] = None) -> None:
-    """Write every parameter of ``model`` (and ``optimizer``'s state) to ``path``, atomically.
+def save(path: "os.PathLike[str] | str", model: Any, optimizer: Optional[Optimizer] = None,
+         preprocessing: Optional[Preprocessing] = None) -> None:
+    """Write every parameter of ``model`` (and ``optimizer``'s state, and the
+    ``preprocessing`` of its inputs and outputs) to ``path``, atomically.
 
     ``path`` is used as given (no ``.npz`` is appended). The file is written as
     ``.<name>.ckpt-save-<pid>-<random>.tmp`` beside it, synced, renamed over ``path``, and the
@@ -61,8 +74,28 @@ def save(path: "os.PathLike[str] | str", model: Any, optimizer: Optional[Optimiz
         for name, bufs in state["buffers"].items():
             for i, buf in enumerate(bufs):
                 arrays[f"optimizer_{name}_{i}"] = buf
+    if preprocessing is not None:
+        if not isinstance(preprocessing, Preprocessing):
+            raise TypeError(f"preprocessing must be a ckpt.datasets.Preprocessing, got "
+                            f"{type(preprocessing).__name__}")
+        widths = getattr(model, "widths", None)
+        if isinstance(widths, tuple) and widths and widths[0] != preprocessing.n_features:
+            raise ValueError(f"the preprocessing has {preprocessing.n_features} features, but "
+                             f"the model {widths[0]} inputs")
+        fields, prep_arrays = preprocessing.record()
+        meta["preprocessing"] = fields
+        arrays.update({_PREP + key: value for key, value in prep_arrays.items()})
     arrays[_META] = np.array(json.dumps(meta))
+    write_npz(path, arrays)
 
+
+def write_npz(path: "os.PathLike[str] | str", arrays: Dict[str, np.ndarray], *,
+              halfway: Optional[Callable[[], None]] = None) -> None:
+    """Write ``arrays`` as an .npz at ``path``, atomically (how :func:`save` writes).
+
+    ``halfway``, when given, is called once half of the file's bytes are written to the
+    temporary file (and synced): a test seam for a crash in the middle of a write.
+    """
     path = os.fspath(path)
     with _naming(path):
         _check_destination(path)
@@ -71,7 +104,17 @@ def save(path: "os.PathLike[str] | str", model: Any, optimizer: Optional[Optimiz
         try:
             with os.fdopen(fd, "wb") as f:
                 os.fchmod(f.fileno(), 0o644)   # mkstemp's 0600 would make the saved model private
-                np.savez(f, **arrays)
+                if halfway is None:
+                    np.savez(f, **arrays)
+                else:
+                    buffer = _io.BytesIO()
+                    np.savez(buffer, **arrays)
+                    data = buffer.getbuffer()
+                    f.write(data[:len(data) // 2])
+                    f.flush()
+                    os.fsync(f.fileno())
+                    halfway()
+                    f.write(data[len(data) // 2:])
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -230,6 +273,39 @@ def load_model(path: "os.PathLike[str] | str"):
     return model
 
 
+def load_preprocessing(path: "os.PathLike[str] | str", inputs: int,
+                       outputs: int) -> Optional[Preprocessing]:
+    """The preprocessing saved in ``path`` for a network of ``inputs`` features and ``outputs``
+    outputs, or None when the file holds none (format 1, or saved without); ModelFileError
+    when it is malformed or does not fit those widths."""
+    name = os.fspath(path)
+    try:
+        with zipfile.ZipFile(name) as archive:
+            files = _Archive(archive, name)
+            fields = files.meta().get("preprocessing")
+            if fields is None:
+                return None
+            arrays = {}
+            for key in ("feature_mean", "feature_scale", "target_mean", "target_scale"):
+                if _PREP + key in files.members:
+                    shape, dtype = files.header(_PREP + key)
+                    if dtype.kind != "f" or len(shape) != 1 or shape[0] > max(inputs, 1):
+                        raise files.error(f"array {_PREP + key} has shape {shape} {dtype}")
+                    arrays[key] = files.read(_PREP + key)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
+        raise ModelFileError(f"{name} is corrupt or truncated ({type(exc).__name__}: {exc})") \
+            from None
+    try:
+        return Preprocessing.from_record(fields, arrays, inputs, outputs)
+    except ValueError as exc:
+        raise ModelFileError(f"{name}: {exc}") from None
+
+
+def _version() -> str:
+    from ckpt._version import __version__
+    return __version__
+
+
 def _architecture(model: Any) -> Dict[str, Any]:
     """The model's layers as configs (and its checkpoint interval), when they are all built-in:
     what load_model needs to rebuild it. Empty for models of other layers."""
@@ -308,6 +384,14 @@ class _Archive:
             raise self.error(f"corrupt metadata ({exc})") from None
         if not isinstance(meta, dict):
             raise self.error(f"the metadata must be a JSON object, got {type(meta).__name__}")
+        version = meta.get("format")
+        if isinstance(version, int) and not isinstance(version, bool) \
+                and version > FORMAT_VERSION:
+            raise self.error(f"written by a newer ckpt (model format {version}; this ckpt "
+                             f"{_version()} reads formats up to {FORMAT_VERSION}): upgrade "
+                             f"ckpt to load it")
+        if version not in READABLE_FORMATS or isinstance(version, bool):
+            raise self.error(f"unsupported format {version!r}")
         return meta
 
 
@@ -315,8 +399,6 @@ def _read(archive: _Archive, params: List[np.ndarray],
           optimizer: Optional[Optimizer]) -> Tuple[List[np.ndarray], Optional[Dict[str, Any]]]:
     """Every array, checked against the model (and optimizer) before any is read."""
     meta = archive.meta()
-    if meta.get("format") != FORMAT_VERSION:
-        raise archive.error(f"unsupported format {meta.get('format')!r}")
     count = meta.get("params")
     if count != len(params):
         raise ModelFileError(f"{archive.name} holds {count!r} parameter arrays, but the model "
