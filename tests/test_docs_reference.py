@@ -102,7 +102,7 @@ def test_stated_values_are_the_real_ones():
 
 @pytest.mark.parametrize("name", ["ckpt.SegmentCheckpointer", "ckpt.__version__",
                                   "ckpt.estimators.MLPRegressor", "ckpt.units.parse_size",
-                                  "ckpt.distributed.open_rows", "ckpt.threads"])
+                                  "ckpt.distributed.shard_batches", "ckpt.threads"])
 def test_a_removed_entry_is_reported(name):
     sources = api_sources()
     line = re.compile(r"^\.\. \S+::\s*" + re.escape(name) + r"\s*$", re.M)

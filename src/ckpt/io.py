@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from ckpt.datasets import Preprocessing
-from ckpt.layers import layer_config, layer_from_config
+from ckpt.layers import layer_config, layer_from_config, walk
 from ckpt.optim import Optimizer, collect_parameters
 
 FORMAT_VERSION = 2
@@ -211,10 +211,13 @@ def _sync_folder(path: str) -> None:
 def load(path: "os.PathLike[str] | str", model: Any, optimizer: Optional[Optimizer] = None) -> None:
     """Copy the parameters saved in ``path`` into ``model`` (and the state into ``optimizer``).
 
+    Layers with buffers (BatchNorm's running statistics) get the saved ones too, from the
+    recorded architecture, when the file has one.
+
     Raises ModelFileError (a ValueError), leaving model and optimizer untouched, when the file
-    is malformed or does not match them (number of parameters, shapes, optimizer type), holds
-    values that are not finite in the model's dtype, or holds no optimizer state when one is
-    asked. Every count and shape is checked before any array is read.
+    is malformed or does not match them (number of parameters, shapes, optimizer type, buffers
+    of another shape), holds values that are not finite in the model's dtype, or holds no
+    optimizer state when one is asked. Every count and shape is checked before any array is read.
     """
     params, _ = collect_parameters(model)
     name = os.fspath(path)
@@ -224,7 +227,9 @@ def load(path: "os.PathLike[str] | str", model: Any, optimizer: Optional[Optimiz
         raise ModelFileError(f"{name} is not a ckpt model file (not an .npz archive)")
     try:
         with zipfile.ZipFile(name) as archive:
-            values, state = _read(_Archive(archive, name), params, optimizer)
+            opened = _Archive(archive, name)
+            values, state = _read(opened, params, optimizer)
+            buffers = _saved_buffers(opened.meta().get("architecture"), model, name)
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
         raise ModelFileError(f"{name} is corrupt or truncated ({type(exc).__name__}: {exc})") \
             from None
@@ -235,8 +240,54 @@ def load(path: "os.PathLike[str] | str", model: Any, optimizer: Optional[Optimiz
             raise ModelFileError(f"{name}: {exc}") from None
     for target, value in zip(params, values):
         np.copyto(target, value)
+    for layer, saved in buffers:
+        for key, value in saved.buffers().items():
+            current = getattr(layer, key)
+            if isinstance(current, np.ndarray):
+                np.copyto(current, value)
+            else:
+                setattr(layer, key, value)
     if optimizer is not None:
         optimizer.load_state_dict(state)
+
+
+def _saved_buffers(configs: Any, model: Any, name: str) -> List[Tuple[Any, Any]]:
+    """(model layer, layer rebuilt from the file's config) for every layer with buffers, when
+    the file records the model's architecture; every buffer checked against the layer's."""
+    layers = model if isinstance(model, (list, tuple)) else getattr(model, "layers", None)
+    if not isinstance(configs, list) or not layers:
+        return []
+    flat: List[Any] = []
+
+    def visit(items: Any) -> None:
+        for item in items:
+            flat.append(item)
+            if isinstance(item, dict) and isinstance(item.get("layers"), list):
+                visit(item["layers"])
+    visit(configs)
+    inside = list(walk(layers))
+    pairs = []
+    for i, layer in enumerate(inside):
+        if not callable(getattr(layer, "buffers", None)):
+            continue
+        config = flat[i] if i < len(flat) else None
+        if not isinstance(config, dict) or config.get("kind") != layer.layer_type:
+            raise ModelFileError(f"{name}: layer {i} of the model is a {layer.layer_type}, "
+                                 f"but the file's architecture has "
+                                 f"{config.get('kind') if isinstance(config, dict) else None} "
+                                 f"there")
+        try:
+            saved = layer_from_config(config, f"layer {i}")
+        except ValueError as exc:
+            raise ModelFileError(f"{name}: {exc}") from None
+        for key, value in saved.buffers().items():
+            current = layer.buffers()[key]
+            if np.shape(value) != np.shape(current):
+                raise ModelFileError(f"{name}: layer {i} ({layer.layer_type}) buffer {key} "
+                                     f"has shape {np.shape(value)} in the file, the model's "
+                                     f"has {np.shape(current)}")
+        pairs.append((layer, saved))
+    return pairs
 
 
 def load_model(path: "os.PathLike[str] | str"):

@@ -209,6 +209,33 @@ def describe_architecture(layers: Sequence[Layer]) -> str:
 
 
 
+def _check_batch_norm_rows(model: Any, n: int, batch_size: int, accumulation_steps: int,
+                           ranks: int) -> None:
+    """ValueError before the first step if a BatchNorm would see a training (micro-)batch of
+    one row: every batch, micro-batch and rank's shard of the epoch is checked (the last batch
+    of an epoch, n mod batch_size rows, is the one that usually has it)."""
+    layers = getattr(model, "layers", None) or (model if isinstance(model, (list, tuple)) else [])
+    if not any(isinstance(layer, BatchNorm) for layer in walk(layers)):
+        return
+    step = ranks * batch_size
+    for rows in {min(step, n - start) for start in range(0, n, step)}:
+        for rank in range(ranks):
+            share = (rank + 1) * rows // ranks - rank * rows // ranks
+            if share == 0:
+                continue    # a rank without rows this step runs no forward
+            parts = min(accumulation_steps, share)
+            if share // parts < 2:
+                where = (f"rank {rank}'s share of a batch of {rows} rows has {share}"
+                         if ranks > 1 else f"a batch of {rows} rows")
+                raise ValueError(
+                    f"BatchNorm needs at least 2 rows in every training (micro-)batch, but "
+                    f"with {n} rows, batch_size {batch_size}, accumulation_steps "
+                    f"{accumulation_steps}{f' and {ranks} ranks' if ranks > 1 else ''}, "
+                    f"{where} split into {parts} micro-batch(es) of as few as "
+                    f"{share // parts} row(s); change batch_size (the last batch of an epoch "
+                    f"has n mod batch_size rows) or accumulation_steps")
+
+
 def _model_widths(model: Any) -> Optional[Tuple[int, int]]:
     """(input features, outputs) when the model declares its widths."""
     widths = getattr(model, "widths", None)
@@ -304,6 +331,8 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
             raise ValueError("early_stopping needs validation_data to watch")
     if optimizer is not None:
         _check_optimizer(optimizer, model)
+    _check_batch_norm_rows(model, len(X), batch_size, accumulation_steps,
+                           comm.Get_size() if comm is not None else 1)
     resume = run_state.resume_from if run_state is not None else None
     if resume is not None:
         _check_resumable(resume, model, optimizer if optimizer is not None else Adam(model),
