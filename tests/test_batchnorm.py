@@ -202,3 +202,20 @@ def test_fit_refuses_a_one_row_training_batch_before_the_first_step():
     assert_same(state(layers), before)
     ckpt.fit(model, X[:32], y[:32], epochs=1, batch_size=8, accumulation_steps=4)
     assert all(b.num_batches_tracked == 4 * 4 for b in norms(layers))   # per micro-batch
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_ckpt_train_and_plan_take_norm_batch(capsys, residual):
+    import json
+    from ckpt.cli import main
+    extra = ["--residual"] if residual else []
+    assert main(["train", "--norm", "batch", "--depth", "3", "--width", "16", "--epochs", "4",
+                 "--json"] + extra) == 0
+    results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert results["test_accuracy"] > 0.5
+    assert main(["plan", "--norm", "batch", "--depth", "3", "--width", "16", "--json"]
+                + extra) == 0
+    plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    built = ckpt.costs.describe_chain(ckpt.build_mlp(16, 3, 16, 16, residual=residual,
+                                                     norm="batch"))
+    assert plan["widths"] == list(built.widths)
