@@ -6,6 +6,7 @@ from __future__ import annotations
 import heapq
 import random
 import re
+import subprocess
 import sys
 from math import comb
 from pathlib import Path
@@ -18,18 +19,21 @@ from hypothesis import strategies as st
 from ckpt import plan as planmod
 from ckpt.costs import ChainCosts, ElementCost
 from ckpt.plan import Plan, format_size, parse_size, plan, simulate, tradeoff, uniform_plan
+from ckpt.plan import _chain as chainmod
+from ckpt.plan import _oracle, _recursion, _search
 from ckpt.schedule import replay, uniform_ops
 
-IMPLS = ["python"] + (["compiled"] if planmod._planner is not None else [])
+IMPLS = ["python", "compiled"]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 
 def chain_of(chain, batch=1, dtype=np.float32):
-    return planmod._chain(chain, batch, dtype)
+    return chainmod._chain(chain, batch, dtype)
 
 
 def recursion(chain, method, impl, **kwargs):
-    return planmod._recursion(chain_of(chain), method, compiled=impl == "compiled", **kwargs)
+    make = _recursion._recursion if impl == "compiled" else _oracle.oracle
+    return make(chain_of(chain), method, **kwargs)
 
 
 def random_costs(rng, n, scratch=True):
@@ -68,7 +72,7 @@ def brute_force(costs, budget):
     exactly what replay() accepts: forward i (a_i held, a_{i+1} not, backward i not done; its
     scratch counts beside what is then held), free i (i > 0, held), backward b (a_b, a_{b+1}
     held; b = N-1 needs a_N computed; its scratch and tape count beside what is held)."""
-    costs = planmod._chain_costs(costs)
+    costs = chainmod._chain_costs(costs)
     sizes, flops = costs.stored, costs.forward_flops
     fwd, bwd = costs.forward_scratch, costs.backward_scratch(False)
     n = costs.n
@@ -301,7 +305,6 @@ def test_smallest_feasible_budget(widths):
     assert f"{low} B" in str(err.value) and format_size(low) in str(err.value)
 
 
-@pytest.mark.skipif(planmod._planner is None, reason="ckpt._planner is not built")
 def test_compiled_and_python_recursions_agree():
     """Same values and schedules, unbounded or restricted (the bounded searches)."""
     rng = random.Random(6)
@@ -316,6 +319,30 @@ def test_compiled_and_python_recursions_agree():
                 assert ours.value(budget) == reference.value(budget)
                 if ours.value(budget) is not None:
                     assert ours.ops(budget) == reference.ops(budget)
+
+
+def test_counts_beyond_int64_are_refused_not_planned_slowly():
+    """The compiled recursion counts in int64; a chain whose costs could overflow it gets a
+    clear error (no pure-Python fallback), while plans that need no search still work."""
+    huge = ChainCosts(tuple(ElementCost("x", w, v, stored=v, forward_flops=2**60,
+                                        backward_flops=1) for w, v in ((3, 5), (5, 2), (2, 4))))
+    c = chain_of(huge)
+    for method in planmod.METHODS:
+        with pytest.raises(ValueError, match="too large to plan.*64-bit"):
+            plan(huge, 1, c.min_budget, method=method)
+        assert plan(huge, 1, c.plain_peak, method=method).recompute_flops == 0
+    wide = [2**61, 1, 2**61]
+    with pytest.raises(ValueError, match="too large to plan"):
+        _recursion._recursion(chain_of(wide), "optimal")
+
+
+def test_planning_never_imports_the_oracle():
+    """The Python recursion is the tests' oracle only: planning runs the compiled one."""
+    code = ("import sys, ckpt.plan as p\n"
+            "p.plan([3, 9, 4, 7, 2, 8], 2, 150)\n"
+            "p.tradeoff([3, 9, 4, 7, 2, 8], 2, method='persistent')\n"
+            "assert 'ckpt.plan._oracle' not in sys.modules, sorted(sys.modules)\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -582,17 +609,17 @@ def test_uniform_peak_matches_replay():
         for k in range(0, n + 2):
             expected = replay(uniform_ops(n, k), costs).peak_units
             kk = n if k <= 0 or k > n else k
-            assert c.uniform_peaks[kk - 1] == expected == planmod._uniform_peak(costs, k)
+            assert c.uniform_peaks[kk - 1] == expected == chainmod._uniform_peak(costs, k)
 
 
 def test_minimal_schedule_fits_the_smallest_budget():
     rng = random.Random(12)
     for n in (1, 2, 5, 17):
         costs = random_costs(rng, n)
-        trace = replay(planmod._minimal_ops(n), costs)
+        trace = replay(_search._minimal_ops(n), costs)
         assert trace.peak_units == costs.min_units()
         flops = costs.forward_flops
-        assert planmod._cost_of(trace, flops)[0] == sum(sum(flops[:i + 1]) for i in range(n))
+        assert _search._cost_of(trace, flops)[0] == sum(sum(flops[:i + 1]) for i in range(n))
 
 
 class Describing:
@@ -629,7 +656,7 @@ def test_auto_is_the_exact_search_on_short_chains():
 
 def bounded_only(monkeypatch):
     """Skip the exact search, so that auto runs its bounded searches on short chains."""
-    monkeypatch.setattr(planmod, "_EXACT_MAX_LAYERS", 0)
+    monkeypatch.setattr(_search, "_EXACT_MAX_LAYERS", 0)
 
 
 def test_auto_bounded_is_within_5_percent_of_the_optimum(monkeypatch):

@@ -1,8 +1,9 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""Compiled twin of ``ckpt.plan._Recursion``: the recursion Z / C on exact memory counts.
+"""The recursion Z / C of ``ckpt.plan`` on exact memory counts: what the planner runs.
 
-The maths, the decision codes and the tie-breaking are those of ``ckpt.plan`` (module docstring
-and ``_Recursion``), line by line, so both return the same schedules. Each state keeps its optima
+The maths, the decision codes and the tie-breaking are those of the ``ckpt.plan`` docstring and
+of its Python oracle ``ckpt.plan._oracle._Recursion`` (the tests' reference, never a fallback),
+line by line, so both return the same schedules. Each state keeps its optima
 as disjoint intervals [peak, m] sorted by peak, plus the largest m known to be infeasible; a
 lookup tries the interval that answered last (budgets come back in bursts), then bisects. The
 states (y, p, ., .) get their memo when (y, p) is first reached.
@@ -12,6 +13,8 @@ from libc.stdlib cimport calloc, free, realloc
 from libc.string cimport memmove
 
 import numpy as np
+
+from ckpt.schedule import BACKWARD, FORWARD, FREE
 
 cdef int64_t INF = 0x7FFFFFFFFFFFFFFF
 cdef int64_t NEG = -INF - 1
@@ -125,9 +128,9 @@ cdef class Recursion:
         if self.rows_z == NULL or (slides and self.rows_c == NULL):
             raise MemoryError(f"no room for the memo of a {n}-layer chain")
         self.out_of_memory = False
-        self.forward_ops = [("forward", i) for i in range(n)]
-        self.backward_ops = [("backward", i) for i in range(n)]
-        self.free_ops = [("free", i) for i in range(n + 1)]
+        self.forward_ops = [(FORWARD, i) for i in range(n)]
+        self.backward_ops = [(BACKWARD, i) for i in range(n)]
+        self.free_ops = [(FREE, i) for i in range(n + 1)]
 
     @property
     def finished(self) -> bool:

@@ -48,7 +48,11 @@ from ckpt._core import OP_CODES
 from ckpt.costs import ChainCosts
 
 Op = Tuple[str, int]
+# The operations' names, defined here only: the planner, the checkpointer and the reports import
+# them. The compiled executor's OP_CODES (ckpt._executor.pxi) maps each to its code; a test checks
+# that the two agree.
 FORWARD, BACKWARD, FREE = "forward", "backward", "free"
+OP_KINDS = (FORWARD, BACKWARD, FREE)
 KEEP_AUTO = "auto"
 
 # Columns of a compiled row. Offsets are in elements per batch row: the executor scales them.
@@ -189,7 +193,7 @@ def replay(ops: Iterable[Op], chain: Union[ChainCosts, Sequence[int]],
             kind, i = op
         except (TypeError, ValueError):
             raise ValueError(f"operation {step}: {op!r} is not a (kind, index) pair") from None
-        if kind not in OP_CODES:
+        if kind not in OP_KINDS:
             raise ValueError(f"operation {step}: unknown kind {kind!r}")
         if forward_length is None and counts[n - 1] and kind != FREE:
             forward_length = len(full)
