@@ -7,9 +7,11 @@ network input, a_N its output. Every cost comes from the elements' descriptions
 (:mod:`ckpt.costs`, one :class:`~ckpt.costs.ElementCost` per element): holding a_i costs
 ``|a_i| = stored_i * batch * itemsize`` bytes (``stored`` = the width for Dense); element i's
 forward needs ``forward_scratch_i`` more while it runs, its backward ``backward_scratch_i`` more
-plus its internals (``tape_i``, recomputed inside the backward). Only plain backprop keeps the
-internals beside the outputs instead (``Plan.keep_internals``); it is the plan whenever its peak
-fits the budget. A schedule is a sequence of operations:
+plus its internals (``tape_i``), which it recomputes (``internal_flops_i``) unless the forward
+that made a_{i+1} kept them beside it: then a_{i+1} costs ``|a_{i+1}| + |tape_i|`` while held
+and the backward rebuilds nothing (``Plan.keep_internals`` lists those forwards; plain
+backprop, where every forward keeps, is the plan whenever its peak fits the budget). A schedule
+is a sequence of operations:
 
 - ``("forward", i)``: needs a_i held and a_{i+1} not held; produces a_{i+1}; costs element i's
   forward FLOPs, ``2 * batch * in * out`` for a Dense layer;
@@ -26,7 +28,8 @@ operation running. :func:`ckpt.schedule.replay` is the one checker and measure o
 (:func:`simulate` wraps it). A budget is feasible iff it is at least
 ``ChainCosts.min_units() * batch * itemsize``: the forward and backward of element i need a_0,
 a_i, a_{i+1} and their scratch (recomputing from a_0 before each backward achieves it).
-:func:`plan` returns a schedule with peak <= budget and the least total forward FLOPs.
+:func:`plan` returns a schedule with peak <= budget and the least total forward FLOPs, the
+internals rebuilt in backwards included (its *cost*).
 
 The recursion
 -------------
@@ -59,6 +62,19 @@ each transient moment: keeping a_y, the forward of a_k holds a_y, a_k, a_{k+1}, 
 scratch (and a_p if e).
 The whole plan is Z(0, N, 0, 0, budget). Ties in FLOPs go to the lower peak, so a generous
 budget does not inflate the peak of the plan.
+
+Kept internals. A tape is worth holding only beside an activation that stays held until its
+element's backward: a right end a_p, or a top that ends as the position reached. So Z has a
+third right end, e = 2 (a_p held with its tape; backward p-1 then costs nothing, where e = 1
+costs the rebuild), and a flag t: a_r is to end held with its tape (when r = y that is the
+top's own, held throughout). A push to r2 chooses t2 for a_r2 (Z(y, r2, r, 1 + t2)), the child
+C(y, p, r2, e, t2) passes it to the sweep or slide that makes a_r2, whose last forward keeps;
+the terminal forward-then-backward chooses whether its forward keeps; and a held a_p may also be
+freed and recomputed to keep its tape (e = 1 at y = p-1, when a rebuild costs more than the
+forward). Without tapes the flags vanish and so does their cost (the states are those above).
+The tests compare this against exhaustive search over every schedule and every choice of kept
+forwards, and check that a plan recomputes no more than the best uniform schedule (which keeps
+what ``keep_internals="auto"`` keeps) within the same budget.
 
 Without slides (b = r2 and y2 never taken) this is the recursion of Revolve / rotor
 (Griewank & Walther 2000; Beaumont et al. 2019), extended by the right-end choice e (keep the

@@ -13,7 +13,7 @@ from numbers import Integral
 import numpy as np
 
 from ckpt.costs import ChainCosts, describe_chain
-from ckpt.schedule import Trace, replay, uniform_ops
+from ckpt.schedule import FORWARD, KEEP_AUTO, Trace, replay, uniform_ops
 from ckpt.units import format_size
 
 
@@ -170,22 +170,61 @@ class _Chain:
         k = N), by :func:`_uniform_peak` (the tests check it against replay)."""
         return tuple(_uniform_peak(self.costs, k) for k in range(1, self.n + 1))
 
+    def cost_of(self, trace: Trace) -> tuple:
+        """What the searches minimise, per row: forward FLOPs plus the internal FLOPs of the
+        backwards that rebuild (see :func:`internal_flops`); then the peak."""
+        forwards = sum(k * f for k, f in zip(trace.forward_counts, self.costs.forward_flops))
+        return forwards + internal_flops(self.costs, trace), trace.peak_units
+
+    @cached_property
+    def uniform_kept_traces(self) -> tuple:
+        """The uniform-k schedules (k = 1 .. N) with ``keep_internals="auto"``, as the
+        checkpointer runs them, replayed: () when no element has internals (then they are the
+        schedules without)."""
+        if not self.costs.has_internals:
+            return ()
+        return tuple(replay(uniform_ops(self.n, k), self.costs, KEEP_AUTO)
+                     for k in range(1, self.n + 1))
+
     def best_uniform(self, m: int) -> Trace | None:
-        """The cheapest uniform-k schedule within m units (least peak among equals), measured
-        by replay; None when none fits."""
+        """The cheapest uniform-k schedule within m units (least peak among equals), with or
+        without the internals that the checkpointer keeps, measured by replay; None when none
+        fits."""
         flops = self.costs.forward_flops
+        internal = sum(e.internal_flops for e in self.costs.elements)
         n, fitting = self.n, []
         for k, peak in zip(range(1, n + 1), self.uniform_peaks):
             if peak <= m:
                 rerun = sum(flops[i] for s in range(0, n, k) for i in range(s, min(s + k, n) - 1))
-                fitting.append((rerun, peak, k))
-        if not fitting:
-            return None
+                fitting.append((rerun + internal, peak, k))
         for _, _, k in sorted(fitting):  # replay decides; the first one fits unless a bug
             trace = replay(uniform_ops(n, k), self.costs)
             if trace.peak_units <= m:
-                return trace
-        return None
+                break
+        else:
+            trace = None
+        kept = [t for t in self.uniform_kept_traces if t.peak_units <= m]
+        candidates = kept + ([trace] if trace is not None else [])
+        return min(candidates, key=self.cost_of, default=None)
+
+
+def internal_flops(costs: ChainCosts, trace: Trace) -> int:
+    """Internal FLOPs per row that a schedule's backwards recompute: every element's, but those
+    whose tape was kept (all of them when every forward keeps)."""
+    if trace.keep_internals is True:
+        return 0
+    rebuilt = set(trace.rebuilt)
+    return sum(e.internal_flops for i, e in enumerate(costs.elements)
+               if not e.tape or i in rebuilt)
+
+
+def kept_positions(trace: Trace) -> tuple | bool:
+    """The plan's ``keep_internals`` for a replayed schedule: True when every forward keeps,
+    else the positions of the forwards that keep a tape (False when none does)."""
+    if trace.keep_internals is True:
+        return True
+    kept = tuple(q for q, event in enumerate(trace.events) if event[0] == FORWARD and event[4])
+    return kept or False
 
 
 def _uniform_peak(costs: ChainCosts, k: int) -> int:

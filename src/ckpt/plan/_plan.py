@@ -5,8 +5,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ckpt.costs import ChainCosts
-from ckpt.plan._chain import _Chain
-from ckpt.schedule import Op, replay, uniform_ops
+from ckpt.plan._chain import _Chain, internal_flops
+from ckpt.schedule import KeepInternals, Op, replay, uniform_ops
 from ckpt.units import format_size
 
 
@@ -24,10 +24,13 @@ class Plan:
     ``ops`` is the full schedule (see :mod:`ckpt.plan`); ``peak_bytes``, ``forward_counts``
     and ``stored`` are measured by :func:`ckpt.schedule.replay`, not assumed. ``budget_bytes``
     is the budget it was planned for (for a uniform plan, its own peak). ``keep_internals``:
-    the schedule keeps the internals of compound elements beside their outputs (plain backprop
-    only); otherwise each backward recomputes them. ``recompute_flops`` counts every forward
-    FLOP beyond one forward pass: elements forwarded again, plus the internals recomputed in
-    backwards. ``proven_optimal``: no schedule within the budget needs fewer FLOPs (an exact
+    True when every forward keeps its element's internals (a compound element's, such as a
+    Residual block's) beside its output (plain backprop), False when every backward recomputes
+    them, else the positions in ``ops`` of the forwards that keep them (what
+    :func:`ckpt.schedule.replay` and the checkpointer take). ``recompute_flops`` counts every
+    forward FLOP beyond one forward pass: elements forwarded again, plus the internals
+    recomputed in backwards; the plan is the one with the least of it within the budget.
+    ``proven_optimal``: no schedule within the budget recomputes less (an exact
     search finished, the closed form, or plain backprop); False for a bounded search, the
     persistent method and uniform plans. ``costs`` are the element descriptions it was planned
     from.
@@ -44,7 +47,7 @@ class Plan:
     stored: tuple[int, ...]
     method: str
     ops: tuple[Op, ...] = field(repr=False)
-    keep_internals: bool
+    keep_internals: bool | tuple[int, ...]
     costs: ChainCosts = field(repr=False)
     proven_optimal: bool
 
@@ -132,7 +135,12 @@ class Plan:
         lines.append(
             f"{'':<25} {_format_flops(self.rerun_flops):>11}  forwarding elements again, "
             f"{_format_flops(self.internal_flops)} recomputing internals in backwards"
-            + (" (kept)" if self.keep_internals else ""))
+            + (" (kept)" if self.keep_internals is True else ""))
+        compound = sum(1 for e in self.costs.elements if e.tape)
+        if compound and self.keep_internals is not True:
+            kept = compound - len(self.rebuilt_layers)
+            lines.append(f"{'internals kept':<25} {kept} of {compound} compound elements to their "
+                         "backward (the others rebuild them there)")
         if self.proven_optimal:
             verdict = "yes: no schedule within the budget needs fewer FLOPs"
         elif self.method.startswith("uniform"):
@@ -150,25 +158,31 @@ class Plan:
             "gradients and two gradient buffers).")
         return "\n".join(lines)
 
+    @property
+    def rebuilt_layers(self) -> tuple[int, ...]:
+        """Elements with internals whose backward rebuilds them (they were not kept)."""
+        return replay(self.ops, self.costs, self.keep_internals).rebuilt
+
     def __repr__(self) -> str:
         shown = self.stored if len(self.stored) <= 12 else self.stored[:12] + ("...",)
         share = 100 * self.recompute_flops / self.plain_forward_flops
+        keep = self.keep_internals if isinstance(self.keep_internals, bool) else \
+            f"<{len(self.keep_internals)} forwards>"
         return (f"Plan(layers={self.n_layers}, batch_size={self.batch_size}, dtype={self.dtype}, "
                 f"method={self.method!r}, budget={format_size(self.budget_bytes)}, "
                 f"peak={format_size(self.peak_bytes)}, "
                 f"plain_peak={format_size(self.plain_peak_bytes)}, "
                 f"recompute_flops={self.recompute_flops} (+{share:.1f}% of a forward), "
-                f"stored={shown}, keep_internals={self.keep_internals}, "
+                f"stored={shown}, keep_internals={keep}, "
                 f"proven_optimal={self.proven_optimal})")
 
 
-def _make_plan(c: _Chain, budget: int, ops: Sequence[Op], keep_internals: bool, proven: bool,
-               method: str) -> Plan:
+def _make_plan(c: _Chain, budget: int, ops: Sequence[Op], keep_internals: KeepInternals,
+               proven: bool, method: str) -> Plan:
     trace = replay(ops, c.costs, keep_internals)
     flops = c.flops
     recompute = sum((k - 1) * f for k, f in zip(trace.forward_counts, flops))
-    if not keep_internals:
-        recompute += c.batch_size * sum(e.internal_flops for e in c.costs.elements)
+    recompute += c.batch_size * internal_flops(c.costs, trace)
     return Plan(widths=c.widths, batch_size=c.batch_size, dtype=c.dtype.name,
                 itemsize=c.dtype.itemsize, budget_bytes=budget,
                 peak_bytes=trace.peak_units * c.scale, recompute_flops=recompute,

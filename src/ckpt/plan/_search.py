@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ckpt.plan._chain import _Chain
+from ckpt.plan._chain import _Chain, kept_positions
 from ckpt.plan._equal import _EqualChain, _equal_best_slots
 from ckpt.plan._ops import _OpTable
 from ckpt.plan._recursion import _recursion
-from ckpt.schedule import Trace, replay
+from ckpt.schedule import KEEP_AUTO, replay
 
 METHODS = ("auto", "optimal", "persistent")
 
@@ -38,19 +38,15 @@ def _schedule_for(c: _Chain, budget: int, method: str) -> tuple:
     else the method's search."""
     if budget >= c.plain_peak:
         return list(c.plain_trace.ops), True, True
-    m = min(budget // c.scale, c.lean_peak_units)
+    m = budget // c.scale
     if c.closed_form:
         slots = min(m // c.units[0], c.n + 1)
         eq = _EqualChain(c.n, slots)
         return eq.ops(_equal_best_slots(eq, slots)), False, True
     if method == "auto":
         return _auto(c, m)
-    return _recursion(c, method).ops(m), False, method == "optimal"
-
-
-def _cost_of(trace: Trace, row_flops: Sequence[int]) -> tuple:
-    """What the searches minimise: forward FLOPs, then the peak."""
-    return sum(k * f for k, f in zip(trace.forward_counts, row_flops)), trace.peak_units
+    ops, kept = _recursion(c, method).schedule(m)
+    return ops, tuple(kept) or False, method == "optimal"
 
 
 def _minimal_ops(n: int) -> list:
@@ -91,18 +87,20 @@ def _bounded(c: _Chain, m: int, method: str, fineness: int, count: int, window: 
             flags[1 + (c.n - 1) * j // count] = 1
         flags[0] = flags[c.n] = 1
     rec = _recursion(c, method, limit=limit, units=up(c.units), fwd=up(c.costs.forward_scratch),
-                     bwd=up(c.costs.backward_scratch(False)), allowed=flags, window=window)
+                     bwd=up(c.costs.backward_scratch(True)),
+                     tapes=up([e.tape for e in c.costs.elements]), allowed=flags, window=window)
     found, seen = [], set()
     for nudge in _BUDGET_NUDGES:
         try:
             value = rec.value(m // q + nudge)
-            ops = rec.ops(m // q + nudge) if value is not None else None
+            schedule = rec.schedule(m // q + nudge) if value is not None else None
         except RuntimeError:  # the work limit
             break
-        if ops is None or value in seen:
+        if schedule is None or value in seen:
             continue
         seen.add(value)
-        trace = replay(ops, c.costs)
+        ops, kept = schedule
+        trace = replay(ops, c.costs, tuple(kept) or False)
         if trace.peak_units <= m:
             found.append(trace)
     return found
@@ -111,8 +109,9 @@ def _bounded(c: _Chain, m: int, method: str, fineness: int, count: int, window: 
 def _as_if_equal(c: _Chain, m: int) -> list:
     """Traces of the equal-chain closed form (Revolve's binomial schedules) with every element
     counted as the largest activation plus the largest scratch, so that it fits m; a few more
-    slots are tried too, each schedule measured exactly by replay and kept only if it fits m.
-    Cheap, and it stays feasible at tight budgets where the bounded searches may find nothing."""
+    slots are tried too, each schedule measured exactly by replay (with and without the
+    internals that ``keep_internals="auto"`` keeps) and kept only if it fits m. Cheap, and it
+    stays feasible at tight budgets where the bounded searches may find nothing."""
     n, width = c.n, max(c.units)
     scratch = max(max(c.costs.forward_scratch), max(c.costs.backward_scratch(False)))
     low = 2 if n == 1 else 3
@@ -121,24 +120,29 @@ def _as_if_equal(c: _Chain, m: int) -> list:
     if base > top:
         return []
     eq, found = _EqualChain(n, top), []
+    policies = (False, KEEP_AUTO) if c.costs.has_internals else (False,)
     for slots in range(base, top + 1):
-        trace = replay(eq.ops(slots), c.costs)
-        if trace.peak_units <= m:
-            found.append(trace)
+        ops = eq.ops(slots)
+        for keep in policies:
+            trace = replay(ops, c.costs, keep)
+            if trace.peak_units <= m:
+                found.append(trace)
     return found
 
 
 def _auto(c: _Chain, m: int) -> tuple:
-    """(ops, False, proven_optimal) for ``method="auto"``, m units below the lean plain peak.
+    """(ops, keep_internals, proven_optimal) for ``method="auto"``, m units below the plain peak.
 
     Chains of up to _EXACT_MAX_LAYERS elements get the exact search, bounded in work; when it
     finishes the plan is proven optimal. Otherwise the bounded searches run, and the result is
-    the cheapest of their schedules, every uniform-k schedule that fits, the equal-chain
-    schedules that fit (_as_if_equal) and the minimal schedule, all measured by replay.
+    the cheapest of their schedules, every uniform-k schedule that fits (with and without the
+    internals the checkpointer keeps), the equal-chain schedules that fit (_as_if_equal) and the
+    minimal schedule, all measured by replay.
     """
     if c.n <= _EXACT_MAX_LAYERS:
         try:
-            return _recursion(c, "optimal", limit=_EXACT_LIMIT).ops(m), False, True
+            ops, kept = _recursion(c, "optimal", limit=_EXACT_LIMIT).schedule(m)
+            return ops, tuple(kept) or False, True
         except RuntimeError:
             pass
     flops = c.costs.forward_flops
@@ -151,9 +155,11 @@ def _auto(c: _Chain, m: int) -> tuple:
             continue
         candidates += _bounded(c, m, method, fineness, count, window, limit)
     # The minimal schedule (O(N^2) operations) is replayed only when nothing else fits: its
-    # FLOPs are sum_i F(0, i + 1), its peak min_units() (the tests check both by replay).
-    minimal = sum(sum(flops[:i + 1]) for i in range(c.n)), c.costs.min_units()
-    best = min(candidates, key=lambda t: _cost_of(t, flops), default=None)
-    if best is None or _cost_of(best, flops) > minimal:
+    # FLOPs are sum_i F(0, i + 1) and every internal, its peak min_units() (the tests check
+    # both by replay).
+    minimal = (sum(sum(flops[:i + 1]) for i in range(c.n))
+               + sum(e.internal_flops for e in c.costs.elements), c.costs.min_units())
+    best = min(candidates, key=c.cost_of, default=None)
+    if best is None or c.cost_of(best) > minimal:
         return _minimal_ops(c.n), False, False
-    return list(best.ops), False, False
+    return list(best.ops), kept_positions(best), False
