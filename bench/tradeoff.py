@@ -25,7 +25,7 @@ def measure(k: int, x: np.ndarray, g: np.ndarray) -> tuple:
     y = model.forward(x)
     grad_input = model.backward(g)
     del y, grad_input
-    peak = tracemalloc.get_traced_memory()[1] - base + model._grad_buffers.nbytes
+    peak = tracemalloc.get_traced_memory()[1] - base + model._runner()._grad_buffers.nbytes
     tracemalloc.stop()
     times = []
     for _ in range(15):

@@ -10,9 +10,11 @@ import pytest
 
 import ckpt
 from ckpt import _core, _reference
+from ckpt.activations import ACTIVATIONS as TABLE
 from ckpt.layers import Dense
 
-ACTIVATIONS = [None, "relu", "leaky_relu", "tanh", "sigmoid", "gelu", "softplus"]
+# Every activation of the table (ckpt.activations), None (the identity) first.
+ACTIVATIONS = list(TABLE)
 DTYPES = [np.float32, np.float64]
 # (batch, in_features, out_features): batch 1 and 0, non-square, sizes not multiples of 8.
 SHAPES = [(1, 3, 5), (7, 13, 11), (0, 4, 6), (33, 17, 9)]
@@ -117,11 +119,11 @@ class CompiledKernels:
 
     def forward(self, x, w, b, activation, alpha=0.01):
         y = np.empty((x.shape[0], w.shape[1]), x.dtype)
-        _core.dense_forward(x, w, b, y, _core.ACTIVATION_CODES[activation], alpha)
+        _core.dense_forward(x, w, b, y, TABLE[activation].code, alpha)
         return y
 
     def backward(self, x, w, b, g, activation, alpha=0.01):
-        code = _core.ACTIVATION_CODES[activation]
+        code = TABLE[activation].code
         m, n = g.shape
         gw = np.zeros_like(w)
         gb = np.zeros_like(b)
@@ -129,7 +131,7 @@ class CompiledKernels:
         v = d = None
         if activation is not None:
             v = np.empty((m, n), x.dtype)
-            fwd_code = 0 if code in _core.NEEDS_PREACTIVATION else code
+            fwd_code = 0 if TABLE[activation].needs_preactivation else code
             _core.dense_forward(x, w, b, v, fwd_code, alpha)
             d = v  # the delta may overwrite the activation values (documented)
         _core.dense_backward(x, w, g, v, d, gw, gb, gx, code, alpha)

@@ -93,6 +93,8 @@ class World:
         self.dense = ckpt.Dense(N_IN, WIDTH, "relu", rng=6)
         self.norm = ckpt.LayerNorm(N_IN)
         self.drop = ckpt.Dropout(0.5, seed=7)
+        self.act = ckpt.Activation("gelu")
+        self.batchnorm = ckpt.BatchNorm(N_IN)
         self.res = ckpt.Residual(ckpt.Dense(N_IN, N_IN, "relu", rng=8))
         self.wrapped = ckpt.CheckpointedLayer(ckpt.Dense(N_IN, WIDTH, "gelu", rng=9),
                                               tracker=self.tracker, seed=10)
@@ -385,6 +387,53 @@ def dropout_cases(draw):
 
 
 @st.composite
+def activation_cases(draw):
+    what = draw(st.sampled_from(["name", "slope", "forward", "backward"]))
+    if what == "name":
+        value = draw(st.sampled_from([None, "", "ReLU", "swish", 3, b"relu", ["relu"]]))
+        return Case(f"Activation({value!r})", lambda w: ckpt.Activation(value),
+                    ("activation",))
+    if what == "slope":
+        value = draw(bad_rate(0.0, 1.0, low_open=False, high_open=True))
+        return Case(f"Activation(negative_slope={value!r})",
+                    lambda w: ckpt.Activation("leaky_relu", negative_slope=value),
+                    ("negative_slope",))
+    label, x = array_case(draw, BATCH, N_IN)
+    if what == "forward":
+        # An activation has no weights: any width of a float array is legitimate.
+        return Case(f"Activation.forward({label})", lambda w: w.act.forward(x),
+                    ("input",) + ARRAY_WORDS, may_succeed=label.endswith("columns"))
+    return Case(f"Activation.backward(grad_output: {label})", lambda w: w.act.backward(w.x, x),
+                ("grad_output",) + ARRAY_WORDS)
+
+
+@st.composite
+def batchnorm_cases(draw):
+    what = draw(st.sampled_from(["features", "momentum", "eps", "dtype", "forward", "one row"]))
+    if what == "features":
+        value = draw(bad_size())
+        return Case(f"BatchNorm({value!r})", lambda w: ckpt.BatchNorm(value), ("features", "size"))
+    if what == "momentum":
+        value = draw(bad_rate(0.0, 1.0, low_open=False, high_open=False))
+        return Case(f"BatchNorm(momentum={value!r})", lambda w: ckpt.BatchNorm(4, value),
+                    ("momentum",))
+    if what == "eps":
+        value = draw(bad_rate(0.0, np.inf, low_open=True, high_open=True))
+        return Case(f"BatchNorm(eps={value!r})", lambda w: ckpt.BatchNorm(4, eps=value),
+                    ("eps",))
+    if what == "dtype":
+        value = draw(st.sampled_from(WRONG_DTYPES + ["abc"]))
+        return Case(f"BatchNorm(dtype={value!r})", lambda w: ckpt.BatchNorm(4, dtype=value),
+                    ("dtype",))
+    if what == "one row":
+        return Case("BatchNorm.forward(one row in training)",
+                    lambda w: w.batchnorm.forward(w.x[:1]), ("one row", "rows"))
+    label, x = array_case(draw, BATCH, N_IN)
+    return Case(f"BatchNorm.forward({label})", lambda w: w.batchnorm.forward(x),
+                ("input",) + ARRAY_WORDS)
+
+
+@st.composite
 def layernorm_cases(draw):
     what = draw(st.sampled_from(["features", "eps", "dtype", "forward", "backward"]))
     if what == "features":
@@ -549,7 +598,7 @@ def build_mlp_cases(draw):
     elif field == "dtype":
         kwargs[field] = draw(st.sampled_from(WRONG_DTYPES + ["abc"]))
     elif field == "norm":
-        kwargs[field] = draw(st.sampled_from(["batch", 3, "LAYER "]))
+        kwargs[field] = draw(st.sampled_from(["batchnorm", 3, "LAYER "]))
     elif field == "dropout":
         kwargs[field] = draw(bad_rate(0.0, 1.0, low_open=False, high_open=True))
     else:
@@ -833,6 +882,8 @@ COVERAGE: Dict[str, object] = {
     "Dropout": dropout_cases(),
     "Layer": layer_base_cases(),
     "LayerNorm": layernorm_cases(),
+    "Activation": activation_cases(),
+    "BatchNorm": batchnorm_cases(),
     "MemoryUsageTracker": tracker_cases(),
     "Residual": residual_cases(),
     "SegmentCheckpointer": segment_checkpointer_cases(),

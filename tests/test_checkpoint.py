@@ -27,8 +27,9 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from ckpt import (CheckpointedLayer, CheckpointStateError, Dense, Layer, MemoryUsageTracker,
                   SegmentCheckpointer, _reference)
+from ckpt.activations import ACTIVATIONS as _TABLE
 
-ACTIVATIONS = [None, "relu", "leaky_relu", "tanh", "sigmoid", "gelu", "softplus"]
+ACTIVATIONS = list(_TABLE)
 DTYPES = [np.float32, np.float64]
 NUMPY_TOL = {np.dtype(np.float32): dict(rtol=2e-4, atol=2e-5),
              np.dtype(np.float64): dict(rtol=1e-10, atol=1e-11)}
@@ -899,11 +900,11 @@ def test_backward_releases_every_stored_activation(python_path, k):
     x, g = batch(3, 4), batch(3, 3)
     y = s.forward(x)
     state = s._state
-    if state[0] == "typed":
-        held = [weakref.ref(state[3])]                        # the arena
+    if s.executor == "compiled":
+        held = [weakref.ref(state.arena)]                     # the arena
     else:
-        held = [weakref.ref(a) for a in state[1].values() if a is not x and a is not y]
-        assert len(held) == len(state[1]) - 2     # the activations besides input and output
+        held = [weakref.ref(a) for a in state.acts.values() if a is not x and a is not y]
+        assert len(held) == len(state.acts) - 2   # the activations besides input and output
     del state
     s.backward(g)
     gc.collect()
@@ -955,7 +956,7 @@ def test_input_is_not_copied_or_modified():
     x = batch(3, 4)
     x0 = x.copy()
     s.forward(x)
-    assert s._state[1] is x           # kept by reference when already C-contiguous
+    assert s._state.input is x        # kept by reference when already C-contiguous
     s.backward(batch(3, 3))
     assert np.array_equal(x, x0)
 

@@ -439,7 +439,10 @@ def test_parameter_assignment_copies_and_checks_shape_and_dtype():
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs", [dict(residual=True, dropout=0.1), dict(residual=True),
-                                    dict(norm="layernorm", dropout=0.2), {}])
+                                    dict(norm="layernorm", dropout=0.2), {},
+                                    dict(norm="batch", dropout=0.2),
+                                    dict(residual=True, norm="batch", dropout=0.1),
+                                    dict(residual=True, norm="batch")])
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 def test_mlp_costs_are_the_built_layers_descriptions(kwargs, activation):
     from ckpt.costs import describe_chain
@@ -462,7 +465,7 @@ def test_residual_mlp_structure_and_branch_scaling():
     assert s.checkpoint_every == 2 and s.executor == "compiled"     # floor(sqrt(7))
     with pytest.raises(ValueError, match="dropout must be a probability"):
         build_mlp(4, 2, 8, 2, dropout=1.0)
-    with pytest.raises(ValueError, match="norm must be None or 'layernorm'"):
+    with pytest.raises(ValueError, match="norm must be None, 'layer' or 'batch'"):
         build_mlp(4, 2, 8, 2, norm="batchnorm")
 
 

@@ -646,15 +646,15 @@ def test_a_size_beyond_the_32_bit_blas_limit_is_refused_before_allocating():
 
 
 def test_weights_that_cannot_fit_in_memory_are_a_memory_error_naming_the_sizes(monkeypatch):
-    from ckpt import layers
+    from ckpt.elements import _checks as layers   # where the memory check lives
     monkeypatch.setattr(layers, "available_memory_bytes", lambda: 3 * 2**20)
-    # W and grad_W in float32 plus the float64 draw: 1024 * 1024 * 16 bytes = 16 MiB.
-    with pytest.raises(MemoryError, match=r"Dense\(1024 -> 1024, float32\) needs 16.0 MiB, but "
+    # W and grad_W in float32 plus one 1 MiB block of the float64 draw: 8 + 1 = 9 MiB.
+    with pytest.raises(MemoryError, match=r"Dense\(1024 -> 1024, float32\) needs 9.0 MiB, but "
                                           r"only 3.0 MiB of memory is available"):
         Dense(1024, 1024)
     Dense(64, 64)
     monkeypatch.undo()
-    with pytest.raises(MemoryError, match=r"Dense\(1048576 -> 1048576, float64\) needs 24.0 TiB"):
+    with pytest.raises(MemoryError, match=r"Dense\(1048576 -> 1048576, float64\) needs 16.0 TiB"):
         Dense(2**20, 2**20, dtype=np.float64)
 
 
@@ -670,3 +670,17 @@ def test_masked_inputs_and_set_params_none_are_clear_type_errors():
         layer.set_params(None)
     with pytest.raises(TypeError, match="needs a sequence of 2 gradient arrays, got ndarray"):
         layer.set_gradients(np.zeros(2))
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "leaky_relu"])
+def test_weights_drawn_in_blocks_equal_one_draw_of_the_whole_matrix(activation):
+    # 700 x 400 = 280,000 values: more than two 1 MiB blocks of float64, the last one partial.
+    layer = Dense(700, 400, activation, dtype=np.float32, rng=3)
+    rng = np.random.default_rng(3)
+    if activation in ("relu", "leaky_relu"):
+        gain = 2.0 if activation == "relu" else 2.0 / (1 + 0.01 ** 2)
+        whole = rng.normal(0.0, np.sqrt(gain / 700), (700, 400))
+    else:
+        limit = np.sqrt(6.0 / 1100)
+        whole = rng.uniform(-limit, limit, (700, 400))
+    np.testing.assert_array_equal(layer.W, whole.astype(np.float32))

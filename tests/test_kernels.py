@@ -9,6 +9,7 @@ import pytest
 
 from conftest import numeric_gradient
 from ckpt import _core, _reference
+from ckpt.activations import ACTIVATIONS
 
 ALPHA = 0.2  # a leaky_relu slope far from the default, so a wrong slope shows
 INT_MAX = 2**31 - 1
@@ -16,14 +17,14 @@ BIG = 2**31  # one past the 32-bit BLAS limit
 
 
 def _code(activation):
-    return _core.ACTIVATION_CODES[activation]
+    return ACTIVATIONS[activation].code
 
 
 def _values_for_backward(x, w, b, activation):
     """What ckpt passes as v: the output, or the pre-activation for GELU."""
     code = _code(activation)
     v = np.empty((x.shape[0], w.shape[1]), x.dtype)
-    _core.dense_forward(x, w, b, v, 0 if code in _core.NEEDS_PREACTIVATION else code, ALPHA)
+    _core.dense_forward(x, w, b, v, 0 if ACTIVATIONS[activation].needs_preactivation else code, ALPHA)
     return v
 
 
@@ -33,11 +34,19 @@ def _values_for_backward(x, w, b, activation):
 
 
 def test_activation_codes_cover_the_documented_activations():
-    assert set(_core.ACTIVATION_CODES) == {None, "relu", "leaky_relu", "tanh", "sigmoid", "gelu",
-                                           "softplus"}
-    assert _core.ACTIVATION_CODES[None] == 0
-    assert len(set(_core.ACTIVATION_CODES.values())) == 7
-    assert _core.NEEDS_PREACTIVATION == frozenset({_core.ACTIVATION_CODES["gelu"]})
+    assert set(ACTIVATIONS) == {None, "relu", "leaky_relu", "tanh", "sigmoid", "gelu",
+                                "softplus", "silu"}
+    assert ACTIVATIONS[None].code == 0
+    assert len({a.code for a in ACTIVATIONS.values()}) == 8
+    assert {a.name for a in ACTIVATIONS.values() if a.needs_preactivation} == {"gelu", "silu"}
+
+
+def test_the_c_enum_and_the_activation_table_agree():
+    # Every code of _simd.h's enum has a table entry of the same name, and no entry lacks one.
+    names = _core.activation_names()
+    assert sorted(a.label for a in ACTIVATIONS.values()) == sorted(names)
+    for entry in ACTIVATIONS.values():
+        assert names[entry.code] == entry.label
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,6 +180,7 @@ CLOSED_FORMS = {
     "sigmoid": (_sigmoid, _sigmoid_prime),
     "gelu": (_gelu, _gelu_prime),
     "softplus": (_softplus, _sigmoid),
+    "silu": (lambda z: z * _sigmoid(z), lambda z: _sigmoid(z) * (1 + z * (1 - _sigmoid(z)))),
 }
 
 
@@ -274,7 +284,7 @@ def test_dense_forward_rejects_bad_shapes(case):
     np.testing.assert_array_equal(args["y"], y_before)
 
 
-@pytest.mark.parametrize("act", [-1, 7, 100])
+@pytest.mark.parametrize("act", [-1, len(ACTIVATIONS), 100])   # the first code past the table
 def test_kernels_reject_unknown_activation_codes(act):
     a = _forward_args()
     with pytest.raises(ValueError, match=f"unknown activation code {act}"):

@@ -24,7 +24,7 @@ import ckpt
 from ckpt import SGD, Adam, AdamW, Dense, Dropout, LayerNorm, Residual, SegmentCheckpointer, _core
 from ckpt.train import build_mlp, fit
 
-from conftest import ACTIVATIONS
+from conftest import ACTIVATIONS, TABLE
 
 SUPPORTED = _core._supported_simd()
 # Each variant above the baseline, compared with the baseline.
@@ -125,7 +125,7 @@ def test_set_simd_refuses_unknown_names(bad):
 def test_bias_activation_and_delta(variant, dtype, activation, n):
     """dense_forward (GEMM, then the bias and activation pass) and dense_backward (the delta
     g * act'(v), the bias gradient's column sums, GEMMs) on values that take every branch."""
-    act = _core.ACTIVATION_CODES[activation]
+    act = TABLE[activation].code
     rng = np.random.default_rng(n)
     m, k = 9, 5
     x = unaligned(rng.standard_normal((m, k)).astype(dtype) * 3)
@@ -140,7 +140,7 @@ def test_bias_activation_and_delta(variant, dtype, activation, n):
         _core.dense_forward(x, w, b, y, act, 0.03)
         v = y.copy()
         if activation == "gelu":
-            _core.dense_forward(x, w, b, v, _core.ACTIVATION_CODES[None], 0.03)
+            _core.dense_forward(x, w, b, v, TABLE[None].code, 0.03)
         d = unaligned(np.zeros((m, n), dtype))
         gw, gb, gx = np.zeros((k, n), dtype), unaligned(np.full(n, 0.5, dtype)), np.zeros((m, k), dtype)
         _core.dense_backward(x, w, g, v, d, gw, gb, gx, act, 0.03)

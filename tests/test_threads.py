@@ -192,7 +192,7 @@ def test_threads_sharing_a_checkpointer_get_errors_never_crashes_or_wrong_gradie
         for _ in range(3000 // n_threads):
             try:
                 model.forward(x)
-                seed = model._state[-1]      # our pending step's seed: no one else can change it
+                seed = model._state.seed     # our pending step's seed: no one else can change it
                 outcomes.append((seed, model.backward(g)))
             except ckpt.CheckpointStateError:
                 outcomes.append(None)
@@ -265,7 +265,7 @@ def test_schedule_caches_stay_bounded_across_batch_sizes():
     for rows in range(1, 60):
         model.forward(np.ones((rows, 8)))
         model.backward(np.ones((rows, 8)))
-    assert len(model._schedules) <= model._CACHED_SCHEDULES
+    assert len(model._policy._cache) <= model._policy.CACHED_SCHEDULES
 
 
 def test_check_inputs_detects_an_input_edited_between_forward_and_backward():

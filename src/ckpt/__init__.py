@@ -10,7 +10,7 @@ from ckpt._core import get_num_threads, set_num_threads, simd_variant
 from ckpt.checkpoint import CheckpointedLayer, CheckpointStateError, SegmentCheckpointer
 from ckpt.io import ModelFileError, load, load_model, save
 from ckpt.costs import ChainCosts, ElementCost
-from ckpt.layers import Dense, Dropout, Layer, LayerNorm, Residual
+from ckpt.elements import Activation, BatchNorm, Dense, Dropout, Layer, LayerNorm, Residual
 from ckpt.losses import mse_loss, softmax_cross_entropy
 from ckpt.optim import SGD, Adam, AdamW
 from ckpt.threads import get_threading_mode, threading_mode
@@ -37,8 +37,10 @@ _apply_default_num_threads()
 
 __all__ = [
     "SGD",
+    "Activation",
     "Adam",
     "AdamW",
+    "BatchNorm",
     "CheckpointStateError",
     "ChainCosts",
     "CheckpointedLayer",

@@ -1,6 +1,6 @@
 # The chain executor (included into _core.pyx): runs a compiled checkpointing schedule over a
-# chain of elements -- Dense, LayerNorm, Dropout, Residual blocks -- one compiled call per phase,
-# GIL released, dispatching on each element's kind.
+# chain of elements, one compiled call per phase, GIL released, calling each element's kind
+# through the kind table (each kind's .pxi, included after this file, registers itself).
 #
 # Python (ckpt.executor) builds the element table from the layers' descriptions (ckpt.costs):
 # every size here -- tapes, scratch, widths -- is the description's, checked once at
@@ -52,19 +52,11 @@ cdef enum:
 
 OP_CODES = {"forward": OP_FORWARD, "backward": OP_BACKWARD, "free": OP_FREE}
 
-cdef enum:
-    KIND_DENSE = 0
-    KIND_LAYERNORM = 1
-    KIND_DROPOUT = 2
-    KIND_RESIDUAL = 3
-    KIND_COUNT = 4    # sentinel: kinds are 0 .. KIND_COUNT - 1
-
-ELEMENT_KINDS = {"dense": KIND_DENSE, "layernorm": KIND_LAYERNORM, "dropout": KIND_DROPOUT,
-                 "residual": KIND_RESIDUAL}
-
-# Columns of the integer element table built by ckpt.executor.
+# Columns of the integer element table built by ckpt.executor (read by name, once, in
+# Chain.__cinit__).
 ELEMENT_COLUMNS = ("kind", "act", "n_in", "n_out", "param", "body", "body_len", "tape",
-                   "forward_scratch", "backward_scratch", "inner_width", "stream")
+                   "forward_scratch", "backward_scratch", "inner_width", "stream",
+                   "reads_output", "needs_preactivation")
 # Columns of the real-valued table.
 ELEMENT_REALS = ("alpha", "eps", "p")
 
@@ -78,9 +70,11 @@ cdef struct Element:
     uint64_t stream         # Dropout stream id (its rank among the chain's Dropout layers)
     uint64_t threshold      # Dropout: floor(p * 2^32)
     Py_ssize_t param        # first parameter in the chain's flat list (W or gamma), -1: none
-    Py_ssize_t body, body_len   # Residual: its body, elements body .. body + body_len - 1
+    Py_ssize_t body, body_len   # a block (Residual): its body, elements body .. body + body_len - 1
     Py_ssize_t tape, fwd_scratch, bwd_scratch   # per batch row, in elements
     Py_ssize_t inner_width  # Residual: each of its ping-pong buffers, per row
+    bint reads_output       # its backward reads its output (ElementCost.reads_output)
+    bint needs_preact       # Dense: its activation's derivative needs the pre-activation
 
 
 # What one step's phases share: rows, dropout key, mode and parameter tables.
@@ -142,146 +136,85 @@ cdef int _compare_spans(const void *a, const void *b) noexcept nogil:
     return -1 if x.start < y.start else (1 if x.start > y.start else 0)
 
 
-cdef inline Py_ssize_t _pingpong(const Element *e) noexcept nogil:
-    """Ping-pong buffers a Residual body of k elements needs: min(k - 1, 2)."""
-    return e.body_len - 1 if e.body_len < 3 else 2
+# --------------------------------------------------------------------------------------------
+# The kind table: what the executor calls for each element kind. Each kind's .pxi (included
+# after this file) fills in its entry with _register_kind; its code is its place in the table.
+# --------------------------------------------------------------------------------------------
+
+ctypedef void (*forward_f)(const Element *table, const Element *e, Step *s, const float *x,
+                           float *y, float *scratch, float *tape) noexcept nogil
+ctypedef void (*forward_d)(const Element *table, const Element *e, Step *s, const double *x,
+                           double *y, double *scratch, double *tape) noexcept nogil
+ctypedef void (*backward_f)(const Element *table, const Element *e, Step *s, const float *x,
+                            const float *y, float *d, const float *g, float *gx,
+                            float *scratch, float *tape) noexcept nogil
+ctypedef void (*backward_d)(const Element *table, const Element *e, Step *s, const double *x,
+                            const double *y, double *d, const double *g, double *gx,
+                            double *scratch, double *tape) noexcept nogil
+# Checks an element's row against what its kernels need (with the GIL; sizes are the chain's
+# parameter sizes).
+ctypedef int (*check_fn)(const Element *table, const Element *e, Py_ssize_t index,
+                         const Py_ssize_t *sizes, Py_ssize_t n_params) except -1
+
+cdef struct KindOps:
+    forward_f forward_f
+    forward_d forward_d
+    backward_f backward_f
+    backward_d backward_d
+    check_fn check
+    bint has_body           # a block: its body is a range of later rows, its tape its internals
+    bint is_gemm            # its forward is one n_in x n_out GEMM (the thread policy sizes by it)
 
 
-cdef inline bint _tapes_last(const Element *table, const Element *e) noexcept nogil:
-    """Whether a Residual keeps (and rebuilds) its last body element's output: only when that
-    element's backward reads it (Dense with an activation; GELU uses it as scratch) or it has
-    internals (a Residual). Otherwise it goes straight into y. (ckpt.costs.residual_tapes_last)"""
-    cdef const Element *last = table + e.body + e.body_len - 1
-    return (last.kind == KIND_DENSE and last.act != ACT_IDENTITY) or last.kind == KIND_RESIDUAL
+DEF MAX_KINDS = 32
+cdef KindOps _KIND_OPS[MAX_KINDS]
+cdef int _n_kinds = 0
+ELEMENT_KINDS = {}      # kind name -> code, in registration order
 
 
-cdef void _forward(const Element *table, const Element *e, Step *s, const floating *x,
-                   floating *y, floating *scratch, floating *tape) noexcept nogil:
+cdef int _register_kind(str name, KindOps ops) except -1:
+    global _n_kinds
+    if _n_kinds == MAX_KINDS:
+        raise RuntimeError(f"the executor's kind table is full ({MAX_KINDS} kinds)")
+    _KIND_OPS[_n_kinds] = ops
+    ELEMENT_KINDS[name] = _n_kinds
+    _n_kinds += 1
+    return _n_kinds - 1
+
+
+cdef int _check_param_size(const Element *e, Py_ssize_t j, Py_ssize_t expected, Py_ssize_t index,
+                           const Py_ssize_t *sizes, Py_ssize_t n_params) except -1:
+    """Parameter j of element ``index`` exists in the chain's list and has ``expected`` values."""
+    if e.param < 0 or e.param + j >= n_params:
+        raise ValueError(f"element {index}: parameter {e.param + j} is not in the "
+                         f"{n_params} parameters")
+    if sizes[e.param + j] != expected:
+        raise ValueError(f"element {index}: parameter {j} has {sizes[e.param + j]} "
+                         f"values, expected {expected}")
+    return 0
+
+
+cdef inline void _forward(const Element *table, const Element *e, Step *s, const floating *x,
+                          floating *y, floating *scratch, floating *tape) noexcept nogil:
     """y = element(x). scratch holds e.fwd_scratch elements per row; tape, if not NULL,
     receives the element's internals (e.tape per row) for its backward."""
-    cdef Py_ssize_t m = s.m
-    if e.kind == KIND_DENSE:
-        dense_forward_ptr(x, <floating *>s.params[e.param], <floating *>s.params[e.param + 1],
-                          y, m, e.n_in, e.n_out, e.act, <floating>e.alpha)
-    elif e.kind == KIND_LAYERNORM:
-        layernorm_forward_ptr(x, <floating *>s.params[e.param],
-                              <floating *>s.params[e.param + 1], y, m, e.n_in, e.eps)
-    elif e.kind == KIND_DROPOUT:
-        if s.training and e.p > 0:
-            dropout_ptr(x, y, m, e.n_in, ckpt_dropout_key(s.seed, e.stream), s.row0,
-                        e.threshold, <floating>(1.0 / (1.0 - e.p)))
-        elif m:
-            memcpy(y, x, m * e.n_in * sizeof(floating))
+    if floating is float:
+        _KIND_OPS[e.kind].forward_f(table, e, s, x, y, scratch, tape)
     else:
-        _residual_forward(table, e, s, x, y, scratch, tape)
+        _KIND_OPS[e.kind].forward_d(table, e, s, x, y, scratch, tape)
 
 
-cdef void _residual_forward(const Element *table, const Element *e, Step *s,
-                            const floating *x, floating *y, floating *scratch,
-                            floating *tape) noexcept nogil:
-    """y = x + f(x). With a tape, each body output t_j and its own tape are laid out in order
-    (y may then be NULL: only the internals are wanted); without, the body ping-pongs between
-    two buffers and its last output goes straight to y."""
-    cdef Py_ssize_t m = s.m, j, k = e.body_len, i, size = m * e.n_out
-    cdef const Element *b
-    cdef const floating *src = x
-    cdef floating *dst
-    cdef floating *nested = scratch + m * e.inner_width * _pingpong(e)
-    cdef floating *place = tape
-    cdef bint last_taped = _tapes_last(table, e)
-    for j in range(k):
-        b = table + e.body + j
-        if tape != NULL and (j < k - 1 or last_taped):
-            dst = place
-            _forward(table, b, s, src, dst, scratch, place + m * b.n_out if b.tape else NULL)
-            place += m * (b.n_out + b.tape)
-        elif tape != NULL and y == NULL:
-            return      # rebuilding the internals: the last output is not one of them
-        else:
-            dst = y if j == k - 1 else scratch + m * e.inner_width * (j % 2)
-            _forward(table, b, s, src, dst, scratch if tape != NULL else nested, NULL)
-        src = dst
-    if tape == NULL or not last_taped:
-        for i in range(size):
-            y[i] += x[i]
-    elif y != NULL:     # NULL when a backward only rebuilds the internals
-        for i in range(size):
-            y[i] = x[i] + src[i]
-
-
-cdef void _backward(const Element *table, const Element *e, Step *s, const floating *x,
-                    const floating *y, floating *d, const floating *g, floating *gx,
-                    floating *scratch, floating *tape) noexcept nogil:
+cdef inline void _backward(const Element *table, const Element *e, Step *s, const floating *x,
+                           const floating *y, floating *d, const floating *g, floating *gx,
+                           floating *scratch, floating *tape) noexcept nogil:
     """Accumulate (with s.overwrite: set) the element's parameter gradients and write its input
     gradient to gx (NULL: not wanted). y is its output, d a writable m x n_out buffer that may
     alias y (both dead after). tape holds its internals if kept, else NULL and scratch has room
     for them."""
-    cdef Py_ssize_t m = s.m
-    cdef const floating *v = y
-    if e.kind == KIND_DENSE:
-        if e.act == ACT_GELU:   # its derivative needs the pre-activation: recompute it in d
-            dense_preactivation_ptr(x, <floating *>s.params[e.param],
-                                    <floating *>s.params[e.param + 1], d, m, e.n_in, e.n_out)
-            v = d
-        dense_backward_ptr(x, <floating *>s.params[e.param], g, v, d,
-                           <floating *>s.grads[e.param], <floating *>s.grads[e.param + 1], gx,
-                           m, e.n_in, e.n_out, e.act, <floating>e.alpha, s.overwrite)
-    elif e.kind == KIND_LAYERNORM:
-        layernorm_backward_ptr(x, <floating *>s.params[e.param], g, gx,
-                               <floating *>s.grads[e.param], <floating *>s.grads[e.param + 1],
-                               m, e.n_in, e.eps, s.overwrite)
-    elif e.kind == KIND_DROPOUT:
-        if gx == NULL:
-            return
-        if s.training and e.p > 0:
-            dropout_ptr(g, gx, m, e.n_in, ckpt_dropout_key(s.seed, e.stream), s.row0,
-                        e.threshold, <floating>(1.0 / (1.0 - e.p)))
-        elif m:
-            memcpy(gx, g, m * e.n_in * sizeof(floating))
+    if floating is float:
+        _KIND_OPS[e.kind].backward_f(table, e, s, x, y, d, g, gx, scratch, tape)
     else:
-        _residual_backward(table, e, s, x, g, gx, scratch, tape)
-
-
-cdef void _residual_backward(const Element *table, const Element *e, Step *s,
-                             const floating *x, const floating *g, floating *gx,
-                             floating *scratch, floating *tape) noexcept nogil:
-    """Back-propagate y = x + f(x): rebuild f's internals (unless taped), run f's backward
-    through ping-pong gradient buffers, then add the skip path's gradient g."""
-    cdef Py_ssize_t m = s.m, j, k = e.body_len, i, size = m * e.n_in
-    cdef const Element *b
-    cdef floating *rest = scratch
-    cdef floating *place
-    cdef floating *dst
-    cdef const floating *src
-    cdef const floating *grad = g
-    cdef floating *buffers
-    cdef floating *nested
-    cdef floating *out
-    cdef bint last_taped
-    if tape == NULL and e.tape:     # recompute the internals into the front of the scratch
-        tape = scratch
-        rest = scratch + m * e.tape
-        _residual_forward(table, e, s, x, NULL, rest, tape)
-    buffers = rest
-    nested = rest + m * e.inner_width * _pingpong(e)
-    place = tape + m * e.tape   # body j's output and tape sit just below body j + 1's
-    last_taped = _tapes_last(table, e)
-    for j in range(k - 1, -1, -1):
-        b = table + e.body + j
-        if j < k - 1 or last_taped:
-            place -= m * (b.n_out + b.tape)
-            out = place
-        else:
-            out = NULL      # its backward reads neither its output nor a buffer of its size
-        src = x if j == 0 else place - m * (table[e.body + j - 1].n_out
-                                            + table[e.body + j - 1].tape)
-        dst = gx if j == 0 else buffers + m * e.inner_width * ((k - 1 - j) % 2)
-        _backward(table, b, s, src, out, out, grad, dst, nested,
-                  place + m * b.n_out if out != NULL and b.tape else NULL)
-        grad = dst
-    if gx != NULL:
-        for i in range(size):
-            gx[i] += g[i]
+        _KIND_OPS[e.kind].backward_d(table, e, s, x, y, d, g, gx, scratch, tape)
 
 
 cdef class Chain:
@@ -306,7 +239,7 @@ cdef class Chain:
     cdef void **grads
     cdef Py_ssize_t *sizes
     cdef readonly Py_ssize_t parameter_size   # values in all parameters together
-    cdef readonly Py_ssize_t max_dense_product  # largest n_in * n_out of a Dense element
+    cdef readonly Py_ssize_t max_dense_product  # largest n_in * n_out of a GEMM element (Dense)
     # Per slice (capacity max_slices): a[i], where activation i lives this step (NULL when not
     # held), and tapes[i], the internals kept beside it.
     cdef Slice *slices
@@ -324,6 +257,7 @@ cdef class Chain:
     def __cinit__(self, const int64_t[:, ::1] ints, const double[:, ::1] reals,
                   Py_ssize_t n_elements, list params, list grads):
         cdef Py_ssize_t n = ints.shape[0], i
+        cdef Element *e
         if ints.shape[1] != len(ELEMENT_COLUMNS) or reals.shape[1] != len(ELEMENT_REALS):
             raise ValueError(f"the element table needs {len(ELEMENT_COLUMNS)} integer and "
                              f"{len(ELEMENT_REALS)} real columns")
@@ -343,23 +277,28 @@ cdef class Chain:
         self.n_table = n
         self.n_elements = n_elements
         self.n_params = len(params)
+        col = {name: j for j, name in enumerate(ELEMENT_COLUMNS)}
+        real = {name: j for j, name in enumerate(ELEMENT_REALS)}
         for i in range(n):
-            self.table[i].kind = <int>ints[i, 0]
-            self.table[i].act = <int>ints[i, 1]
-            self.table[i].n_in = ints[i, 2]
-            self.table[i].n_out = ints[i, 3]
-            self.table[i].param = ints[i, 4]
-            self.table[i].body = ints[i, 5]
-            self.table[i].body_len = ints[i, 6]
-            self.table[i].tape = ints[i, 7]
-            self.table[i].fwd_scratch = ints[i, 8]
-            self.table[i].bwd_scratch = ints[i, 9]
-            self.table[i].inner_width = ints[i, 10]
-            self.table[i].stream = <uint64_t>ints[i, 11]
-            self.table[i].alpha = reals[i, 0]
-            self.table[i].eps = reals[i, 1]
-            self.table[i].p = reals[i, 2]
-            self.table[i].threshold = dropout_threshold(reals[i, 2]) if 0 <= reals[i, 2] < 1 else 0
+            e = &self.table[i]
+            e.kind = <int>ints[i, col["kind"]]
+            e.act = <int>ints[i, col["act"]]
+            e.n_in = ints[i, col["n_in"]]
+            e.n_out = ints[i, col["n_out"]]
+            e.param = ints[i, col["param"]]
+            e.body = ints[i, col["body"]]
+            e.body_len = ints[i, col["body_len"]]
+            e.tape = ints[i, col["tape"]]
+            e.fwd_scratch = ints[i, col["forward_scratch"]]
+            e.bwd_scratch = ints[i, col["backward_scratch"]]
+            e.inner_width = ints[i, col["inner_width"]]
+            e.stream = <uint64_t>ints[i, col["stream"]]
+            e.reads_output = ints[i, col["reads_output"]] != 0
+            e.needs_preact = ints[i, col["needs_preactivation"]] != 0
+            e.alpha = reals[i, real["alpha"]]
+            e.eps = reals[i, real["eps"]]
+            e.p = reals[i, real["p"]]
+            e.threshold = dropout_threshold(e.p) if 0 <= e.p < 1 else 0
         self._check_params(params, grads)
         self._check_table()
         self.max_width = self.table[0].n_in
@@ -367,7 +306,7 @@ cdef class Chain:
             self.max_width = max(self.max_width, self.table[i].n_out)
         self.max_dense_product = 0
         for i in range(n):
-            if self.table[i].kind == KIND_DENSE:
+            if _KIND_OPS[self.table[i].kind].is_gemm:
                 self.max_dense_product = max(self.max_dense_product,
                                              self.table[i].n_in * self.table[i].n_out)
         self.parameter_size = 0
@@ -474,24 +413,16 @@ cdef class Chain:
         PyMem_Free(spans)
         return overlap
 
-    cdef Py_ssize_t _param_size(self, const Element *e, Py_ssize_t j, Py_ssize_t expected,
-                                Py_ssize_t index) except -1:
-        if e.param < 0 or e.param + j >= self.n_params:
-            raise ValueError(f"element {index}: parameter {e.param + j} is not in the "
-                             f"{self.n_params} parameters")
-        if self.sizes[e.param + j] != expected:
-            raise ValueError(f"element {index}: parameter {j} has {self.sizes[e.param + j]} "
-                             f"values, expected {expected}")
-        return 0
-
     cdef int _check_table(self) except -1:
-        cdef Py_ssize_t i, j, fwd, bwd, tape, width
+        """Every row against what the executor and its kind's kernels need: widths that
+        connect, bodies that are ranges after their block (each row in at most one body),
+        then the kind's own check."""
+        cdef Py_ssize_t i, j
         cdef Element *e
-        cdef Element *b
         owner = [-1] * self.n_table
         for i in range(self.n_table):
             e = &self.table[i]
-            if not 0 <= e.kind < KIND_COUNT:
+            if not 0 <= e.kind < _n_kinds:
                 raise ValueError(f"element {i}: unknown kind {e.kind}")
             if e.n_in <= 0 or e.n_out <= 0:
                 raise ValueError(f"element {i}: widths must be positive, got {e.n_in} -> {e.n_out}")
@@ -502,52 +433,18 @@ cdef class Chain:
                                  f"features, but element {i} produces {e.n_out}")
             if e.tape < 0 or e.fwd_scratch < 0 or e.bwd_scratch < 0:
                 raise ValueError(f"element {i}: negative tape or scratch")
-            if e.kind == KIND_DENSE:
-                _check_act(e.act, e.alpha)
-                self._param_size(e, 0, e.n_in * e.n_out, i)
-                self._param_size(e, 1, e.n_out, i)
-            elif e.n_in != e.n_out:
-                raise ValueError(f"element {i}: a width-preserving element maps {e.n_in} to "
-                                 f"{e.n_out} features")
-            if e.kind == KIND_LAYERNORM:
-                if not e.eps > 0:
-                    raise ValueError(f"element {i}: eps must be positive, got {e.eps}")
-                self._param_size(e, 0, e.n_in, i)
-                self._param_size(e, 1, e.n_in, i)
-            if e.kind == KIND_DROPOUT:
-                _check_dropout(e.p)
-            if e.kind != KIND_RESIDUAL:
+            if not _KIND_OPS[e.kind].has_body:
                 if e.tape != 0:
                     raise ValueError(f"element {i}: only Residual blocks have a tape")
-                continue
-            if e.body <= i or e.body_len < 1 or e.body + e.body_len > self.n_table:
-                raise ValueError(f"element {i}: body {e.body}..{e.body + e.body_len - 1} is "
-                                 f"not a range after it in the table of {self.n_table}")
-            fwd = bwd = tape = width = 0
-            for j in range(e.body_len):
-                b = &self.table[e.body + j]
-                if owner[e.body + j] >= 0:
-                    raise ValueError(f"element {e.body + j} is in two bodies")
-                owner[e.body + j] = i
-                if b.n_in != (e.n_in if j == 0 else self.table[e.body + j - 1].n_out):
-                    raise ValueError(f"element {i}: body element {j} expects {b.n_in} input "
-                                     f"features, which its input does not have")
-                width = max(width, b.n_out)
-                if j < e.body_len - 1 or _tapes_last(self.table, e):
-                    tape += b.n_out + b.tape
-                fwd = max(fwd, b.fwd_scratch)
-                bwd = max(bwd, b.bwd_scratch)
-            if self.table[e.body + e.body_len - 1].n_out != e.n_out:
-                raise ValueError(f"element {i}: the body ends with "
-                                 f"{self.table[e.body + e.body_len - 1].n_out} features, the "
-                                 f"block's output has {e.n_out}")
-            if e.inner_width < width or e.tape != tape:
-                raise ValueError(f"element {i}: inner width {e.inner_width} / tape {e.tape} "
-                                 f"do not fit the body (needs >= {width} / == {tape})")
-            if (e.fwd_scratch < _pingpong(e) * e.inner_width + fwd
-                    or e.bwd_scratch < max(fwd, _pingpong(e) * e.inner_width + bwd)):
-                raise ValueError(f"element {i}: declared scratch {e.fwd_scratch} / "
-                                 f"{e.bwd_scratch} is less than the body needs")
+            else:
+                if e.body <= i or e.body_len < 1 or e.body + e.body_len > self.n_table:
+                    raise ValueError(f"element {i}: body {e.body}..{e.body + e.body_len - 1} is "
+                                     f"not a range after it in the table of {self.n_table}")
+                for j in range(e.body, e.body + e.body_len):
+                    if owner[j] >= 0:
+                        raise ValueError(f"element {j} is in two bodies")
+                    owner[j] = i
+            _KIND_OPS[e.kind].check(self.table, e, i, self.sizes, self.n_params)
         for i in range(self.n_elements):
             if owner[i] >= 0:
                 raise ValueError(f"chain element {i} is also in a body")

@@ -29,7 +29,8 @@
 #define CKPT_SIMD_X86 0
 #endif
 
-/* Activation codes: ckpt._core.ACTIVATION_CODES maps the names to them. */
+/* Activation codes; ckpt.activations (the activation table) reads their names from
+ * ckpt_act_name, and a test checks that the two agree. */
 enum {
     CKPT_ACT_IDENTITY = 0,
     CKPT_ACT_RELU = 1,
@@ -38,8 +39,16 @@ enum {
     CKPT_ACT_SIGMOID = 4,
     CKPT_ACT_GELU = 5,
     CKPT_ACT_SOFTPLUS = 6,
-    CKPT_ACT_COUNT = 7      /* sentinel: codes are 0 .. CKPT_ACT_COUNT - 1 */
+    CKPT_ACT_SILU = 7,
+    CKPT_ACT_COUNT = 8      /* sentinel: codes are 0 .. CKPT_ACT_COUNT - 1 */
 };
+
+/* The name of an activation code (NULL outside 0 .. CKPT_ACT_COUNT - 1). */
+static inline const char *ckpt_act_name(int act) {
+    static const char *const names[CKPT_ACT_COUNT] = {
+        "identity", "relu", "leaky_relu", "tanh", "sigmoid", "gelu", "softplus", "silu"};
+    return act >= 0 && act < CKPT_ACT_COUNT ? names[act] : NULL;
+}
 
 enum {
     CKPT_SIMD_BASELINE = 0,

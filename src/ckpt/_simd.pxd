@@ -6,14 +6,10 @@ from libc.stdint cimport int64_t, uint64_t
 cdef extern from "_simd.h" nogil:
     cdef enum:
         ACT_IDENTITY "CKPT_ACT_IDENTITY"
-        ACT_RELU "CKPT_ACT_RELU"
-        ACT_LEAKY_RELU "CKPT_ACT_LEAKY_RELU"
-        ACT_TANH "CKPT_ACT_TANH"
-        ACT_SIGMOID "CKPT_ACT_SIGMOID"
-        ACT_GELU "CKPT_ACT_GELU"
-        ACT_SOFTPLUS "CKPT_ACT_SOFTPLUS"
         ACT_COUNT "CKPT_ACT_COUNT"
         SIMD_COUNT "CKPT_SIMD_COUNT"
+
+    const char *ckpt_act_name(int act)
 
     ctypedef struct ckpt_simd_table:
         void (*bias_activate_f)(float *y, const float *b, Py_ssize_t m, Py_ssize_t n, int act,

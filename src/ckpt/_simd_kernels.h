@@ -41,13 +41,20 @@ static inline CKPT_REAL CKPT_FN(ckpt_activate)(CKPT_REAL z, int act, CKPT_REAL a
         return (CKPT_REAL)(0.5 * z * (1.0 + erf(z * CKPT_SQRT1_2)));
     case CKPT_ACT_SOFTPLUS:     /* max(z, 0) + log1p(e^-|z|), stable for any z */
         return (CKPT_REAL)((z > 0 ? z : 0) + log1p(exp(-fabs(z))));
+    case CKPT_ACT_SILU:         /* z sigmoid(z), the sigmoid's two branches */
+        if (z >= 0)
+            return (CKPT_REAL)(z / (1.0 + exp(-z)));
+        e = exp(z);
+        return (CKPT_REAL)(z * e / (1.0 + e));
     default:
         return z;
     }
 }
 
-/* act'(z), from v = act(z) (the output), or from v = z for GELU */
+/* act'(z), from v = act(z) (the output), or from v = z for the activations that need their
+ * pre-activation (GELU, SiLU) */
 static inline CKPT_REAL CKPT_FN(ckpt_derivative)(CKPT_REAL v, int act, CKPT_REAL alpha) {
+    double s, e;
     switch (act) {
     case CKPT_ACT_RELU:
         return v > 0 ? 1 : 0;
@@ -62,6 +69,14 @@ static inline CKPT_REAL CKPT_FN(ckpt_derivative)(CKPT_REAL v, int act, CKPT_REAL
                            + v * CKPT_INV_SQRT_2PI * exp(-0.5 * v * v));
     case CKPT_ACT_SOFTPLUS:     /* sigmoid(z) = 1 - e^-y; expm1 keeps it accurate for tiny y */
         return (CKPT_REAL)(-expm1(-v));
+    case CKPT_ACT_SILU:         /* s (1 + z (1 - s)), s = sigmoid(z) */
+        if (v >= 0) {
+            s = 1.0 / (1.0 + exp(-v));
+        } else {
+            e = exp(v);
+            s = e / (1.0 + e);
+        }
+        return (CKPT_REAL)(s * (1.0 + v * (1.0 - s)));
     default:
         return 1;
     }

@@ -6,20 +6,20 @@ per layer); and the tracker's figures go down again when memory is released.
 """
 from __future__ import annotations
 
-import math
 import numbers
 import threading
 import zlib
-from collections import OrderedDict
 from typing import Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 
 from ckpt.costs import ChainCosts, ElementCost, describe_chain
 from ckpt.executor import build_chain
-from ckpt.layers import (Layer, Step, _as_generator, _check_learning_rate, as_batch,
-                         dropout_streams, new_step, walk)
-from ckpt.schedule import KEEP_AUTO, CompiledSchedule, compile_schedule, uniform_ops
+from ckpt.elements import Layer, Step, dropout_streams, new_step, walk
+from ckpt.elements._checks import _as_generator, _check_learning_rate, as_batch
+from ckpt.policy import SchedulePolicy
+from ckpt.runners import CompiledRunner, PythonRunner
+from ckpt.schedule import CompiledSchedule
 from ckpt.threads import check_mode, choose_slices, get_threading_mode
 from ckpt.tracker import MemoryUsageTracker
 
@@ -171,16 +171,6 @@ class CheckpointedLayer(Layer):
         raise AttributeError(name)
 
 
-def _check_interval(checkpoint_every: object) -> int:
-    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, numbers.Integral):
-        raise TypeError(f"checkpoint_every must be a non-negative integer, "
-                        f"got {type(checkpoint_every).__name__} {checkpoint_every!r}")
-    if checkpoint_every < 0:
-        raise ValueError(f"checkpoint_every must be >= 0 (0 keeps only the input), "
-                         f"got {checkpoint_every}")
-    return int(checkpoint_every)
-
-
 class SegmentCheckpointer:
     """Runs a chain of layers keeping only some activations, recomputing the rest in backward.
 
@@ -227,8 +217,6 @@ class SegmentCheckpointer:
     bytes (:meth:`gradient_workspace_bytes`, the tracker).
     """
 
-    _CACHED_SCHEDULES = 8   # batch sizes whose compiled schedules are kept (least recent out)
-
     def __init__(self, layers: Iterable[Layer] = (), checkpoint_every: Optional[int] = None, *,
                  tracker: Optional[MemoryUsageTracker] = None, plan=None,
                  budget_bytes: Optional[int] = None,
@@ -237,24 +225,7 @@ class SegmentCheckpointer:
         if layers is None or isinstance(layers, (Layer, str, bytes)) \
                 or not isinstance(layers, Iterable):
             raise TypeError(f"layers must be a list of ckpt Layers, got {type(layers).__name__}")
-        given = [name for name, value in (("checkpoint_every", checkpoint_every), ("plan", plan),
-                                          ("budget_bytes", budget_bytes)) if value is not None]
-        if len(given) > 1:
-            raise ValueError(f"give at most one of checkpoint_every, plan and budget_bytes, "
-                             f"got {' and '.join(given)}")
-        self._checkpoint_every = None if checkpoint_every is None else _check_interval(checkpoint_every)
-        self._plan = plan
-        self._budget = None
-        if budget_bytes is not None:
-            from ckpt.units import parse_size
-            try:
-                self._budget = (parse_size(budget_bytes) if isinstance(budget_bytes, str)
-                                else budget_bytes)
-            except ValueError as exc:
-                raise ValueError(f"budget_bytes: {exc}") from None
-            if isinstance(self._budget, bool) or not isinstance(self._budget, numbers.Integral) \
-                    or self._budget <= 0:
-                raise ValueError(f"budget_bytes must be a positive integer, got {budget_bytes!r}")
+        self._policy = SchedulePolicy(checkpoint_every, plan, budget_bytes)
         self.memory_tracker = _check_tracker(tracker)
         if not isinstance(check_inputs, (bool, np.bool_)):
             raise TypeError(f"check_inputs must be a bool, got {type(check_inputs).__name__}")
@@ -271,15 +242,14 @@ class SegmentCheckpointer:
         if plan is not None:
             self._check_plan(plan)
         self._training = True
-        self._state = None
-        self._grad_buffers: Optional[np.ndarray] = None
+        self._state = None      # the pending step (a runner's CompiledStep or PythonStep)
 
     # ---------------------------------------------------------------- the chain
     def _invalidate(self) -> None:
         self._costs: object = _UNKNOWN
-        self._chain = _UNKNOWN
+        self._runner_cache = _UNKNOWN
         self._streams = _UNKNOWN
-        self._schedules: "OrderedDict" = OrderedDict()
+        self._policy.invalidate()
 
     def _append(self, layer: Layer) -> None:
         index = len(self._layers)
@@ -307,7 +277,7 @@ class SegmentCheckpointer:
             self._check_owner()
             if self._state is not None:
                 raise CheckpointStateError("cannot add a layer between forward and backward")
-            if self._plan is not None:
+            if self._policy.plan is not None:
                 raise ValueError("cannot add a layer to a checkpointer that runs a fixed plan")
             self._append(layer)
 
@@ -321,19 +291,15 @@ class SegmentCheckpointer:
     @property
     def checkpoint_every(self) -> Optional[int]:
         """The segment length k (None when a plan or a budget decides)."""
-        if self._plan is not None or self._budget is not None:
-            return None
-        if self._checkpoint_every is not None:
-            return self._checkpoint_every
-        return max(1, math.isqrt(len(self._layers)))
+        return self._policy.checkpoint_every(len(self._layers))
 
     @property
     def plan(self):
-        return self._plan
+        return self._policy.plan
 
     @property
     def budget_bytes(self) -> Optional[int]:
-        return self._budget
+        return self._policy.budget
 
     @property
     def costs(self) -> Optional[ChainCosts]:
@@ -355,7 +321,7 @@ class SegmentCheckpointer:
     @property
     def executor(self) -> str:
         """"compiled" when the chain runs in the compiled executor, else "python"."""
-        return "compiled" if self._typed_chain() is not None else "python"
+        return self._runner().name
 
     def _check_plan(self, plan) -> None:
         if not (hasattr(plan, "widths") and hasattr(plan, "ops")):
@@ -371,19 +337,26 @@ class SegmentCheckpointer:
                              "of memory than these layers (plan from the layers themselves)")
 
     def _dropout_streams(self) -> dict:
-        """Stream ids of the chain's Dropout layers (ckpt.layers.dropout_streams), cached."""
+        """Stream ids of the chain's Dropout layers (ckpt.elements.dropout_streams), cached."""
         if self._streams is _UNKNOWN:
             self._streams = dropout_streams(self._layers)
         return self._streams
 
-    def _typed_chain(self):
-        """The compiled executor of the chain, built once (None for the Python path)."""
-        if self._chain is _UNKNOWN:
-            costs = self.costs
-            self._chain = None
+    def _runner(self):
+        """The runner of this chain's steps, built once: the compiled executor when it can run
+        the chain (ckpt's own kinds, one dtype), else the layers' Python methods."""
+        if self._runner_cache is _UNKNOWN:
+            costs, chain = self.costs, None
             if costs is not None and self.dtype is not None:
-                self._chain = build_chain(self._layers, costs)
-        return self._chain
+                chain = build_chain(self._layers, costs)
+            self._runner_cache = (CompiledRunner(chain, costs) if chain is not None
+                                  else PythonRunner(self._layers, costs, self.dtype))
+        return self._runner_cache
+
+    def _typed_chain(self):
+        """The compiled executor of the chain (None for the Python path)."""
+        runner = self._runner()
+        return runner.chain if isinstance(runner, CompiledRunner) else None
 
     @property
     def threads_mode(self) -> Optional[str]:
@@ -404,44 +377,19 @@ class SegmentCheckpointer:
         """The compiled schedule used for a batch size (budgets are planned per batch size and
         number of batch slices, whose gradient copies come out of the budget)."""
         batch_size = _check_batch_size(batch_size)
-        key = (batch_size, self.slices(batch_size)) if self._budget is not None else None
-        compiled = self._schedules.get(key)
-        if compiled is not None:
-            self._schedules.move_to_end(key)
-            return compiled
-        n = len(self._layers)
-        costs = self.costs if self.costs is not None else _unknown_costs(n)
-        compiled_path = self._typed_chain() is not None
-        if self._plan is not None:
-            ops, keep = self._plan.ops, getattr(self._plan, "keep_internals", False)
-        elif self._budget is not None:
-            chosen = self._plan_for_budget(batch_size)
-            ops, keep = chosen.ops, getattr(chosen, "keep_internals", False)
-        else:
-            # Recomputed segments (and plain backprop's outputs) keep their internals, so their
-            # backward does not rebuild them a second time; checkpoints do not.
-            ops, keep = uniform_ops(n, self.checkpoint_every), KEEP_AUTO
-        # Only the compiled executor keeps internals; a layer's own backward recomputes them.
-        compiled = compile_schedule(ops, costs, keep if compiled_path else False)
-        self._schedules[key] = compiled
-        if len(self._schedules) > self._CACHED_SCHEDULES:
-            self._schedules.popitem(last=False)
-        return compiled
+        if self._policy.budget is not None and (self.costs is None or self.dtype is None):
+            raise ValueError("budget_bytes needs layers that describe their costs and a dtype "
+                             "(ckpt's own layers do)")
+        costs = self.costs if self.costs is not None else _unknown_costs(len(self._layers))
+        slices = self.slices(batch_size)
+        return self._policy.compiled(costs, batch_size, slices, self.dtype,
+                                     isinstance(self._runner(), CompiledRunner),
+                                     lambda: self.gradient_workspace_bytes(batch_size, slices))
 
     def _plan_for_budget(self, batch_size: int):
         """The least-recomputation plan whose activations and gradient buffers fit the budget."""
-        from ckpt.plan import plan as make_plan
-        from ckpt.units import format_size
-        if self.costs is None or self.dtype is None:
-            raise ValueError("budget_bytes needs layers that describe their costs and a dtype "
-                             "(ckpt's own layers do)")
-        workspace = self.gradient_workspace_bytes(batch_size)
-        try:
-            return make_plan(self.costs, batch_size, max(0, self._budget - workspace),
-                             dtype=self.dtype)
-        except ValueError as exc:
-            raise ValueError(f"budget {format_size(self._budget)} at batch {batch_size}, less "
-                             f"{format_size(workspace)} of gradient buffers: {exc}") from None
+        return self._policy._plan_for_budget(self.costs, batch_size, self.dtype,
+                                             self.gradient_workspace_bytes(batch_size))
 
     def gradient_workspace_bytes(self, batch_size: int, slices: Optional[int] = None) -> int:
         """Bytes of the gradient workspace the compiled executor holds in backward (outside a
@@ -451,10 +399,7 @@ class SegmentCheckpointer:
         batch_size = _check_batch_size(batch_size)
         if slices is None:
             slices = self.slices(batch_size)
-        copies = 0
-        if slices > 1:
-            copies = (slices - 1) * sum(int(g.size) for g in self.gradients())
-        return (2 * batch_size * self.costs.gradient_width() + copies) * self.dtype.itemsize
+        return self.costs.gradient_workspace_bytes(batch_size, slices, self.dtype.itemsize)
 
     # ---------------------------------------------------------------- training
     def _check_owner(self) -> None:
@@ -494,46 +439,30 @@ class SegmentCheckpointer:
     def _forward(self, x: np.ndarray, row_offset: int, step_seed: Optional[int]) -> np.ndarray:
         if not self._layers:
             return x
-        chain = self._typed_chain()
+        runner = self._runner()
         width, dtype = (self.widths[0] if self.widths else None), self.dtype
         if width is not None and dtype is not None:
             x = as_batch(x, width, dtype, "the input", "SegmentCheckpointer")
         elif not isinstance(x, np.ndarray) or x.ndim < 1:
             raise TypeError(f"SegmentCheckpointer: the input must be a numpy array with a batch "
                             f"dimension, got {type(x).__name__}")
-        compiled = self.schedule(x.shape[0])
-        slices = self.slices(x.shape[0]) if chain is not None else 1
+        schedule = self.schedule(x.shape[0])
         streams = self._dropout_streams()
         # A fresh seed keys each training step's Dropout masks (none needed without Dropout).
         if not (streams and self._training):
             seed = 0
         else:
             seed = int(step_seed) if step_seed is not None else self.next_step_seed()
-        if chain is not None:
-            if self._state is not None:  # the executor holds one step's activations at a time
-                self._release()
-            arena = np.empty(compiled.arena_units * x.shape[0], chain.dtype)
-            y = np.empty((x.shape[0], self.widths[-1]), chain.dtype)
-            chain.run_forward(compiled.forward_rows, x, y, arena, self.memory_tracker,
-                              seed, row_offset, self._training, slices)
-            state = ("typed", x, y, arena, compiled.backward_rows, compiled, seed)
+        if isinstance(runner, CompiledRunner):
+            pending = runner.forward(x, schedule, seed, row_offset, self._training,
+                                     self.slices(x.shape[0]), self.memory_tracker,
+                                     self._release_pending)
         else:
-            step = Step(seed, row_offset, streams)
-            acts = {0: x}
-            self.memory_tracker.record_stored_activation(x.nbytes)
-            try:
-                _python_run(self._layers, compiled, compiled.ops[:_forward_length(compiled)],
-                            acts, None, step, self.memory_tracker)
-            except BaseException:
-                # A layer refused: release what this forward held, keep the previous forward.
-                _release_all(acts, self.memory_tracker)
-                raise
-            if self._state is not None:
-                self._release()
-            y = acts[len(self._layers)]
-            state = ("python", acts, compiled, step)
+            pending = runner.forward(x, schedule, Step(seed, row_offset, streams),
+                                     self.memory_tracker, self._release_pending)
+        y = pending.output
         y.flags.writeable = False
-        self._state = state
+        self._state = pending
         self._owner = threading.get_ident()
         if self.check_inputs:
             self._input_checksum = _checksum(x)
@@ -568,56 +497,20 @@ class SegmentCheckpointer:
                   accumulate: bool) -> Optional[np.ndarray]:
         if not self._layers:
             return grad_output if input_grad else None
-        state = self._state
-        if state is None:
+        pending = self._state
+        if pending is None:
             raise CheckpointStateError(
                 "backward needs a forward first: nothing is stored (backward before forward, "
                 "a second backward, or a forward in evaluation mode)")
-        x = state[1] if state[0] == "typed" else state[1][0]
-        if self.check_inputs and _checksum(x) != self._input_checksum:
+        if self.check_inputs and _checksum(pending.input) != self._input_checksum:
             raise CheckpointStateError(
                 "the input was modified in place between forward and backward: the "
                 "recomputation would use the new values (check_inputs=True caught it)")
-        if state[0] == "typed":
-            _, x, y, arena, backward_rows, _, _ = state
-            g = as_batch(grad_output, y.shape[1], y.dtype, "grad_output", "SegmentCheckpointer")
-            if g.shape[0] != y.shape[0]:
-                raise ValueError(f"SegmentCheckpointer: grad_output has {g.shape[0]} rows but the "
-                                 f"output has {y.shape[0]}")
-            grad_input = np.empty_like(x) if input_grad else None
-            self._state = None
-            self._typed_chain().run_backward(backward_rows, g, arena,
-                                             self._gradient_workspace(x.shape[0], x.dtype),
-                                             grad_input, self.memory_tracker, accumulate)
-            return grad_input
-        _, acts, compiled, step = state
-        y = acts[len(self._layers)]
-        if self.dtype is not None and self.widths is not None:
-            grad_output = as_batch(grad_output, self.widths[-1], self.dtype, "grad_output",
-                                   "SegmentCheckpointer")
-        if not isinstance(grad_output, np.ndarray) or grad_output.shape != y.shape:
-            raise ValueError(f"SegmentCheckpointer: grad_output must be an array of the output's "
-                             f"shape {y.shape}, got {getattr(grad_output, 'shape', type(grad_output))}")
+        runner = self._runner()
+        grad_output = runner.check_grad_output(pending, grad_output)  # before the step is used
         self._state = None
-        if not accumulate:
-            for layer in self._layers:
-                layer.zero_grad()
-        try:
-            grad_input = _python_run(self._layers, compiled,
-                                     compiled.ops[_forward_length(compiled):], acts, grad_output,
-                                     step, self.memory_tracker)
-            return grad_input if input_grad else None
-        except BaseException:
-            _release_all(acts, self.memory_tracker)
-            raise
-
-    def _gradient_workspace(self, batch: int, dtype: np.dtype) -> np.ndarray:
-        """Two gradient buffers of the widest activation, kept across steps."""
-        size = 2 * batch * self.costs.gradient_width()
-        buf = self._grad_buffers
-        if buf is None or buf.size < size or buf.dtype != dtype:
-            buf = self._grad_buffers = np.empty(size, dtype)
-        return buf
+        return runner.backward(pending, grad_output, input_grad, accumulate,
+                               self.memory_tracker)
 
     def discard(self) -> None:
         """Drop what a pending forward stored, without back-propagating (no-op if none).
@@ -630,15 +523,14 @@ class SegmentCheckpointer:
             if self._state is not None:
                 self._release()
 
+    def _release_pending(self) -> None:
+        if self._state is not None:
+            self._release()
+
     def _release(self) -> None:
         """Drop what a forward stored without back-propagating (tracker included)."""
-        state, self._state = self._state, None
-        if state[0] == "typed":
-            x, compiled = state[1], state[5]
-            kept = compiled.trace.held_after_forward_units * x.shape[0]
-            self.memory_tracker.release_stored_activation(kept * x.itemsize)
-        else:
-            _release_all(state[1], self.memory_tracker)
+        pending, self._state = self._state, None
+        self._runner().release(pending, self.memory_tracker)
 
     def _held_after_forward(self, batch: int) -> int:
         """Elements the forward phase leaves held (a_0 and a_N included)."""
@@ -646,12 +538,7 @@ class SegmentCheckpointer:
 
     def zero_grad(self) -> None:
         """Set every parameter gradient to zero."""
-        chain = self._typed_chain()
-        if chain is not None:
-            chain.zero_grad()
-            return
-        for layer in self._layers:
-            layer.zero_grad()
+        self._runner().zero_grad()
 
     def update(self, learning_rate: float) -> None:
         """One plain SGD step on every layer (one compiled call for a compiled chain)."""
@@ -663,12 +550,7 @@ class SegmentCheckpointer:
                 raise CheckpointStateError("update between forward and backward would make "
                                            "backward recompute with changed weights; call "
                                            "backward first")
-            chain = self._typed_chain()
-            if chain is not None:
-                chain.sgd_update(lr)
-                return
-            for layer in self._layers:
-                layer.update(lr)
+            self._runner().sgd_update(lr)
 
     def params(self) -> list:
         return [p for layer in self._layers for p in layer.params()]
@@ -701,29 +583,24 @@ class SegmentCheckpointer:
         return self.forward(x)
 
     def __repr__(self) -> str:
-        if self._plan is not None:
-            how = "plan"
-        elif self._budget is not None:
-            how = f"budget_bytes={self._budget}"
-        else:
-            how = f"checkpoint_every={self.checkpoint_every}"
-        return (f"SegmentCheckpointer({len(self._layers)} layers, {how}, "
+        return (f"SegmentCheckpointer({len(self._layers)} layers, "
+                f"{self._policy.describe(len(self._layers))}, "
                 f"parameters={self.parameter_count})")
 
     # ---------------------------------------------------------------- pickling
     # Transient attributes, rebuilt lazily after pickle, copy or deepcopy:
     #   _costs, _streams  the elements' descriptions and Dropout stream ids (from the layers)
-    #   _chain            the compiled executor (C pointers into the layers' arrays)
-    #   _schedules        compiled schedules, per batch size
-    #   _grad_buffers     the gradient workspace
+    #   _runner_cache     the runner (the compiled one holds C pointers into the layers' arrays
+    #                     and the gradient workspace)
     #   _state, _owner    a pending forward (what it stored for backward) and its thread
     #   _input_checksum   check_inputs' checksum of the pending forward's input
     #   _lock             the lock of this instance
-    _TRANSIENT = ("_costs", "_streams", "_chain", "_schedules", "_grad_buffers", "_state",
-                  "_owner", "_input_checksum", "_lock")
+    # The policy pickles its settings, not its compiled schedules.
+    _TRANSIENT = ("_costs", "_streams", "_runner_cache", "_state", "_owner", "_input_checksum",
+                  "_lock")
 
     def __getstate__(self) -> dict:
-        """The layers, schedule settings, seed generator, tracker and mode; a pending forward
+        """The layers, schedule policy, seed generator, tracker and mode; a pending forward
         is dropped.
 
         A copy made between forward and backward has nothing stored: its backward raises
@@ -743,20 +620,15 @@ class SegmentCheckpointer:
         self._lock = threading.Lock()
         self._owner = None
         self._input_checksum = None
-        self._grad_buffers = None
         self._state = None
         if pending:
             self.memory_tracker.release_stored_activation(pending)
 
     def _pending_bytes(self) -> int:
         """Bytes the tracker counts for a pending forward (0 when there is none)."""
-        state = self._state
-        if state is None:
+        if self._state is None:
             return 0
-        if state[0] == "typed":
-            x = state[1]
-            return self._held_after_forward(x.shape[0]) * x.itemsize
-        return sum(value.nbytes for value in state[1].values())
+        return self._runner().pending_bytes(self._state)
 
 
 _UNKNOWN = object()   # a cached value not computed yet
@@ -787,65 +659,6 @@ def _unknown_costs(n: int) -> ChainCosts:
     schedule is still checked, its sizes mean nothing."""
     return ChainCosts(tuple(ElementCost("unknown", 1, 1, stored=0, forward_flops=0,
                                         backward_flops=0) for _ in range(n)))
-
-
-def _forward_length(compiled: CompiledSchedule) -> int:
-    """How many of the schedule's operations make up its forward phase."""
-    return compiled.trace.forward_length
-
-
-def _release_all(acts: dict, tracker: MemoryUsageTracker) -> None:
-    for value in acts.values():
-        tracker.release_stored_activation(value.nbytes)
-    acts.clear()
-
-
-def _python_run(layers: Sequence[Layer], compiled: CompiledSchedule, ops, acts: dict, grad,
-                step: Step, tracker: MemoryUsageTracker):
-    """Run schedule operations through the layers' own methods (any Layer works).
-
-    ``acts`` (activation index -> array) is updated in place. A forward phase (grad None)
-    returns None; a backward phase returns the input gradient. The scratch the elements'
-    descriptions declare is recorded in the tracker while each operation runs.
-    """
-    # In the forward phase every layer runs for the first time; in backward, again.
-    ran = set() if grad is None else set(range(len(layers)))
-    held_grad = 0  # bytes of the gradient ckpt holds between two layers (not the caller's)
-    fwd_scratch = compiled.costs.forward_scratch
-    bwd_scratch = compiled.costs.backward_scratch(False)
-    try:
-        for kind, i in ops:
-            if kind == "forward":
-                transient = fwd_scratch[i] * acts[i].shape[0] * acts[i].itemsize
-                tracker.record_stored_activation(transient)
-                try:
-                    y = layers[i].forward_step(acts[i], step)
-                finally:
-                    tracker.release_stored_activation(transient)
-                acts[i + 1] = y
-                tracker.record_stored_activation(y.nbytes)
-                if i in ran:
-                    tracker.record_recomputed(y.nbytes)
-                ran.add(i)
-            elif kind == "backward":
-                row_bytes = acts[i].shape[0] * acts[i].itemsize
-                transient = bwd_scratch[i] * row_bytes
-                tracker.record_stored_activation(transient)
-                # A layer's own backward rebuilds its internals (a Residual's): recomputed too.
-                tracker.record_recomputed(compiled.costs.elements[i].tape * row_bytes)
-                try:
-                    grad = layers[i].backward_step(acts[i], grad, step, output=acts[i + 1])
-                finally:
-                    tracker.release_stored_activation(transient)
-                tracker.record_gradient(grad.nbytes)
-                tracker.release_gradient(held_grad)
-                held_grad = grad.nbytes
-                tracker.release_stored_activation(acts.pop(i + 1).nbytes)
-            elif i in acts:
-                tracker.release_stored_activation(acts.pop(i).nbytes)
-    finally:
-        tracker.release_gradient(held_grad)
-    return grad
 
 
 def _check_batch_size(batch_size: object) -> int:

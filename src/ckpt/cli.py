@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ckpt import _core, distributed, get_num_threads, set_num_threads
+from ckpt.activations import NAMES as ACTIVATION_NAMES
 from ckpt.threads import MODES, get_threading_mode, threading_mode
 from ckpt.checkpoint import SegmentCheckpointer
 from ckpt.losses import softmax_cross_entropy
@@ -277,7 +278,7 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
                    help="dropout probability after each hidden layer (inside each block with "
                         "--residual; default 0)")
     p.add_argument("--activation", default=DEFAULTS["activation"],
-                   choices=[name for name in _core.ACTIVATION_CODES if name is not None],
+                   choices=ACTIVATION_NAMES,
                    help="hidden activation (default %(default)s)")
     p.add_argument("--batch-size", type=_positive_int, default=DEFAULTS["batch_size"],
                    help="default %(default)s")

@@ -1,7 +1,8 @@
 """What a chain element costs: one description per element, the only source of costs.
 
 Every layer describes itself once with :class:`ElementCost` (``Layer.describe``): its widths, what
-it stores, the scratch it needs, its FLOPs and its parameters. The planner's cost model, the
+it stores, the scratch it needs, its FLOPs and its parameters. Each kind's cost function sits in
+its own module of :mod:`ckpt.elements` (``dense_cost``, ``layernorm_cost``, ...). The planner's cost model, the
 schedule compiler (arena and workspace sizes), the checkpointer, the tracker and the CLI's reports
 all read these descriptions, through :class:`ChainCosts`; none of them has a formula of its own.
 
@@ -39,6 +40,8 @@ class ElementCost:
       description was built from shapes alone); ``parameter_count``: their total size.
     - ``reads_output``: whether its backward needs its output (or a buffer its size); inside a
       Residual body, the output of a last element that does not is never kept or rebuilt.
+    - ``step_state``: values the element holds for the step whatever the batch size, from its
+      first forward to its backward (BatchNorm's batch mean and variance, 2 x features).
     """
 
     kind: str
@@ -53,6 +56,7 @@ class ElementCost:
     internal_flops: int = 0
     parameter_count: int = 0
     reads_output: bool = True
+    step_state: int = 0
     params: Tuple[np.ndarray, ...] = field(default=(), compare=False, repr=False)
     gradients: Tuple[np.ndarray, ...] = field(default=(), compare=False, repr=False)
 
@@ -61,7 +65,7 @@ class ElementCost:
             raise TypeError(f"ElementCost.kind must be a non-empty string, got {self.kind!r}")
         for name in ("in_width", "out_width", "stored", "forward_flops", "backward_flops",
                      "tape", "forward_scratch", "backward_scratch", "internal_flops",
-                     "parameter_count"):
+                     "parameter_count", "step_state"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
                 raise ValueError(f"ElementCost.{name} must be a non-negative integer, "
@@ -75,7 +79,7 @@ class ElementCost:
         """The numbers alone (what makes two elements cost the same)."""
         return (self.in_width, self.out_width, self.stored, self.tape, self.forward_scratch,
                 self.backward_scratch, self.forward_flops, self.backward_flops,
-                self.internal_flops, self.reads_output)
+                self.internal_flops, self.reads_output, self.step_state)
 
     def backward_transient(self, keep_internals: bool) -> int:
         """Scratch held during the backward: the tape too when it was not kept."""
@@ -84,69 +88,6 @@ class ElementCost:
     def held(self, keep_internals: bool) -> int:
         """Elements held while the output is kept."""
         return self.stored + (self.tape if keep_internals else 0)
-
-
-def dense_cost(n_in: int, n_out: int, *, gelu: bool = False, identity: bool = False,
-               params: Sequence[np.ndarray] = (), gradients: Sequence[np.ndarray] = ()
-               ) -> ElementCost:
-    """A Dense layer: one GEMM forward, two backward (GELU recomputes its pre-activation into
-    a buffer of its output's size). Without activation its backward never reads its output."""
-    gemm = 2 * n_in * n_out
-    return ElementCost("dense", n_in, n_out, stored=n_out, forward_flops=gemm,
-                       backward_flops=(3 if gelu else 2) * gemm,
-                       parameter_count=n_in * n_out + n_out, reads_output=not identity,
-                       params=tuple(params), gradients=tuple(gradients))
-
-
-def layernorm_cost(n: int, *, params: Sequence[np.ndarray] = (),
-                   gradients: Sequence[np.ndarray] = ()) -> ElementCost:
-    """A LayerNorm: a few passes per row; its backward recomputes the row statistics."""
-    return ElementCost("layernorm", n, n, stored=n, forward_flops=8 * n, backward_flops=14 * n,
-                       parameter_count=2 * n, reads_output=False, params=tuple(params),
-                       gradients=tuple(gradients))
-
-
-def dropout_cost(n: int) -> ElementCost:
-    """A Dropout: one multiply per value each way; its mask is recomputed, never stored."""
-    return ElementCost("dropout", n, n, stored=n, forward_flops=n, backward_flops=n,
-                       reads_output=False)
-
-
-def residual_layout(body: Sequence[ElementCost]) -> Tuple[int, int]:
-    """(inner width, ping-pong buffers) of a Residual body: how the executor lays it out."""
-    return max(c.out_width for c in body), min(len(body) - 1, 2)
-
-
-def residual_tapes_last(body: Sequence[ElementCost]) -> bool:
-    """Whether a Residual keeps (or rebuilds) its last body element's output: only when that
-    element's backward reads it, or it has internals of its own. Otherwise the output goes
-    straight into the block's y = x + f(x) and no backward rebuilds it."""
-    return body[-1].reads_output or body[-1].tape > 0
-
-
-def residual_cost(body: Sequence[ElementCost]) -> ElementCost:
-    """A Residual block y = x + f(x) over f's descriptions. Its tape is every body output and
-    the bodies' own tapes, in order (the last body output only if residual_tapes_last); forward
-    scratch is the ping-pong buffers (its last body output goes straight to y) and the body's
-    own; backward scratch is the larger of the recompute's forward scratch and the ping-pong
-    gradient buffers plus the body's backward scratch (the tape itself comes on top when it was
-    not kept)."""
-    inner, pingpong = residual_layout(body)
-    n = body[0].in_width
-    fwd = max(c.forward_scratch for c in body)
-    bwd = max(c.backward_scratch for c in body)
-    taped = body if residual_tapes_last(body) else body[:-1]
-    return ElementCost(
-        "residual", n, n, stored=n,
-        tape=sum(c.out_width + c.tape for c in taped),
-        forward_scratch=pingpong * inner + fwd,
-        backward_scratch=max(fwd, pingpong * inner + bwd),
-        forward_flops=sum(c.forward_flops for c in body) + n,
-        backward_flops=sum(c.backward_flops for c in body) + n,
-        internal_flops=sum(c.forward_flops for c in taped),
-        parameter_count=sum(c.parameter_count for c in body),
-        params=tuple(p for c in body for p in c.params),
-        gradients=tuple(g for c in body for g in c.gradients))
 
 
 @dataclass(frozen=True)
@@ -179,6 +120,7 @@ class ChainCosts:
     @classmethod
     def from_widths(cls, widths: Sequence[int]) -> "ChainCosts":
         """A chain of Dense layers with these activation widths a_0 .. a_N."""
+        from ckpt.elements.dense import dense_cost   # the Dense kind's own description
         return cls(tuple(dense_cost(widths[i], widths[i + 1]) for i in range(len(widths) - 1)))
 
     def __len__(self) -> int:
@@ -223,6 +165,22 @@ class ChainCosts:
         """Width of each of the two chain-level gradient buffers (the widest activation)."""
         return max(self.widths)
 
+    def gradient_buffer_values(self, batch_size: int) -> int:
+        """Values of the two chain-level gradient buffers the compiled backward ping-pongs
+        between, at this batch size."""
+        return 2 * batch_size * self.gradient_width()
+
+    def gradient_copy_values(self, slices: int) -> int:
+        """Values of the parameter-gradient copies a step split into ``slices`` batch slices
+        holds: one copy of every gradient for each slice after the first."""
+        return max(0, slices - 1) * self.parameter_count()
+
+    def gradient_workspace_bytes(self, batch_size: int, slices: int, itemsize: int) -> int:
+        """Bytes of the gradient workspace of a compiled backward, outside a plan's peak: the
+        two gradient buffers and the split copies."""
+        return (self.gradient_buffer_values(batch_size)
+                + self.gradient_copy_values(slices)) * itemsize
+
     def step_flops(self, input_grad: bool = False) -> int:
         """FLOPs per row of one plain training step: every forward, every backward (the first
         element's input gradient is skipped unless ``input_grad``; for Dense that is one GEMM)."""
@@ -232,6 +190,11 @@ class ChainCosts:
 
     def parameter_count(self) -> int:
         return sum(e.parameter_count for e in self.elements)
+
+    def step_state(self) -> int:
+        """Values the elements hold for a step whatever its batch size (BatchNorm's batch
+        statistics)."""
+        return sum(e.step_state for e in self.elements)
 
     def min_units(self) -> int:
         """The least peak (elements per row) of any schedule: element i's forward or backward

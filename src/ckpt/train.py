@@ -16,8 +16,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ckpt.costs import (ChainCosts, dense_cost, dropout_cost, layernorm_cost,
-                        residual_cost)
+from ckpt.activations import get_activation
+from ckpt.costs import ChainCosts
+from ckpt.elements import Activation, BatchNorm
+from ckpt.elements.activation import activation_cost
+from ckpt.elements.batchnorm import batchnorm_cost
+from ckpt.elements.dense import dense_cost
+from ckpt.elements.dropout import dropout_cost
+from ckpt.elements.layernorm import layernorm_cost
+from ckpt.elements.residual import residual_cost
 from ckpt.distributed import shard_batches
 from ckpt.layers import (Dense, Dropout, DTypeLike, Layer, LayerNorm, Residual, _as_generator,
                          check_allocation, check_blas_size, check_float_dtype, check_size,
@@ -36,39 +43,67 @@ def build_mlp(n_in: int, depth: int, width: int, n_out: int, activation: Optiona
 
     Plain (``residual=False``): ``depth`` Dense layers n_in -> width -> ... -> width -> n_out,
     the hidden ones with ``activation``, the last one linear (logits or regression values);
-    depth=1 is a single linear layer. ``norm="layernorm"`` adds a LayerNorm after each hidden
-    layer, and ``dropout`` a Dropout after each hidden layer (and its norm).
+    depth=1 is a single linear layer. ``norm="layer"`` adds a LayerNorm after each hidden
+    layer; ``norm="batch"`` makes each hidden layer Dense -> BatchNorm -> Activation (the Dense
+    linear, its activation after the normalisation). ``dropout`` adds a Dropout after each
+    hidden layer (and its norm).
 
     Residual (``residual=True``), a pre-norm residual MLP: an input projection Dense(n_in ->
-    width), then ``depth`` blocks x + f(x) with f = [LayerNorm -> Dense(width -> width,
-    activation) -> Dropout(dropout) -> Dense(width -> width)] (no Dropout when dropout is 0),
-    then a LayerNorm and the output layer Dense(width -> n_out). The last Dense of every branch
-    starts with its He-normal weights scaled by 1 / depth, so each block starts close to the
-    identity and the ``depth`` branches together change the skip path by O(1) at first: deep
-    stacks (128 blocks) train as shallow ones do. ``norm`` is then always LayerNorm.
+    width), then ``depth`` blocks x + f(x), then a norm and the output layer Dense(width ->
+    n_out). With LayerNorm (``norm`` None or "layer"), f = [LayerNorm -> Dense(width -> width,
+    activation) -> Dropout(dropout) -> Dense(width -> width)] and the head is LayerNorm ->
+    Dense. With ``norm="batch"``, the ResNet of "Revisiting Deep Learning Models for Tabular
+    Data" (Gorishniy et al., 2021): f = [BatchNorm -> Dense(activation) -> Dropout -> Dense ->
+    Dropout] and the head BatchNorm -> Activation -> Dense. (No Dropout when dropout is 0.)
+    The last Dense of every branch starts with its weights scaled by 1 / depth, so each block
+    starts close to the identity and the ``depth`` branches together change the skip path by
+    O(1) at first: deep stacks (128 blocks) train as shallow ones do.
+
+    ``norm="layernorm"`` is accepted for "layer".
     """
     depth = check_size(depth, "depth")
     _check_mlp_memory(n_in, depth, width, n_out, dtype, residual)
     rng = _as_generator(seed)
-    if norm not in (None, "layernorm"):
-        raise ValueError(f"norm must be None or 'layernorm', got {norm!r}")
+    norm = check_norm(norm)
     if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
         raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
     if not isinstance(residual, (bool, np.bool_)):
         raise TypeError(f"residual must be True or False, got {residual!r}")
     if residual:
-        return _residual_mlp(n_in, depth, width, n_out, activation, dtype, rng, dropout)
+        return _residual_mlp(n_in, depth, width, n_out, activation, dtype, rng, dropout,
+                             norm or "layer")
     sizes = [n_in] + [width] * (depth - 1) + [n_out]
     layers: List[Layer] = []
     for i in range(depth):
         hidden = i < depth - 1
-        layers.append(Dense(sizes[i], sizes[i + 1], activation if hidden else None, dtype=dtype,
-                            rng=rng))
-        if hidden and norm == "layernorm":
-            layers.append(LayerNorm(sizes[i + 1], dtype=dtype))
+        if hidden and norm == "batch" and activation is not None:
+            layers += [Dense(sizes[i], sizes[i + 1], None, dtype=dtype, rng=rng),
+                       BatchNorm(sizes[i + 1], dtype=dtype), Activation(activation)]
+        else:
+            layers.append(Dense(sizes[i], sizes[i + 1], activation if hidden else None,
+                                dtype=dtype, rng=rng))
+            if hidden and norm is not None:
+                layers.append(_norm_layer(norm, sizes[i + 1], dtype))
         if hidden and dropout > 0:
             layers.append(Dropout(dropout))
     return layers
+
+
+NORMS = ("layer", "batch")
+
+
+def check_norm(norm: object) -> Optional[str]:
+    """None, "layer" or "batch" ("layernorm" is "layer"); ValueError for anything else."""
+    if norm == "layernorm":
+        return "layer"
+    if norm is not None and norm not in NORMS:
+        raise ValueError(f"norm must be None, 'layer' or 'batch' ('layernorm' is 'layer'), "
+                         f"got {norm!r}")
+    return norm
+
+
+def _norm_layer(norm: str, width: int, dtype: DTypeLike) -> Layer:
+    return LayerNorm(width, dtype=dtype) if norm == "layer" else BatchNorm(width, dtype=dtype)
 
 
 def _check_mlp_memory(n_in: object, depth: int, width: object, n_out: object, dtype: DTypeLike,
@@ -93,19 +128,25 @@ def _check_mlp_memory(n_in: object, depth: int, width: object, n_out: object, dt
 
 
 def _residual_mlp(n_in: int, depth: int, width: int, n_out: int, activation: Optional[str],
-                  dtype: DTypeLike, rng: np.random.Generator, dropout: float) -> List[Layer]:
+                  dtype: DTypeLike, rng: np.random.Generator, dropout: float,
+                  norm: str) -> List[Layer]:
     scale = 1.0 / depth
     layers: List[Layer] = [Dense(n_in, width, None, dtype=dtype, rng=rng)]
     for _ in range(depth):
-        branch: List[Layer] = [LayerNorm(width, dtype=dtype),
+        branch: List[Layer] = [_norm_layer(norm, width, dtype),
                                Dense(width, width, activation, dtype=dtype, rng=rng)]
         if dropout > 0:
             branch.append(Dropout(dropout))
         last = Dense(width, width, None, dtype=dtype, rng=rng)
         last.W *= scale
         branch.append(last)
+        if norm == "batch" and dropout > 0:
+            branch.append(Dropout(dropout))
         layers.append(Residual(*branch))
-    layers += [LayerNorm(width, dtype=dtype), Dense(width, n_out, None, dtype=dtype, rng=rng)]
+    layers.append(_norm_layer(norm, width, dtype))
+    if norm == "batch" and activation is not None:
+        layers.append(Activation(activation))
+    layers.append(Dense(width, n_out, None, dtype=dtype, rng=rng))
     return layers
 
 
@@ -115,23 +156,38 @@ def mlp_costs(n_in: int, depth: int, width: int, n_out: int, activation: Optiona
     """The descriptions (ckpt.costs) of ``build_mlp``'s network with these arguments, without
     allocating it: what ``ckpt plan`` plans for. The tests check it against the layers'."""
     depth = check_size(depth, "depth")
-    gelu = activation == "gelu"
+    norm = check_norm(norm)
+    preact = get_activation(activation).needs_preactivation
+
+    def norm_cost(n):
+        return layernorm_cost(n) if norm in (None, "layer") else batchnorm_cost(n)
+
     if residual:
-        body = [layernorm_cost(width), dense_cost(width, width, gelu=gelu,
-                                                  identity=activation is None)]
+        body = [norm_cost(width), dense_cost(width, width, needs_preactivation=preact,
+                                             identity=activation is None)]
         body += [dropout_cost(width)] if dropout > 0 else []
         body.append(dense_cost(width, width, identity=True))
+        body += [dropout_cost(width)] if dropout > 0 and norm == "batch" else []
         block = residual_cost(body)
+        head = [norm_cost(width)]
+        if norm == "batch" and activation is not None:
+            head.append(activation_cost(width, needs_preactivation=preact))
         return ChainCosts((dense_cost(n_in, width, identity=True),) + (block,) * depth
-                          + (layernorm_cost(width), dense_cost(width, n_out, identity=True)))
+                          + tuple(head) + (dense_cost(width, n_out, identity=True),))
     sizes = [n_in] + [width] * (depth - 1) + [n_out]
     elements = []
     for i in range(depth):
         hidden = i < depth - 1
-        elements.append(dense_cost(sizes[i], sizes[i + 1], gelu=gelu and hidden,
-                                   identity=not hidden or activation is None))
-        if hidden and norm == "layernorm":
-            elements.append(layernorm_cost(sizes[i + 1]))
+        if hidden and norm == "batch" and activation is not None:
+            elements += [dense_cost(sizes[i], sizes[i + 1], identity=True),
+                         batchnorm_cost(sizes[i + 1]),
+                         activation_cost(sizes[i + 1], needs_preactivation=preact)]
+        else:
+            elements.append(dense_cost(sizes[i], sizes[i + 1],
+                                       needs_preactivation=preact and hidden,
+                                       identity=not hidden or activation is None))
+            if hidden and norm is not None:
+                elements.append(norm_cost(sizes[i + 1]))
         if hidden and dropout > 0:
             elements.append(dropout_cost(sizes[i + 1]))
     return ChainCosts(tuple(elements))

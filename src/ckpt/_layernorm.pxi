@@ -1,18 +1,8 @@
-# LayerNorm and Dropout kernels (included into _core.pyx), in the two layers of the Dense ones:
-# `noexcept nogil` functions on raw pointers, and memoryview wrappers that validate first.
-# Their NumPy twins are ckpt._reference.layernorm_* and ckpt._reference.dropout_*. The loops are
-# in _simd_kernels.h, run in the variant _simd.h chose for this CPU.
+# The LayerNorm kind (included into _core.pyx after the executor): as PyTorch's nn.LayerNorm,
+# biased variance, eps inside the square root. Its raw-pointer kernels, their memoryview
+# wrappers, and its executor functions, registered in the executor's kind table. The loops are
+# in _simd_kernels.h; the NumPy twin is ckpt.elements.layernorm.
 
-from libc.stdint cimport uint64_t
-from libc.string cimport memcpy
-
-cdef extern from "_rng.h" nogil:
-    uint64_t ckpt_dropout_key(uint64_t seed, uint64_t stream)
-
-
-# --------------------------------------------------------------------------------------------
-# LayerNorm (as PyTorch: biased variance, eps inside the square root)
-# --------------------------------------------------------------------------------------------
 
 cdef void layernorm_forward_ptr(const floating *x, const floating *gamma, const floating *beta,
                                 floating *y, Py_ssize_t m, Py_ssize_t n,
@@ -38,35 +28,6 @@ cdef void layernorm_backward_ptr(const floating *x, const floating *gamma, const
         ckpt_simd_kernels().layernorm_backward_f(x, gamma, g, gx, ggamma, gbeta, m, n, eps)
     else:
         ckpt_simd_kernels().layernorm_backward_d(x, gamma, g, gx, ggamma, gbeta, m, n, eps)
-
-
-# --------------------------------------------------------------------------------------------
-# Dropout (inverted: kept values scaled by 1 / (1 - p)); the mask is recomputed, never stored
-# --------------------------------------------------------------------------------------------
-
-cdef void dropout_ptr(const floating *src, floating *dst, Py_ssize_t m, Py_ssize_t n,
-                      uint64_t key, int64_t row0, uint64_t threshold,
-                      floating scale) noexcept nogil:
-    """dst = src * mask * scale; mask[r, c] = bits(key, row0 + r, c) >= threshold.
-
-    A product, not a select, so NaN in a dropped value stays NaN (as in PyTorch). The same
-    function applies the mask to the gradient in backward.
-    """
-    if floating is float:
-        ckpt_simd_kernels().dropout_f(src, dst, m, n, key, row0, threshold, scale)
-    else:
-        ckpt_simd_kernels().dropout_d(src, dst, m, n, key, row0, threshold, scale)
-
-
-cdef inline uint64_t dropout_threshold(double p) noexcept nogil:
-    """floor(p * 2^32): a value is kept iff its 32 random bits are at least this."""
-    return <uint64_t>(p * 4294967296.0)
-
-
-cdef int _check_dropout(double p) except -1:
-    if not 0 <= p < 1:
-        raise ValueError(f"the dropout probability must be in [0, 1), got {p}")
-    return 0
 
 
 def layernorm_forward(const floating[:, ::1] x, const floating[::1] gamma,
@@ -110,17 +71,42 @@ def layernorm_backward(const floating[:, ::1] x, const floating[::1] gamma,
                                m, n, eps)
 
 
-def dropout_apply(const floating[:, ::1] src, floating[:, ::1] dst, double p, uint64_t seed,
-                  uint64_t stream=0, int64_t row0=0):
-    """dst = src * mask / (1 - p), the mask keyed by (seed, stream, row0 + row, column)."""
-    cdef Py_ssize_t m = src.shape[0], n = src.shape[1]
-    _check_dropout(p)
-    if dst.shape[0] != m or dst.shape[1] != n:
-        raise ValueError(f"dst has shape ({dst.shape[0]}, {dst.shape[1]}), expected ({m}, {n})")
-    if row0 < 0:
-        raise ValueError(f"row0 must be non-negative, got {row0}")
-    if m == 0 or n == 0:
-        return
-    with nogil:
-        dropout_ptr(&src[0, 0], &dst[0, 0], m, n, ckpt_dropout_key(seed, stream), row0,
-                    dropout_threshold(p), <floating>(1.0 / (1.0 - p)))
+# The executor's functions: the element's parameters are gamma and beta at e.param, e.param + 1.
+
+cdef void _layernorm_element_forward(const Element *table, const Element *e, Step *s,
+                                     const floating *x, floating *y, floating *scratch,
+                                     floating *tape) noexcept nogil:
+    layernorm_forward_ptr(x, <floating *>s.params[e.param], <floating *>s.params[e.param + 1],
+                          y, s.m, e.n_in, e.eps)
+
+
+cdef void _layernorm_element_backward(const Element *table, const Element *e, Step *s,
+                                      const floating *x, const floating *y, floating *d,
+                                      const floating *g, floating *gx, floating *scratch,
+                                      floating *tape) noexcept nogil:
+    layernorm_backward_ptr(x, <floating *>s.params[e.param], g, gx,
+                           <floating *>s.grads[e.param], <floating *>s.grads[e.param + 1],
+                           s.m, e.n_in, e.eps, s.overwrite)
+
+
+cdef int _layernorm_check(const Element *table, const Element *e, Py_ssize_t index,
+                          const Py_ssize_t *sizes, Py_ssize_t n_params) except -1:
+    if e.n_in != e.n_out:
+        raise ValueError(f"element {index}: a width-preserving element maps {e.n_in} to "
+                         f"{e.n_out} features")
+    if not e.eps > 0:
+        raise ValueError(f"element {index}: eps must be positive, got {e.eps}")
+    _check_param_size(e, 0, e.n_in, index, sizes, n_params)
+    _check_param_size(e, 1, e.n_in, index, sizes, n_params)
+    return 0
+
+
+cdef KindOps _layernorm_ops
+_layernorm_ops.forward_f = _layernorm_element_forward[float]
+_layernorm_ops.forward_d = _layernorm_element_forward[double]
+_layernorm_ops.backward_f = _layernorm_element_backward[float]
+_layernorm_ops.backward_d = _layernorm_element_backward[double]
+_layernorm_ops.check = _layernorm_check
+_layernorm_ops.has_body = False
+_layernorm_ops.is_gemm = False
+_register_kind("layernorm", _layernorm_ops)
