@@ -22,6 +22,10 @@ def _check_method(method: object) -> str:
 # Work limits, in evaluations of Z or C: the compiled recursion does a few million a second.
 _EXACT_MAX_LAYERS = 60      # longer chains skip the exact search
 _EXACT_LIMIT = 2_000_000
+# With internals the states of Z and C have the keep choices too (up to 3x and 6x as many): the
+# exact search gets this many times the limit, so that it still proves the chains it proved
+# (a 35-element residual MLP needs about 10M evaluations, about half a second).
+_EXACT_LIMIT_INTERNALS = 6
 _BOUNDED_SLIDES_MAX_LAYERS = 60  # longer chains skip the bounded search with slides
 # Bounded searches after that: (method, memory unit as a fraction of the smallest activation,
 # checkpoint candidates, window, work limit); see _bounded.
@@ -141,7 +145,8 @@ def _auto(c: _Chain, m: int) -> tuple:
     """
     if c.n <= _EXACT_MAX_LAYERS:
         try:
-            ops, kept = _recursion(c, "optimal", limit=_EXACT_LIMIT).schedule(m)
+            limit = _EXACT_LIMIT * (_EXACT_LIMIT_INTERNALS if c.costs.has_internals else 1)
+            ops, kept = _recursion(c, "optimal", limit=limit).schedule(m)
             return ops, tuple(kept) or False, True
         except RuntimeError:
             pass
