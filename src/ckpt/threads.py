@@ -33,25 +33,23 @@ import os
 from typing import Iterator, Optional
 
 MODES = ("split", "blas", "auto")
-# "blas" until "auto" is shown to win where it splits. With the crossover below, auto splits
-# only *small* among the benchmark workloads (and `ckpt train`'s default model), and on this
-# 2-core machine split there only ties blas while its gradient copies cost one more set of
-# parameter gradients per extra thread: 40 paired rounds in one process (2026-12-01) gave split /
-# blas 1.52 / 1.51 ms on small at k = 1 (per-round ratios 0.70-1.41) and 1.39 / 1.89 ms at k = 8
-# (0.64-1.55); `ckpt train` (8 x 128, batch 32) took 1.09-1.48 s split against 1.03-1.22 s blas,
-# and its step's tracked peak grew from 105 to 530 KiB (the 425 KiB copy), more than
-# checkpointing saves on it.
+# "blas" until "auto" is shown to win where it splits. With the bounds below, auto splits only
+# the *small* benchmark workload and `ckpt train`'s default model, so the choice rests on what
+# the two modes measure there: the step time on small at k = 1 and k = 8, and `ckpt train`'s
+# time and tracked peak (split adds a parameter-sized gradient copy per extra thread). Re-run
+# them with `python bench/run.py --workloads small` under CKPT_THREADS_MODE=split and =blas, and
+# `ckpt train --json --threads-mode split` against `--threads-mode blas`, alternating runs; the
+# recorded numbers are on the benchmark page (docs/benchmarks/recorded.md, "Threads").
 DEFAULT_MODE = "blas"
 
-# The per-GEMM m*n*k (full batch) per thread between which "auto" splits the batch. From
-# bench/sweep_split.py on the idle 2-core development machine (2026-12-01, load average 0.2,
-# 3 rounds): split won at every point up to 262,144 per thread (width 64: 1.20-1.22x; m 32,
-# width 128: 0.98, a tie) and lost at 1 Mi from width 256 on with thin slices (m 32, width 256:
-# 0.68x; the copies of the weight gradients and their reduction cost width^2 per slice, and each
-# slice packs every weight matrix again). Split also won at some larger sizes (m 512: 1.01-1.21x
-# up to 256 Mi), which a bound on m*n*k cannot separate from those losses: the crossover is the
-# midpoint, in powers of two, of the last all-won and the first lost size. Below SPLIT_MIN the
-# slices are too small to pay for waking a second core.
+# The per-GEMM m*n*k (full batch) per thread between which "auto" splits the batch, from
+# `python bench/sweep_split.py` (split against BLAS threads over batch x width, alternating in
+# one process). SPLIT_CROSSOVER is the midpoint, in powers of two, of the last size at which
+# split always won and the first at which it lost with thin slices on wide layers (each slice
+# packs every weight matrix again, and the gradient copies and their reduction cost width^2 per
+# slice); some larger sizes with long slices also win, which a bound on m*n*k cannot separate
+# from those losses. Below SPLIT_MIN the slices are too small to pay for waking a second core.
+# The sweep's recorded results are on the benchmark page (docs/benchmarks/recorded.md, "Threads").
 SPLIT_MIN = 64 * 1024
 SPLIT_CROSSOVER = 512 * 1024
 
