@@ -799,7 +799,7 @@ def run_plan(args: argparse.Namespace) -> int:
     chosen = plan(chain, args.batch_size, budget, dtype, method=args.method)
     print(chosen.explain())
     curve = tradeoff(chain, args.batch_size, dtype, points=args.points, method=args.method)
-    step_flops = 3 * chosen.plain_forward_flops
+    step_flops = chain.step_flops() * args.batch_size
     print()
     print("memory versus compute (the least recomputation for each budget):")
     print(f"{'budget':>12}  {'peak':>12}  {'extra FLOPs':>14}  {'of a step':>9}")
