@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from ckpt import plan as planmod
 from ckpt.costs import ChainCosts, ElementCost
+from ckpt.elements.dense import dense_chain
 from ckpt.plan import Plan, format_size, parse_size, plan, simulate, tradeoff, uniform_plan
 from ckpt.plan import _chain as chainmod
 from ckpt.plan import _oracle, _recursion, _search
@@ -630,7 +631,7 @@ def test_plain_backprop_keeps_internals_only_when_it_fits():
 def test_closed_form_only_for_truly_uniform_costs():
     """Equal widths with scratch or internals are not an equal chain: the recursion plans them
     (exactly, checked by exhaustive search); truly equal elements use the closed form."""
-    equal = ChainCosts.from_widths([6] * 8)
+    equal = dense_chain([6] * 8)
     assert chain_of(equal).closed_form
     variants = [ChainCosts((block(6, 0, 0, fwd=5),) * 7),
                 ChainCosts((block(6, 0, 0, bwd=4),) * 7),

@@ -28,7 +28,7 @@ from ckpt import _core, distributed, get_num_threads, set_num_threads
 from ckpt.activations import NAMES as ACTIVATION_NAMES
 from ckpt.threads import MODES, get_threading_mode, threading_mode
 from ckpt.checkpoint import SegmentCheckpointer
-from ckpt.costs import ChainCosts
+from ckpt.elements.dense import dense_chain
 from ckpt.datasets import (EXAMPLES, Preprocessing, TrainingData, example_table,
                            prepare_training_data, read_table, write_csv)
 from ckpt.inference import regression_metrics
@@ -789,7 +789,7 @@ def run_plan(args: argparse.Namespace) -> int:
         chain = mlp_costs(args.width, args.depth, args.width, args.width, residual=args.residual,
                           norm=args.norm, dropout=args.dropout)
     else:
-        chain = ChainCosts.from_widths(args.widths or [args.width] * (args.depth + 1))
+        chain = dense_chain(args.widths or [args.width] * (args.depth + 1))
     widths = list(chain.widths)
     dtype = np.dtype(args.dtype)
     budget = args.budget

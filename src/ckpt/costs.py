@@ -117,12 +117,6 @@ class ChainCosts:
                                  f"{elements[i - 1].out_width}")
         object.__setattr__(self, "elements", elements)
 
-    @classmethod
-    def from_widths(cls, widths: Sequence[int]) -> "ChainCosts":
-        """A chain of Dense layers with these activation widths a_0 .. a_N."""
-        from ckpt.elements.dense import dense_cost   # the Dense kind's own description
-        return cls(tuple(dense_cost(widths[i], widths[i + 1]) for i in range(len(widths) - 1)))
-
     def __len__(self) -> int:
         return len(self.elements)
 

@@ -50,6 +50,7 @@ import numpy as np
 
 from ckpt._core import OP_CODES
 from ckpt.costs import ChainCosts
+from ckpt.elements.dense import dense_chain
 
 Op = Tuple[str, int]
 # The operations' names, defined here only: the planner, the checkpointer and the reports import
@@ -96,7 +97,7 @@ def uniform_ops(n_layers: int, checkpoint_every: int) -> list:
 
 def as_costs(chain: Union[ChainCosts, Sequence[int]]) -> ChainCosts:
     """ChainCosts as given, or those of a Dense chain with these activation widths."""
-    return chain if isinstance(chain, ChainCosts) else ChainCosts.from_widths(list(chain))
+    return chain if isinstance(chain, ChainCosts) else dense_chain(list(chain))
 
 
 @dataclass(frozen=True)

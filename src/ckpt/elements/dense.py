@@ -12,11 +12,18 @@ import numpy as np
 
 from ckpt import _core
 from ckpt.activations import ACTIVATIONS, get_activation
-from ckpt.costs import ElementCost
+from ckpt.costs import ChainCosts, ElementCost
 from ckpt.elements._checks import (DTypeLike, ActivationName, _as_generator, _check_in_width,
                                    _scratch, as_batch, check_allocation, check_blas_size,
                                    check_float_dtype)
 from ckpt.elements.base import ElementKind, ExecutorRecord, Layer, RowContext, Twin
+
+
+def dense_chain(widths: Sequence[int]) -> ChainCosts:
+    """The descriptions of a chain of Dense layers (with an activation) of these activation
+    widths a_0 .. a_N."""
+    return ChainCosts(tuple(dense_cost(widths[i], widths[i + 1])
+                            for i in range(len(widths) - 1)))
 
 
 # Values of the float64 draw made at once when initialising weights (1 MiB).

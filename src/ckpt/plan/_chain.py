@@ -13,6 +13,7 @@ from numbers import Integral
 import numpy as np
 
 from ckpt.costs import ChainCosts, describe_chain
+from ckpt.elements.dense import dense_chain
 from ckpt.schedule import FORWARD, KEEP_AUTO, Trace, replay, uniform_ops
 from ckpt.units import format_size
 
@@ -41,7 +42,7 @@ def _chain_costs(chain: object) -> ChainCosts:
                 raise TypeError(f"chain item {i} is a {type(x).__name__}: widths must be ints")
             if x <= 0:
                 raise ValueError(f"width {i} must be positive, got {x}")
-        return ChainCosts.from_widths([int(x) for x in items])
+        return dense_chain([int(x) for x in items])
     for i, layer in enumerate(items):
         if _is_int(layer) or not (hasattr(layer, "describe") or (
                 hasattr(layer, "in_features") and hasattr(layer, "out_features"))):
@@ -67,7 +68,7 @@ def _chain_costs(chain: object) -> ChainCosts:
         if not i:
             widths.append(int(sizes[0]))
         widths.append(int(sizes[1]))
-    return ChainCosts.from_widths(widths)
+    return dense_chain(widths)
 
 
 def _check_batch(batch_size: object) -> int:
