@@ -120,6 +120,45 @@ def test_split_reduction_order_is_slice_0_then_1_then_2(threads):
         assert np.array_equal(got, expected), i
 
 
+@pytest.mark.parametrize("t", [4, 8, 64])
+def test_more_threads_than_cores(t, threads):
+    """T = 4, 8 and 64 on a 2-core machine (oversubscribed): every slice runs (a batch smaller
+    than T gets one slice per row), the split equals the unsplit step within summation
+    tolerance and itself run to run, and the reduction is ((g + slice 0) + slice 1) + ... in
+    slice order, each slice's part computed by an unsplit step on its rows."""
+    threads(t)
+    dtype = np.float64
+    for batch in (1, t // 2 + 1, 37):
+        y0, gx0, grads0, _ = run_step(residual_chain, dtype, "blas", batch=batch)
+        y1, gx1, grads1, model = run_step(residual_chain, dtype, "split", batch=batch)
+        assert model.slices(batch) == min(t, batch)
+        np.testing.assert_allclose(y1, y0, **TOL[dtype])
+        np.testing.assert_allclose(gx1, gx0, **TOL[dtype])
+        for a, b in zip(grads1, grads0):
+            np.testing.assert_allclose(a, b, **TOL[dtype])
+        again = run_step(residual_chain, dtype, "split", batch=batch)
+        assert all(np.array_equal(a, b) for a, b in zip(again[2], grads1))
+    batch = t + 5
+    n = min(t, batch)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((batch, 12)).astype(np.float32)
+    g = rng.standard_normal((batch, 5)).astype(np.float32)
+    start = [k * batch // n for k in range(n + 1)]
+    split = SegmentCheckpointer(dropout_chain(np.float32), 1, seed=9, threads_mode="split")
+    split.forward(x)
+    split.backward(g, accumulate=False)
+    expected = None
+    for k in range(n):
+        one = SegmentCheckpointer(dropout_chain(np.float32), 1, seed=9, threads_mode="blas")
+        one.forward(x[start[k]:start[k + 1]], row_offset=start[k])
+        one.backward(g[start[k]:start[k + 1]], accumulate=False)
+        part = [p.copy() for p in one.gradients()]
+        expected = part if expected is None else [a + b for a, b in zip(expected, part)]
+    for i, got in enumerate(split.gradients()):
+        assert np.array_equal(got, expected[i]), i
+    assert ckpt.get_num_threads() == t
+
+
 @pytest.mark.parametrize("name", ["dropout", "residual"])
 def test_fixed_threads_give_bit_equal_results_over_20_runs(name, threads):
     threads(2)

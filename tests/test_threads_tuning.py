@@ -211,7 +211,7 @@ def test_the_kept_candidates_are_exactly_those_bit_equal_to_t_threads(batch, thr
     assert model.threads_tuning.report()[f"{batch} at T=4, tuned"]["candidates"] == expected
 
 
-@pytest.mark.parametrize("T", [4, 8])
+@pytest.mark.parametrize("T", [4, 8, 64])
 def test_fits_with_the_default_policy_are_bit_identical_whatever_the_timings_choose(T, threads):
     threads(T)
     rng = np.random.default_rng(0)
