@@ -9,7 +9,7 @@ Modes (``SegmentCheckpointer(threads_mode=...)``, or :func:`threading_mode` for 
 
 - ``"tuned"`` (the default; the environment variable ``CKPT_THREADS_MODE`` changes the process
   default): OpenBLAS threading, at the thread count that measured fastest for the chain and
-  batch size (:mod:`ckpt.tuning`). The candidates are OpenBLAS at 1 .. T threads; a candidate
+  batch size on its first training steps (:mod:`ckpt.tuning`). The candidates are OpenBLAS at 1 .. T threads; a candidate
   whose outputs and gradients on the first batch are not bit-equal to OpenBLAS at T threads is
   excluded, so a tuned run computes the bits of ``"blas"`` whichever count wins.
 - ``"auto"``: ``"tuned"`` with the batch split among the candidates. A split step sums the
@@ -41,7 +41,7 @@ import contextvars
 import math
 import os
 import threading
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 MODES = ("tuned", "auto", "blas", "split")
 # Measured per chain: a fixed "blas" lost to one thread on small networks (3.2-3.8x NumPy at one
@@ -94,6 +94,20 @@ def choose_slices(mode: str, threads: int, batch: int) -> int:
     return 1 if mode == "blas" else max(1, min(threads, batch))
 
 
+def _openblas_setter():
+    """OpenBLAS's own thread-count setter. ckpt.set_num_threads checks its argument against
+    the build's MAX_THREADS, read from the config string on every call (3.4 us here, against
+    0.5 us for the setting itself): a tuned step sets the count twice per phase, and the
+    counts it sets are ones ckpt.set_num_threads accepted."""
+    import ctypes
+    import scipy_openblas32
+    lib = ctypes.CDLL(os.path.join(scipy_openblas32.get_lib_dir(),
+                                   f"lib{scipy_openblas32.get_library()}.so"))
+    setter = lib.scipy_openblas_set_num_threads
+    setter.argtypes, setter.restype = [ctypes.c_int], None
+    return setter
+
+
 class _BlasThreads:
     """The process's OpenBLAS thread count, held by the phases that need a count of their own.
 
@@ -103,37 +117,47 @@ class _BlasThreads:
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()          # entered on every phase: a C-level lock
+        self._turn = threading.Condition(self._lock)
         self._holders = 0
         self._count = 0
         self._saved = 0
+        self._set: Optional[Callable[[int], None]] = None
+
+    def acquire(self, n: int) -> None:
+        with self._lock:
+            while self._holders and self._count != n:
+                self._turn.wait()
+            if self._holders == 0:
+                if self._set is None:
+                    from ckpt import _core
+                    self._get, self._set = _core.get_num_threads, _openblas_setter()
+                self._saved = self._get()
+                if self._saved != n:
+                    self._set(n)
+                self._count = n
+            self._holders += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._holders -= 1
+            if self._holders == 0:
+                if self._saved != self._count and self._get() == self._count:
+                    self._set(self._saved)
+                self._turn.notify_all()
 
     @contextlib.contextmanager
     def held(self, n: int) -> Iterator[None]:
-        from ckpt import _core
-        with self._cond:
-            while self._holders and self._count != n:
-                self._cond.wait()
-            if self._holders == 0:
-                self._saved = _core.get_num_threads()
-                if self._saved != n:
-                    _core.set_num_threads(n)
-                self._count = n
-            self._holders += 1
+        self.acquire(n)
         try:
             yield
         finally:
-            with self._cond:
-                self._holders -= 1
-                if self._holders == 0:
-                    if self._saved != self._count and _core.get_num_threads() == self._count:
-                        _core.set_num_threads(self._saved)
-                    self._cond.notify_all()
+            self.release()
 
     def requested(self) -> int:
         """T: the count in effect outside the holds (what set_num_threads last asked for)."""
         from ckpt import _core
-        with self._cond:
+        with self._lock:
             return self._saved if self._holders else _core.get_num_threads()
 
 
@@ -143,6 +167,15 @@ _BLAS = _BlasThreads()
 def blas_threads(n: int):
     """Context manager: run a block with OpenBLAS at n threads (process-wide; see above)."""
     return _BLAS.held(n)
+
+
+def hold_blas_threads(n: int) -> None:
+    """:func:`blas_threads` without a context manager: pair with :func:`release_blas_threads`."""
+    _BLAS.acquire(n)
+
+
+def release_blas_threads() -> None:
+    _BLAS.release()
 
 
 def requested_num_threads() -> int:

@@ -15,8 +15,11 @@ T, mode), T being :func:`ckpt.threads.requested_num_threads`. For a new batch si
 2. **Measure** the next training steps: the kept candidates take turns, one step each, for
    :data:`ROUNDS` rounds (A B C A B C A B C); a step's time is its forward plus its backward
    phase.
-3. **Choose** the candidate of least median time (ties: the earlier, fewer threads) and run every
-   later step of that batch size with it.
+3. **Choose** the candidate of least mean time (ties: the earlier, fewer threads) and run every
+   later step of that batch size with it. The mean, not the median: on a loaded machine OpenBLAS
+   at two threads was bimodal on small steps (0.5 or 10 ms), and a median of three missed the
+   slow mode that the run then paid at every step (``ckpt train``: 8-22 s at two threads against
+   0.6-2 s at one).
 
 A smaller batch size than one already chosen for (the partial last batch of an epoch) inherits
 that choice instead of being measured: its first step runs the reference and checks the inherited
@@ -35,7 +38,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ckpt.threads import blas_threads
+from ckpt.threads import hold_blas_threads, release_blas_threads
 
 ROUNDS = 3           # timed steps of each candidate
 ALL_COUNTS_UP_TO = 8
@@ -253,7 +256,7 @@ class ThreadsTuner:
         if not tuning.queue:
             order = {c: i for i, c in enumerate(tuning.kept)}
             tuning.chosen = min(tuning.samples, key=lambda c: (
-                statistics.median(tuning.samples[c]), order[c]))
+                statistics.fmean(tuning.samples[c]), order[c]))
 
     @property
     def pending(self) -> Optional[_Pending]:
@@ -276,10 +279,13 @@ class ThreadsTuner:
 
 def timed(config: Config, fn: Callable[[], object]):
     """Run fn with OpenBLAS at the configuration's thread count; (its result, seconds)."""
-    with blas_threads(config.threads):
+    hold_blas_threads(config.threads)
+    try:
         start = time.perf_counter()
         result = fn()
         return result, time.perf_counter() - start
+    finally:
+        release_blas_threads()
 
 
 def _bits(a: Optional[np.ndarray]) -> Optional[bytes]:
