@@ -14,7 +14,7 @@ from ckpt import Dense, SegmentCheckpointer, _core
 from ckpt.runners import CompiledRunner
 from ckpt.threads import DEFAULT_MODE, MODES, blas_threads, requested_num_threads
 from ckpt.train import build_mlp
-from ckpt.tuning import ROUNDS, Config, candidates, thread_counts
+from ckpt.tuning import PRUNE, ROUNDS, Config, candidates, thread_counts
 
 
 @pytest.fixture(autouse=True)
@@ -92,7 +92,8 @@ def test_the_fastest_is_chosen_after_interleaved_rounds_and_a_new_batch_size_is_
         threads):
     threads(4)       # oversubscribed on a 2-core machine
     model = SegmentCheckpointer(chain(), 2)
-    timings = Timings({"blas/4": 4.0, "blas/1": 5.0, "blas/2": 1.0, "blas/3": 3.0})
+    # within PRUNE of each other: all candidates run every round
+    timings = Timings({"blas/4": 1.5, "blas/1": 1.9, "blas/2": 1.0, "blas/3": 1.2})
     model.threads_tuning.timing = timings
     step(model, 32)                       # the verification step: nothing timed
     assert timings.calls == []
@@ -112,7 +113,7 @@ def test_the_fastest_is_chosen_after_interleaved_rounds_and_a_new_batch_size_is_
     assert ckpt.get_num_threads() == 4    # a tuned step puts T back
 
     # A larger batch size is measured again; the timings now favour three threads.
-    timings.seconds = {"blas/4": 2.0, "blas/1": 9.0, "blas/2": 2.0, "blas/3": 1.0}
+    timings.seconds = {"blas/4": 1.5, "blas/1": 1.9, "blas/2": 1.4, "blas/3": 1.0}
     timings.calls.clear()
     for _ in range(1 + 4 * ROUNDS):
         step(model, 64)
@@ -133,6 +134,20 @@ def test_the_fastest_is_chosen_after_interleaved_rounds_and_a_new_batch_size_is_
     threads(2)
     step(model, 32)
     assert "32 at T=2, tuned" in model.threads_tuning.report()
+
+
+def test_a_candidate_more_than_prune_times_slower_runs_no_more_rounds(threads):
+    threads(4)
+    model = SegmentCheckpointer(chain(), 2)
+    timings = Timings({"blas/4": 2.5, "blas/1": 1.0, "blas/2": 1.1, "blas/3": 2.1})
+    model.threads_tuning.timing = timings
+    for _ in range(1 + 4 + 2 * (ROUNDS - 1) + 2):
+        step(model, 32)
+    # round 1 measures all four; 2.5 and 2.1 are above PRUNE x 1.0: the others go on
+    assert PRUNE == 2.0
+    assert timings.calls == ["blas/4", "blas/1", "blas/2", "blas/3"] + \
+        ["blas/1", "blas/2"] * (ROUNDS - 1)
+    assert model.threads_tuning.report()["32 at T=4, tuned"]["chosen"] == "blas/1"
 
 
 def _flip_last_bit(a):
@@ -217,8 +232,8 @@ def test_fits_with_the_default_policy_are_bit_identical_whatever_the_timings_cho
     rng = np.random.default_rng(0)
     X = rng.standard_normal((100, 10)).astype(np.float32)
     y = rng.integers(0, 4, 100)
-    favour = {"fewest": lambda c: c.threads, "most": lambda c: -c.threads,
-              "two": lambda c: abs(c.threads - 2)}
+    favour = {"fewest": lambda c: c.threads, "most": lambda c: T + 1 - c.threads,
+              "two": lambda c: abs(c.threads - 2) + 1}
     params, chosen = {}, {}
     for name, seconds in favour.items():
         model = SegmentCheckpointer(chain(), 2, seed=1)
@@ -243,7 +258,7 @@ def test_auto_measures_the_split_too_and_drops_what_the_budget_cannot_hold(threa
     threads(2)
     layers = build_mlp(10, 3, 64, 4, "relu", np.float32, seed=0)
     model = SegmentCheckpointer(layers, 2, threads_mode="auto")
-    timings = Timings({"blas/2": 3.0, "blas/1": 2.0, "split/2": 1.0})
+    timings = Timings({"blas/2": 1.5, "blas/1": 1.2, "split/2": 1.0})
     model.threads_tuning.timing = timings
     slices = []
     for _ in range(1 + 3 * ROUNDS):
@@ -366,7 +381,7 @@ def test_tuned_checkpointers_in_parallel_threads_keep_their_bits(threads):
     def train(favour):
         try:
             model = SegmentCheckpointer(chain(), 2)
-            model.threads_tuning.timing = lambda c, s: float(abs(c.threads - favour))
+            model.threads_tuning.timing = lambda c, s: float(abs(c.threads - favour) + 1)
             for _ in range(10):
                 model.forward(x)
                 model.backward(np.ones((48, 4), np.float32), accumulate=False)

@@ -14,7 +14,10 @@ T, mode), T being :func:`ckpt.threads.requested_num_threads`. For a new batch si
    is dropped.
 2. **Measure** the next training steps: the kept candidates take turns, one step each, for
    :data:`ROUNDS` rounds (A B C A B C A B C); a step's time is its forward plus its backward
-   phase.
+   phase. After each round, a candidate whose mean so far is more than :data:`PRUNE` times the
+   best one's runs no more rounds: on the loaded 2-core machine a step of ``ckpt train``'s model
+   took 0.5 ms at one thread and up to 90 ms at two (OpenBLAS's second thread waiting for a
+   core at each GEMM), and measuring that three times cost more than the rest of the epoch.
 3. **Choose** the candidate of least mean time (ties: the earlier, fewer threads) and run every
    later step of that batch size with it. The mean, not the median: on a loaded machine OpenBLAS
    at two threads was bimodal on small steps (0.5 or 10 ms), and a median of three missed the
@@ -41,6 +44,7 @@ import numpy as np
 from ckpt.threads import hold_blas_threads, release_blas_threads
 
 ROUNDS = 3           # timed steps of each candidate
+PRUNE = 2.0          # a candidate this many times slower than the best after a round is dropped
 ALL_COUNTS_UP_TO = 8
 
 
@@ -88,7 +92,8 @@ class _Tuning:
         self.kept: List[Config] = []
         self.excluded: Dict[Config, str] = {}
         self.samples: Dict[Config, List[float]] = {}
-        self.queue: List[Config] = []
+        self.queue: List[Config] = []       # the rest of the current round
+        self.rounds = 0                      # rounds begun
         self.verified = False
         self.chosen: Optional[Config] = None
 
@@ -240,7 +245,7 @@ class ThreadsTuner:
         if len(tuning.kept) == 1:
             tuning.chosen = tuning.reference
         else:
-            tuning.queue = [c for _ in range(ROUNDS) for c in tuning.kept]
+            tuning.queue, tuning.rounds = list(tuning.kept), 1
 
     def finish(self) -> None:
         """Record the pending step's time for its candidate (while measuring) and end it."""
@@ -253,10 +258,16 @@ class ThreadsTuner:
         tuning.queue.pop(0)
         seconds = float(self.timing(pending.config, pending.seconds))
         tuning.samples.setdefault(pending.config, []).append(seconds)
-        if not tuning.queue:
-            order = {c: i for i, c in enumerate(tuning.kept)}
-            tuning.chosen = min(tuning.samples, key=lambda c: (
-                statistics.fmean(tuning.samples[c]), order[c]))
+        if tuning.queue:
+            return
+        means = {c: statistics.fmean(tuning.samples[c]) for c in tuning.samples}
+        best = min(means.values())
+        alive = [c for c in tuning.kept if c in means and means[c] <= PRUNE * best]
+        if tuning.rounds < ROUNDS and len(alive) > 1:
+            tuning.queue, tuning.rounds = alive, tuning.rounds + 1
+            return
+        order = {c: i for i, c in enumerate(tuning.kept)}
+        tuning.chosen = min(alive, key=lambda c: (means[c], order[c]))
 
     @property
     def pending(self) -> Optional[_Pending]:
