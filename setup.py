@@ -139,6 +139,25 @@ class SourceSdist(sdist):
 
 
 here = Path(__file__).parent
+
+
+def _is_glibc_x86_64() -> bool:
+    """The wheel's glibc floor: on x86_64 glibc, _glibc_compat.h binds the pthread symbols that
+    glibc 2.32/2.34 re-versioned to their original versions (see the header), and libpthread.so.0
+    is linked for the systems where they still live there. Everywhere else nothing changes."""
+    try:
+        libc = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (ValueError, OSError):  # not a glibc system (musl has no such name)
+        return False
+    return sysconfig.get_platform() == "linux-x86_64" and libc.startswith("glibc")
+
+
+GLIBC_X86_64 = _is_glibc_x86_64()
+if GLIBC_X86_64:
+    COMPILE_ARGS = COMPILE_ARGS + ["-include", "src/ckpt/_glibc_compat.h"]
+    # NEEDED libpthread.so.0 even where the linker resolves the symbols in libc (glibc >= 2.34).
+    LINK_ARGS = LINK_ARGS + ["-Wl,--push-state,--no-as-needed", "-l:libpthread.so.0", "-Wl,--pop-state"]
+
 extensions = [
     Extension(
         f"ckpt.{pyx.stem}",

@@ -2,7 +2,7 @@
 
     python bench/compare_builds.py --before OLD/.venv/bin/python --after NEW/.venv/bin/python
                                    [--rounds 7] [--seconds 1.5] [--threads 2]
-                                   [--workloads small,medium,large,deep]
+                                   [--workloads small,medium,large,deep] [--instructions]
 
 Each interpreter imports its own ckpt. For every workload and checkpoint interval (1 and
 floor(sqrt(D))), the two builds take turns (before, after, before, after, ...), each round in a
@@ -10,11 +10,18 @@ fresh process that warms up and then times training steps (zero_grad, forward, M
 backward without the input gradient, SGD update) for --seconds. The table gives the median
 step time of each build over all its rounds, the range of the per-round medians, and the ratio
 after / before (below 1.03: within 3%).
+
+``--instructions`` counts instead of timing: each build runs the same steps under valgrind's
+callgrind at one thread, twice (3 and 3 + N steps after the same warm-up), and the difference is
+the instructions of N steps, Python included -- repeatable whatever else the machine is doing,
+so it answers "not slower" on a loaded machine where times move by 2x (instructions are not
+time: memory stalls and SIMD width do not show).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -58,6 +65,27 @@ print(json.dumps(times))
 """
 
 
+# Runs N steps after a warm-up of 3, at one thread (OpenBLAS's spinning threads would count).
+COUNTER = TIMER.split("for _ in range(5):")[0] + r"""
+for _ in range(3 + int(sys.argv[7])):
+    step()
+"""
+
+
+def step_instructions(python: str, w: wl.Workload, k: int, steps: int) -> float:
+    """Instructions per step: callgrind's totals for 3 + steps and 3 steps, differenced."""
+    totals = []
+    for n in (0, steps):
+        out = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+                              python, "-c", COUNTER, str(w.depth), str(w.width), str(w.batch),
+                              str(k), "1", "0", str(n)],
+                             check=True, capture_output=True, text=True, cwd="/",
+                             env=dict(os.environ, OPENBLAS_NUM_THREADS="1"))
+        line = next(l for l in out.stderr.splitlines() if "Collected" in l)
+        totals.append(int(line.split(":")[-1].replace(",", "")))
+    return (totals[1] - totals[0]) / steps
+
+
 def round_times(python: str, w: wl.Workload, k: int, seconds: float, threads: int) -> list:
     out = subprocess.run([python, "-c", TIMER, str(w.depth), str(w.width), str(w.batch), str(k),
                           str(threads), str(seconds)],
@@ -73,7 +101,20 @@ def main(argv=None) -> None:
     p.add_argument("--seconds", type=float, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workloads", default="small,medium,large,deep")
+    p.add_argument("--instructions", type=int, nargs="?", const=4, default=0, metavar="N",
+                   help="count instructions of N steps under callgrind instead (default N 4)")
     args = p.parse_args(argv)
+    if args.instructions:
+        print("| workload | k | before instructions / step | after | after / before |")
+        print("|---|---|---|---|---|")
+        for name in args.workloads.split(","):
+            w = wl.WORKLOADS[name]
+            for k in w.intervals:
+                counts = [step_instructions(getattr(args, label), w, k, args.instructions)
+                          for label in ("before", "after")]
+                print(f"| {name} ({w.depth}x{w.width}, {w.batch}) | {k} | {counts[0]:,.0f} | "
+                      f"{counts[1]:,.0f} | {counts[1] / counts[0]:.4f} |", flush=True)
+        return
     print("| workload | k | before ms median [round medians] | after ms median [round medians] "
           "| after / before |")
     print("|---|---|---|---|---|")

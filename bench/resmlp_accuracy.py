@@ -61,21 +61,20 @@ def run_api(depth: int, args: argparse.Namespace) -> Dict:
 
     import ckpt
     from ckpt.checkpoint import SegmentCheckpointer
-    from ckpt.cli import DEFAULT_LR, TEST_FRACTION, load_digits, prepare_labels, stratified_split
+    from ckpt.cli import DEFAULT_LR, TEST_FRACTION
+    from ckpt.datasets import digits_scaler, digits_table, prepare_training_data
     from ckpt.optim import OPTIMIZERS
     from ckpt.train import build_mlp, evaluate, fit
 
     previous = ckpt.get_num_threads()
     ckpt.set_num_threads(args.threads)
     try:
-        X, y = load_digits()
-        X, y, classes = prepare_labels(X, y, "digits")
-        X = X / 16.0
         rng = np.random.default_rng(args.seed)
-        train_idx, test_idx = stratified_split(y, TEST_FRACTION, rng)
-        X = X.astype(np.float32)
-        X_train, y_train, X_test, y_test = X[train_idx], y[train_idx], X[test_idx], y[test_idx]
-        layers = build_mlp(X.shape[1], depth, args.width, len(classes), "relu", np.float32, rng,
+        data = prepare_training_data(digits_table(np.float32), rng, test_fraction=TEST_FRACTION,
+                                     scaler=digits_scaler())
+        X_train, y_train, X_test, y_test = data.X_train, data.y_train, data.X_test, data.y_test
+        classes = data.classes
+        layers = build_mlp(X_train.shape[1], depth, args.width, len(classes), "relu", np.float32, rng,
                            residual=True)
         model = SegmentCheckpointer(layers)
         optimizer = OPTIMIZERS["adam"](model, DEFAULT_LR["adam"])

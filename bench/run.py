@@ -1,10 +1,12 @@
 """Benchmark ckpt against pure NumPy and PyTorch on Dense-layer chains and a residual MLP.
 
-    python bench/run.py [--quick] [--out bench/results] [--threads N] [--rounds R]
+    python bench/run.py [--quick] [--out bench/results | --docs] [--threads N] [--rounds R]
                         [--workloads small,deep] [--no-torch] [--render-only]
 
 Writes OUT/results.md (tables), OUT/results.json (everything, with threadpoolctl's view of the
 BLAS of every contender) and OUT/results.png (step time and memory per workload and contender).
+With --docs, OUT is docs/benchmarks/results, which the documentation's benchmark page includes
+(commit the three files; the docs build never runs the benchmark).
 
 Workloads (bench/workloads.py), MSE, SGD, batch B, float32; one step is forward + backward +
 update: float32 ReLU MLPs of D layers W -> W (last layer linear), and ``resmlp``, the pre-norm
@@ -46,6 +48,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+DOCS_RESULTS = ROOT / "docs" / "benchmarks" / "results"
 sys.path.insert(0, str(HERE))
 
 import workloads as wl  # noqa: E402
@@ -423,7 +426,8 @@ def write_markdown(path: Path, result: dict) -> None:
     if meta.get("gemm_peak_gflops"):
         L.append(f"ckpt's BLAS on one {meta['gemm_peak_n']}³ float32 GEMM: "
                  f"{meta['gemm_peak_gflops']:.0f} GFLOP/s (the machine's practical peak).")
-    L += ["", "## Results", "",
+    L += ["", "![Step time and peak memory per workload and contender](results.png)",
+          "", "## Results", "",
           "| workload (D×W, B) | k | schedule | contender | step ms median [min–max] | "
           "ckpt × faster | BLAS eff. | GFLOP/s | peak mem MiB | mem vs k=1 | recomputed elements | "
           "extra GFLOP | notes |",
@@ -627,6 +631,9 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes, few steps (seconds): checks that the benchmark runs")
     p.add_argument("--out", default=str(HERE / "results"), help="output folder")
+    p.add_argument("--docs", action="store_true",
+                   help=f"write into {DOCS_RESULTS.relative_to(ROOT)} (the docs' benchmark "
+                        f"page) instead of --out")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="BLAS/OpenMP threads for every contender (default: all cores)")
     p.add_argument("--rounds", type=int, default=None,
@@ -638,6 +645,8 @@ def parse_args(argv=None):
                    help="rewrite results.md and results.png from OUT/results.json, run nothing")
     args = p.parse_args(argv)
     args.rounds_given = args.rounds is not None
+    if args.docs:
+        args.out = str(DOCS_RESULTS)
     if args.quick:
         defaults = dict(rounds=3, warm_steps=2, warm_seconds=0.0, round_seconds=0.0,
                         min_steps=3, max_steps=3, gap=0.05)
@@ -738,7 +747,8 @@ def main(argv=None) -> dict:
                        + (f" --threads {args.threads}" if args.threads != (os.cpu_count() or 1)
                           else "")
                        + (f" --rounds {args.rounds}" if args.rounds_given else "")
-                       + ("" if args.out == str(HERE / "results") else f" --out {args.out}"),
+                       + (" --docs" if args.docs
+                          else "" if args.out == str(HERE / "results") else f" --out {args.out}"),
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": args.threads,
             "quick": args.quick, "rounds": args.rounds, "round_seconds": args.round_seconds,

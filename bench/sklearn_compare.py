@@ -1,6 +1,7 @@
 """ckpt.MLPClassifier / MLPRegressor against scikit-learn's, same settings, same number of epochs.
 
-    python bench/sklearn_compare.py [--rounds R] [--threads 1 2] [--modes blas split] [--quick]
+    python bench/sklearn_compare.py [--rounds R] [--threads 1 2] [--modes blas split]
+                                    [--solver adam|lbfgs] [--quick]
 
 Two workloads, as in issue 13:
 
@@ -9,11 +10,14 @@ Two workloads, as in issue 13:
 - regression: ``make_regression`` with 20,000 rows and 20 features (noise 10, 80/20 split,
   standardised): 2 hidden layers of 256, batch 200, 20 epochs, Adam; test R^2.
 
-Contenders: scikit-learn (float64, its default), ckpt in float32 (its default) and ckpt in
-float64, each at 1 and 2 BLAS threads. Every fit runs in its own process (one BLAS pool per
-process), with ``n_iter_no_change=inf`` so that every contender runs exactly the same number of
-epochs (checked). Rounds alternate the contenders; the table shows the median fit time (min-max)
-and the speed-up over scikit-learn at the same thread count. OPENBLAS_CORETYPE and
+Contenders: scikit-learn and ckpt, each fitting the same X in float32 and in float64 (X is cast
+before the fit, so scikit-learn computes in that dtype too: it keeps float32 input in float32),
+each at 1 and 2 BLAS threads. ``--solver lbfgs`` runs both with solver="lbfgs" (full batch)
+instead of Adam. Every fit runs in its own process (one BLAS pool per process), with
+``n_iter_no_change=inf`` so that every contender runs exactly the same number of epochs
+(checked; lbfgs: the same max_iter, iterations reported). Rounds alternate the contenders; the
+table shows the median fit time (min-max) and the speed-up over scikit-learn at the same
+thread count and dtype. OPENBLAS_CORETYPE and
 OPENBLAS_L2_SIZE are unset for the workers. Wall times on a shared machine are noisy: compare
 the ratios of one run, not absolute times across runs.
 
@@ -40,7 +44,6 @@ WORKLOADS = {
     "digits": dict(hidden_layer_sizes=(256,) * 8, batch_size=64, max_iter=30),
     "regression": dict(hidden_layer_sizes=(256, 256), batch_size=200, max_iter=20),
 }
-CONTENDERS = [("scikit-learn", "float64"), ("ckpt", "float32"), ("ckpt", "float64")]
 
 
 def _data(name: str, quick: bool):
@@ -88,11 +91,14 @@ def gemm_peak(n: int, reps: int = 5) -> dict:
 
 
 def worker(library: str, dtype: str, threads: int, workload: str, quick: bool,
-           mode: str = "blas") -> dict:
+           mode: str = "blas", solver: str = "adam") -> dict:
     """One fit in this process; returns its time, test score, number of epochs and GEMM FLOPs."""
     from threadpoolctl import threadpool_info, threadpool_limits
-    X_train, X_test, y_train, y_test = _data(workload, quick)
-    params = dict(WORKLOADS[workload], solver="adam", random_state=0, n_iter_no_change=np.inf)
+    X_train, X_test, y_train, y_test = (a.astype(dtype) if a.dtype.kind == "f" else a
+                                        for a in _data(workload, quick))
+    params = dict(WORKLOADS[workload], solver=solver, random_state=0, n_iter_no_change=np.inf)
+    if solver == "lbfgs":
+        del params["n_iter_no_change"]
     if quick:
         params["max_iter"] = 2
     kind = "MLPClassifier" if workload == "digits" else "MLPRegressor"
@@ -132,8 +138,9 @@ def _run_worker(args: list, threads: int, worker: bool = True) -> dict:
 
 def _contenders(threads: int, modes: list) -> list:
     """(library, dtype, mode) run at this thread count: ckpt in each mode above one thread."""
-    out = [("scikit-learn", "float64", "")]
+    out = []
     for dtype in ("float32", "float64"):
+        out += [("scikit-learn", dtype, "")]
         out += [("ckpt", dtype, mode) for mode in (modes if threads > 1 else ["blas"])]
     return out
 
@@ -147,13 +154,15 @@ def main(argv=None) -> int:
                         help="ckpt's threading modes at more than one thread (default: blas)")
     parser.add_argument("--peak-n", type=int, default=1024,
                         help="size of the square GEMM whose rate is the peak (0: skip)")
+    parser.add_argument("--solver", default="adam", choices=["adam", "lbfgs"])
     parser.add_argument("--quick", action="store_true", help="2 epochs, 2,000 regression rows")
-    parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
     parser.add_argument("--peak-worker", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        library, dtype, threads, workload, quick, mode = args.worker
-        print(json.dumps(worker(library, dtype, int(threads), workload, quick == "1", mode)))
+        library, dtype, threads, workload, quick, mode, solver = args.worker
+        print(json.dumps(worker(library, dtype, int(threads), workload, quick == "1", mode,
+                                solver)))
         return 0
     if args.peak_worker:
         print(json.dumps(gemm_peak(args.peak_worker)))
@@ -171,7 +180,8 @@ def main(argv=None) -> int:
             for threads in args.threads:
                 for library, dtype, mode in _contenders(threads, args.modes):
                     r = _run_worker([library, dtype, str(threads), workload,
-                                     "1" if args.quick else "0", mode or "blas"], threads)
+                                     "1" if args.quick else "0", mode or "blas", args.solver],
+                                    threads)
                     results.setdefault((workload, threads, library, dtype, mode), []).append(r)
                     blas.update(r["blas"])
                     print(f"  {workload:<10} {threads} thread(s) {library:<12} {dtype} {mode}: "
@@ -184,13 +194,13 @@ def main(argv=None) -> int:
     for workload in args.workloads:
         metric = "accuracy" if workload == "digits" else "R²"
         for threads in args.threads:
-            base = np.median([r["seconds"] for r in results[(workload, threads,
-                                                               "scikit-learn", "float64", "")]])
             epochs = {r["n_iter"] for key, rs in results.items()
                       if key[:2] == (workload, threads) for r in rs}
-            if len(epochs) != 1:
+            if len(epochs) != 1 and args.solver != "lbfgs":
                 raise SystemExit(f"{workload}: the contenders ran different epochs {epochs}")
             for library, dtype, mode in _contenders(threads, args.modes):
+                base = np.median([r["seconds"] for r in results[(workload, threads,
+                                                                   "scikit-learn", dtype, "")]])
                 rs = results[(workload, threads, library, dtype, mode)]
                 times = [r["seconds"] for r in rs]
                 med = float(np.median(times))
@@ -198,11 +208,14 @@ def main(argv=None) -> int:
                 name = f"{library} {dtype}" + (f" {mode}" if len(args.modes) > 1 and threads > 1
                                                and mode else "")
                 flops = rs[0]["flops"]
+                # lbfgs evaluates the loss more often than it iterates: no FLOP count there.
+                work = ("n/a | n/a" if args.solver == "lbfgs"
+                        else f"{flops / 1e9:.1f} | {flops / med / 1e9:.1f}")
                 print(f"| {workload} | {threads} | {name} | {med:.2f} s "
                       f"({min(times):.2f}-{max(times):.2f}) | {base / med:.2f}x "
-                      f"| {metric} {score:.4f} | {rs[0]['n_iter']} | {flops / 1e9:.1f} "
-                      f"| {flops / med / 1e9:.1f} |")
-    print(f"\nBLAS: {', '.join(sorted(blas))}; {args.rounds} round(s); {os.cpu_count()} CPUs")
+                      f"| {metric} {score:.4f} | {rs[0]['n_iter']} | {work} |")
+    print(f"\nsolver {args.solver}; BLAS: {', '.join(sorted(blas))}; {args.rounds} round(s); "
+          f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f} at the end")
     for threads, rates in peaks.items():
         print(f"ckpt's OpenBLAS on one {args.peak_n}³ GEMM at {threads} thread(s): "
               f"sgemm {rates['float32']:.0f} GFLOP/s, dgemm {rates['float64']:.0f} GFLOP/s")

@@ -23,14 +23,15 @@ TORCH = r"""
 import json, sys, time
 import numpy as np
 import torch
-from ckpt import cli
+from ckpt import cli, datasets
 depth, width, batch, epochs = (int(a) for a in sys.argv[1:5])
 # The split and scaling of `ckpt train` on the bundled digits (cli._train), same seed.
 args = cli.build_parser().parse_args(["train"])
-X, y, classes = cli.prepare_labels(*cli.load_digits(), "digits")
-X = (X / 16.0).astype(np.float32)
-train_idx, test_idx = cli.stratified_split(y, cli.TEST_FRACTION, np.random.default_rng(args.seed))
-Xtr, ytr, Xte, yte = X[train_idx], y[train_idx], X[test_idx], y[test_idx]
+data = datasets.prepare_training_data(datasets.digits_table(np.float32),
+                                      np.random.default_rng(args.seed),
+                                      test_fraction=cli.TEST_FRACTION,
+                                      scaler=datasets.digits_scaler())
+Xtr, ytr, Xte, yte = data.X_train, data.y_train, data.X_test, data.y_test
 Xtr = torch.from_numpy(np.ascontiguousarray(Xtr, np.float32))
 ytr = torch.from_numpy(np.asarray(ytr, np.int64))
 torch.manual_seed(0)

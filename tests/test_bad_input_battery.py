@@ -805,7 +805,9 @@ FILE_KINDS = ["random", "truncated", "flipped", "empty zip", "json list", "missi
 @st.composite
 def load_cases(draw, fn_name: str):
     kind = draw(st.sampled_from(FILE_KINDS + (["wrong model", "wrong optimizer"]
-                                              if fn_name == "load" else [])))
+                                              if fn_name == "load" else [])
+                                + (["no preprocessing"] if fn_name == "load_predictor"
+                                   else [])))
     seed = draw(st.integers(0, 2**16))
 
     def call(w):
@@ -824,10 +826,14 @@ def load_cases(draw, fn_name: str):
         elif kind == "wrong optimizer":
             path = w.saved
             optimizer = ckpt.SGD(w.model, lr=0.1)
+        elif kind == "no preprocessing":
+            path = w.saved                   # saved by ckpt.save, without preprocessing
         else:
             path = _corrupt_file(w, kind, seed)
         if fn_name == "load_model":
             return ckpt.load_model(path)
+        if fn_name == "load_predictor":
+            return ckpt.load_predictor(path)
         return ckpt.load(path, model, optimizer)
     return Case(f"{fn_name}({kind}, seed {seed})", call,
                 ("bad-", "no-such-file", "battery", "path", "model", "optimizer", "file"),
@@ -893,6 +899,7 @@ COVERAGE: Dict[str, object] = {
     "get_num_threads": NoInput("takes no arguments"),
     "load": load_cases("load"),
     "load_model": load_cases("load_model"),
+    "load_predictor": load_cases("load_predictor"),
     "mse_loss": loss_cases("mse_loss"),
     "predict": predict_cases(),
     "save": save_cases(),

@@ -156,6 +156,10 @@ def test_buffers_are_pickled_saved_and_loaded_but_are_not_parameters(tmp_path):
     model.set_training(False)
     loaded.set_training(False)
     np.testing.assert_array_equal(loaded.forward(x), model.forward(x))
+    # ckpt.load into a model built in code restores the buffers too.
+    fresh_layers = chain(seed=5)
+    ckpt.load(path, SegmentCheckpointer(fresh_layers))
+    assert_same(state(fresh_layers), state(layers))
 
 
 def test_bad_input_is_refused_and_changes_nothing():
@@ -181,3 +185,20 @@ def test_bad_input_is_refused_and_changes_nothing():
         bad = dict(config, **{key: value})
         with pytest.raises(ValueError, match=key):
             ckpt.elements.layer_from_config(bad)
+
+
+def test_fit_refuses_a_one_row_training_batch_before_the_first_step():
+    layers = ckpt.build_mlp(6, 3, 8, 3, "relu", np.float64, seed=0, norm="batch")
+    model = SegmentCheckpointer(layers)
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((33, 6)), rng.integers(0, 3, 33)
+    before = state(layers)
+    with pytest.raises(ValueError, match=r"with 33 rows, batch_size 8, accumulation_steps 1, a "
+                                         r"batch of 1 rows .*1 row"):
+        ckpt.fit(model, X, y, epochs=1, batch_size=8)
+    with pytest.raises(ValueError, match=r"batch_size 6, accumulation_steps 4, a batch of 6 "
+                                         r"rows split into 4 micro-batch\(es\) of as few as 1"):
+        ckpt.fit(model, X[:30], y[:30], epochs=1, batch_size=6, accumulation_steps=4)
+    assert_same(state(layers), before)
+    ckpt.fit(model, X[:32], y[:32], epochs=1, batch_size=8, accumulation_steps=4)
+    assert all(b.num_batches_tracked == 4 * 4 for b in norms(layers))   # per micro-batch

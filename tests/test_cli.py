@@ -74,7 +74,7 @@ def test_npz_data(capsys, tmp_path):
     np.savez(tmp_path / "toy.npz", X=X, y=y)
     results = _results(_run(capsys, ["train", "--data", str(tmp_path / "toy.npz"), "--epochs",
                                      "30", "--batch-size", "8", "--lr", "0.01", "--depth", "2",
-                                     "--width", "8", "--json"]))
+                                     "--width", "8", "--json", "--task", "classification"]))
     assert results["test_accuracy"] == 1.0
 
 
@@ -86,7 +86,8 @@ def test_csv_data_with_header(capsys, tmp_path):
         for row, label in zip(X, y):
             f.write(",".join(f"{v:.6f}" for v in row) + f",{label}\n")
     out = _run(capsys, ["train", "--data", str(path), "--epochs", "30", "--batch-size", "8",
-                        "--lr", "0.01", "--depth", "2", "--width", "8", "--json"])
+                        "--lr", "0.01", "--depth", "2", "--width", "8", "--json", "--task",
+                        "classification"])
     assert "48 train / 12 test rows, 4 features, 2 classes" in out
     assert _results(out)["test_accuracy"] == 1.0
 
@@ -122,21 +123,23 @@ def test_bad_arguments_exit_2_with_one_line(capsys, argv, match):
 
 
 @pytest.mark.parametrize("name, content, match", [
-    ("bad.csv", "1,2,0\n3,x,1\n", "not a numeric CSV table"),
-    ("ragged.csv", "1,2,0\n3,1\n", "not a numeric CSV table"),
-    ("empty.csv", "a,b,label\n", "holds no data rows"),
-    ("rows.npz", {"X": np.zeros((5, 2)), "y": np.arange(4)}, "5 rows of features but 4 labels"),
+    ("bad.csv", "1,2,0\n3,x,1\n", "line 2: feature column '1' holds 'x', not a number"),
+    ("ragged.csv", "1,2,0\n3,1\n", "line 2: 2 fields, but the table has 3 columns"),
+    ("empty.csv", "a,b,label\n", "holds no data rows (only a header)"),
+    ("rows.npz", {"X": np.zeros((5, 2)), "y": np.arange(4)}, "5 rows of features but 4 targets"),
     ("noy.npz", {"X": np.zeros((5, 2))}, "has no array 'y'"),
     ("one.npz", {"X": np.zeros((5, 2)), "y": np.zeros(5, int)}, "need at least 2 classes"),
     ("frac.npz", {"X": np.zeros((4, 2)), "y": np.array([0, 0.5, 1, 1])}, "whole numbers"),
-    ("nan.npz", {"X": np.full((4, 2), np.nan), "y": np.array([0, 0, 1, 1])}, "NaN"),
-    ("data.txt", "1,2,0\n", "expected a .npz or .csv file"),
+    ("nan.npz", {"X": np.full((4, 2), np.nan), "y": np.array([0, 0, 1, 1])},
+     "row 0, column '0' holds nan"),
+    ("data.txt", "1,2,0\n", "expected a .csv, .npz, .npy or .parquet file"),
     ("broken.npz", "not a zip", "not a readable .npz file"),
 ])
 def test_bad_data_exit_2_with_one_line(capsys, tmp_path, name, content, match):
     path = _write(tmp_path, name, content)
     with pytest.raises(SystemExit) as info:
-        main(["train", "--data", path, "--epochs", "1", "--depth", "2", "--width", "4"])
+        main(["train", "--data", path, "--epochs", "1", "--depth", "2", "--width", "4",
+              "--task", "classification"])
     assert info.value.code == 2
     out, err = capsys.readouterr()
     assert len(err.strip().splitlines()) == 1
@@ -186,7 +189,7 @@ def test_a_width_that_cannot_fit_in_memory_is_one_line_exit_2(capsys):
 
 def test_a_huge_csv_label_is_refused(capsys, tmp_path):
     path = _write(tmp_path, "huge.csv", "1,2,0\n3,4,1e300\n5,6,0\n7,8,1\n")
-    _, err = _one_line_exit(capsys, SMALL + ["--data", path])
+    _, err = _one_line_exit(capsys, SMALL + ["--data", path, "--task", "classification"])
     assert "label 1e+300 in row 1 is too large for a class value" in err
 
 

@@ -30,20 +30,13 @@ from sklearn.utils.estimator_checks import (  # noqa: E402
 import ckpt  # noqa: E402
 from ckpt.estimators import MLPClassifier, MLPRegressor  # noqa: E402
 
-FLOAT32_ROUNDING = ("float32 arithmetic (the default dtype): a weighted sum and the sum over "
-                    "repeated rows round differently, beyond this check's rtol=1e-7; the same "
-                    "check passes with dtype=float64 (test_sample_weight_equivalence_in_float64)")
-
-
-def _expected_failures(estimator):
-    return {"check_sample_weight_equivalence_on_dense_data": FLOAT32_ROUNDING}
-
-
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 @parametrize_with_checks(
-    [MLPClassifier(hidden_layer_sizes=(32,), max_iter=100, learning_rate_init=0.01),
-     MLPRegressor(hidden_layer_sizes=(32,), max_iter=100, learning_rate_init=0.01)],
-    expected_failed_checks=_expected_failures)
+    [MLPClassifier(hidden_layer_sizes=(32,), max_iter=100, learning_rate_init=0.01, dtype=None),
+     MLPRegressor(hidden_layer_sizes=(32,), max_iter=100, learning_rate_init=0.01, dtype=None),
+     MLPClassifier(hidden_layer_sizes=(8,), solver="lbfgs", max_iter=50, dtype=None)])
 def test_scikit_learn_checks(estimator, check):
+    """dtype=None (scikit-learn's dtypes): every check passes, none expected to fail."""
     check(estimator)
 
 
@@ -200,6 +193,66 @@ def test_round_trip_predicts_and_trains_identically(how, Estimator, data):
     assert clone.t_ == model.t_ and clone.loss_ == model.loss_
 
 
+def _same(a, b):
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return type(a) is type(b) and (a == b or (a != a and b != b))
+
+
+NEW_PARAMETER_CASES = [
+    ("lbfgs, max_fun, dtype=None", MLPClassifier, _classification,
+     dict(solver="lbfgs", max_fun=500, dtype=None, max_iter=5), {}),
+    ("class_weight dict, validation_data", MLPClassifier, _classification,
+     dict(class_weight={0: 2.0, 1: 0.5}, max_iter=3), dict(validation_data=True)),
+    ("balanced, early stopping", MLPClassifier, _classification,
+     dict(class_weight="balanced", early_stopping=True, max_iter=3), {}),
+    ("poisson, validation_data", MLPRegressor, lambda: (_regression()[0], np.abs(_regression()[1])),
+     dict(loss="poisson", max_iter=3), dict(validation_data=True)),
+    ("sparse input", MLPRegressor, lambda: (__import__("scipy.sparse").sparse.csr_matrix(
+        _regression()[0]), _regression()[1]), dict(max_iter=3, dtype=None), {}),
+    ("sparse input, dropout", MLPClassifier, lambda: (__import__("scipy.sparse").sparse.csc_array(
+        _classification()[0]), _classification()[1]), dict(max_iter=3, dropout=0.2), {}),
+]
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+@pytest.mark.parametrize("name, Estimator, data, params, fit_kwargs", NEW_PARAMETER_CASES,
+                         ids=[case[0] for case in NEW_PARAMETER_CASES])
+def test_new_parameters_and_fitted_attributes_round_trip(name, Estimator, data, params,
+                                                         fit_kwargs):
+    """clone keeps every parameter (the new ones included); pickle, deepcopy and joblib keep
+    every fitted attribute, and the copy predicts and trains on like the original."""
+    X, y = data()
+    model = Estimator(hidden_layer_sizes=(6,), random_state=0, **params)
+    cloned = sklearn.base.clone(model)
+    assert _same(cloned.get_params(), model.get_params())
+    kwargs = {"validation_data": (X[:40], y[:40])} if fit_kwargs else {}
+    model.fit(X, y, **kwargs)
+    fitted = sorted(k for k in vars(model) if k.endswith("_") and not k.startswith("_"))
+    assert {"coefs_", "n_iter_", "loss_", "memory_report_"} <= set(fitted)
+    if fit_kwargs:
+        assert len(model.validation_loss_curve_) == model.n_iter_
+    for how, copy_of in sorted(ROUND_TRIPS.items()):
+        copied = copy_of(model)
+        for key in fitted:
+            assert _same(getattr(copied, key), getattr(model, key)), (how, key)
+        assert _same(copied.get_params(), model.get_params())
+        np.testing.assert_array_equal(copied.predict(X), model.predict(X))
+    if hasattr(model, "partial_fit") and not params.get("early_stopping"):
+        for how, copy_of in sorted(ROUND_TRIPS.items()):
+            copied = copy_of(model)
+            if "_rest" in vars(model) and model._rest is not None:
+                # The sparse path's chain shares the copy's layers, not the original's.
+                assert copied._rest.layers[0] is copied._model.layers[1]
+            for estimator in (model, copied):
+                estimator.partial_fit(X, y)
+            np.testing.assert_array_equal(copied.coefs_[0], model.coefs_[0])
+
+
 def test_grid_search_with_two_jobs_in_a_pipeline():
     X, y = _classification(n=150)
     pipe = make_pipeline(StandardScaler(),
@@ -244,7 +297,11 @@ def test_bad_data_gives_scikit_learns_errors():
 
 
 @pytest.mark.parametrize("params, error, match", [
-    (dict(solver="lbfgs"), ValueError, "solver='adam'"),
+    (dict(solver="newton"), ValueError, "solver"),
+    (dict(max_fun=0), ValueError, "max_fun"),
+    (dict(solver="lbfgs", dropout=0.5), ValueError, "stochastic solver"),
+    (dict(class_weight="uniform"), ValueError, "class_weight"),
+    (dict(class_weight={0: -1.0}), ValueError, "class_weight"),
     (dict(residual=True, hidden_layer_sizes=(8, 16)), ValueError, "hidden_layer_sizes"),
     (dict(dropout=1.0), ValueError, "dropout"),
     (dict(hidden_layer_sizes=(4, 0)), ValueError, "hidden_layer_sizes"),
@@ -286,9 +343,59 @@ def test_inputs_are_cast_to_the_estimators_dtype():
         for X_in in (X, X.astype(np.float32), np.round(10 * X).astype(np.int64), X.tolist()):
             model = MLPClassifier(hidden_layer_sizes=(5,), max_iter=2).fit(X_in, y)
             assert model.coefs_[0].dtype == np.float32
-            assert model.predict_proba(X_in).dtype == np.float64
+            assert model.predict_proba(X_in).dtype == np.float32
         model = MLPRegressor(hidden_layer_sizes=(5,), max_iter=2, dtype="float64").fit(X, y)
         assert model.coefs_[0].dtype == np.float64
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+@pytest.mark.parametrize("X_dtype, trained", [(np.float32, np.float32), (np.float64, np.float64),
+                                              (np.int64, np.float64), (np.float16, np.float64)])
+def test_dtype_none_follows_scikit_learn(X_dtype, trained):
+    """float32 input trains in float32, anything else in float64; the fitted arrays and
+    the outputs come back in that dtype, as scikit-learn's."""
+    X, y = _regression()
+    X = (X * 10).astype(X_dtype)
+    theirs = neural_network.MLPRegressor(hidden_layer_sizes=(5,), max_iter=2).fit(X, y)
+    for solver in ("adam", "lbfgs"):
+        ours = MLPRegressor(hidden_layer_sizes=(5,), max_iter=2, dtype=None,
+                            solver=solver).fit(X, y)
+        assert theirs.coefs_[0].dtype == trained
+        assert {a.dtype for a in ours.coefs_ + ours.intercepts_} == {np.dtype(trained)}
+        assert ours.predict(X).dtype == trained
+        Xc, yc = _classification()
+        clf = MLPClassifier(hidden_layer_sizes=(5,), max_iter=2, dtype=None,
+                            solver=solver).fit(Xc.astype(X_dtype), yc)
+        assert clf.predict_proba(Xc.astype(X_dtype)).dtype == trained
+        assert clf.coefs_[0].dtype == trained
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+@pytest.mark.parametrize("assigned", [np.float64, np.float32])
+def test_assigned_coefs_are_cast_into_the_network(assigned):
+    """coefs_ assigned (in either dtype) before partial_fit, warm_start or predict are what
+    the network continues from, cast to its dtype; coefs_ are its arrays again after."""
+    X, y = _regression()
+    reference = neural_network.MLPRegressor(hidden_layer_sizes=(5,), max_iter=3,
+                                            random_state=1).fit(X, y)
+    for how in ("partial_fit", "warm_start", "predict"):
+        ours = MLPRegressor(hidden_layer_sizes=(5,), max_iter=1, random_state=0,
+                            warm_start=how == "warm_start").fit(X, y)
+        ours.coefs_ = [c.astype(assigned) for c in reference.coefs_]
+        ours.intercepts_ = [b.astype(assigned) for b in reference.intercepts_]
+        if how == "predict":
+            np.testing.assert_allclose(ours.predict(X), reference.predict(X), rtol=1e-4,
+                                       atol=1e-5)
+        else:
+            start = [c.astype(np.float32) for c in reference.coefs_]
+            getattr(ours, "fit" if how == "warm_start" else how)(X, y)
+            # One epoch from the assigned weights: close to them, not to the old ones.
+            assert np.abs(ours.coefs_[0] - start[0]).max() < 0.05
+        assert all(c.dtype == np.float32 for c in ours.coefs_ + ours.intercepts_)
+        assert all(c is layer.W for c, layer in zip(ours.coefs_, ours._model.layers))
+    ours.coefs_ = [np.zeros((3, 3))] + ours.coefs_[1:]
+    with pytest.raises(ValueError, match=r"layer 0 has coefs_ of shape \(6, 5\)"):
+        ours.partial_fit(X, y)
 
 
 def test_alpha_is_part_of_the_loss():

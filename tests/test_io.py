@@ -204,7 +204,9 @@ def test_a_plain_npy_file_is_not_a_model_file(tmp_path):
     ("42", "metadata must be a JSON object, got int"),
     ("{not json", "corrupt metadata"),
     ("[" * 100000 + "]" * 100000, "corrupt metadata"),
-    ({"format": 99, "params": 6}, "unsupported format 99"),
+    ({"format": 99, "params": 6}, r"written by a newer ckpt \(model format 99; this ckpt .* reads "
+                                  r"formats up to 2\): upgrade ckpt"),
+    ({"format": 0, "params": 6}, "unsupported format 0"),
     ({"format": 1, "params": 10**15}, "holds 1000000000000000 parameter arrays"),
     ({"format": 1, "params": "6"}, "holds '6' parameter arrays"),
 ])

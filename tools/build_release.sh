@@ -7,7 +7,8 @@
 #   1. builds the sdist, and the wheel from that sdist (python -m build);
 #   2. repairs the wheel to the manylinux tag that auditwheel grants, without vendoring the OpenBLAS
 #      of the scipy-openblas32 runtime dependency (--exclude on the soname the extension links to);
-#   3. checks both: twine check --strict, the license files inside both, the wheel tag, RUNPATH of
+#   3. checks both: twine check --strict, the license files inside both, the wheel tag (and that it
+#      is the one README.md and docs/guide/building.md state), RUNPATH of
 #      every extension exactly $ORIGIN/../scipy_openblas32/lib, no .debug_* sections, nothing grafted;
 #   4. installs the wheel into a fresh venv with no index, binaries only and CC=false (so no
 #      compiler can be used), and runs `ckpt --version`, `ckpt train --epochs 1` and an import test
@@ -81,6 +82,16 @@ platform_tags=${platform_tags%.whl}
 for tag in ${platform_tags//./ }; do
     case "$tag" in manylinux*) ;; *) fail "$wheel_name carries the tag $tag, not only manylinux tags" ;; esac
 done
+# The glibc floor the docs state is the one auditwheel granted: every manylinux_2_NN_x86_64 in the
+# README and the building page must be the wheel's PEP 600 tag (beside it, a legacy alias such as
+# manylinux2014_x86_64 may come first).
+granted=$(tr '.' '\n' <<< "$platform_tags" | grep -E '^manylinux_2_[0-9]+_x86_64$' || true)
+[ "$(wc -w <<< "$granted")" -eq 1 ] || fail "$wheel_name has no single manylinux_2_NN_x86_64 tag"
+auditwheel show "$wheel" > "$work/show.log" 2>&1 || { cat "$work/show.log" >&2; fail "auditwheel show"; }
+say "glibc symbol versions referenced: $(grep -o "'GLIBC_[0-9.]*'" "$work/show.log" | tr -d "'" | sort -uV | tr '\n' ' ')-> $granted"
+stated=$(cd "$work/src" && grep -oh 'manylinux_2_[0-9]*_x86_64' README.md docs/guide/building.md | sort -u)
+[ -n "$stated" ] || fail "README.md and docs/guide/building.md state no manylinux_2_NN_x86_64 tag"
+[ "$stated" = "$granted" ] || fail "the docs state $(echo $stated) but auditwheel granted $granted ($wheel_name)"
 
 # --- inspect what will be shipped ----------------------------------------------------------------
 mkdir "$work/wheel" && (cd "$work/wheel" && python3 -m zipfile -e "$wheel" .)

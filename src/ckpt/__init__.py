@@ -13,6 +13,7 @@ from ckpt.costs import ChainCosts, ElementCost
 from ckpt.elements import Activation, BatchNorm, Dense, Dropout, Layer, LayerNorm, Residual
 from ckpt.losses import mse_loss, softmax_cross_entropy
 from ckpt.optim import SGD, Adam, AdamW
+from ckpt.predictor import load_predictor
 from ckpt.threads import get_threading_mode, threading_mode
 from ckpt.tracker import MemoryUsageTracker
 from ckpt.train import build_mlp, evaluate, fit, predict
@@ -60,6 +61,7 @@ __all__ = [
     "get_threading_mode",
     "load",
     "load_model",
+    "load_predictor",
     "mse_loss",
     "predict",
     "save",

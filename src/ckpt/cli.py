@@ -1,8 +1,13 @@
 """The ``ckpt`` command line (also ``python -m ckpt``).
 
-``ckpt train`` trains a checkpointed MLP on the bundled digits (or on ``--data FILE``) and ends
-with one screen: test accuracy, time, peak activation memory with and without checkpointing, and
-the compute spent on recomputation. Subcommands register themselves in ``SUBCOMMANDS``.
+``ckpt train`` trains a checkpointed MLP on the bundled digits (or ``--example diabetes``, or
+``--data FILE`` read by :mod:`ckpt.datasets`: CSV, .npz, .npy, Parquet, with ``--target`` and
+``--features``), as a classifier or a regression (``--task``), and ends with one screen: the
+test metrics, time, peak activation memory with and without checkpointing, and the compute
+spent on recomputation. ``--save`` writes a model file that predicts on raw data by itself:
+``ckpt predict`` and ``ckpt evaluate`` use it (:mod:`ckpt.predictor`). ``--checkpoint-dir`` and
+``--resume`` continue a killed run (:mod:`ckpt.resume`). Subcommands register themselves in
+``SUBCOMMANDS``; this module parses, calls the library and prints.
 Bad arguments or data, and sizes that cannot fit in memory, print one line to stderr and exit
 with status 2; Ctrl-C prints one line (what was trained and saved) and exits with status 130.
 """
@@ -10,17 +15,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
-import io as _io
 import json
 import math
 import os
 import sys
 import time
-import zipfile
-import zlib
-from importlib import resources
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -29,11 +28,17 @@ from ckpt import _core, distributed, get_num_threads, set_num_threads
 from ckpt.activations import NAMES as ACTIVATION_NAMES
 from ckpt.threads import MODES, get_threading_mode, threading_mode
 from ckpt.checkpoint import SegmentCheckpointer
-from ckpt.losses import softmax_cross_entropy
-from ckpt.optim import OPTIMIZERS
-from ckpt.units import format_size, parse_size
 from ckpt.costs import ChainCosts
-from ckpt.train import build_mlp, describe_architecture, evaluate, fit, mlp_costs
+from ckpt.datasets import (EXAMPLES, Preprocessing, TrainingData, example_table,
+                           prepare_training_data, read_table, write_csv)
+from ckpt.inference import regression_metrics
+from ckpt.measure import measure_step, recompute_cost
+from ckpt.optim import OPTIMIZERS
+from ckpt.optim.schedules import SCHEDULES, make_schedule
+from ckpt.predictor import load_predictor, prediction_table, read_features
+from ckpt.resume import StateFolder
+from ckpt.units import format_size, parse_size
+from ckpt.train import build_mlp, describe_architecture, evaluate, fit, mlp_costs, predict
 
 DEFAULTS = {
     "depth": 8,
@@ -113,6 +118,27 @@ def _probability(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}") \
+            from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -123,140 +149,54 @@ def _positive_float(text: str) -> float:
     return value
 
 
-# ------------------------------------------------------------------------------------ data
-
-def load_digits() -> Tuple[np.ndarray, np.ndarray]:
-    """The bundled UCI digits: X (1797, 64) uint8 in 0..16, y (1797,) uint8 in 0..9."""
-    raw = (resources.files("ckpt") / "data" / "digits.npz").read_bytes()
-    with np.load(_io.BytesIO(raw)) as data:
-        return data["X"], data["y"]
-
-
-def load_data_file(path: str) -> Tuple[np.ndarray, np.ndarray]:
-    """X and y from an .npz (arrays X and y) or a .csv (the label in the last column)."""
-    suffix = Path(path).suffix.lower()
-    if suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {key: data[key] for key in ("X", "y") if key in data.files}
-        except (ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-            raise UsageError(f"{path} is not a readable .npz file ({exc})") from None
-        missing = [key for key in ("X", "y") if key not in arrays]
-        if missing:
-            raise UsageError(f"{path} has no array {missing[0]!r} (it needs X and y)")
-        X, y = arrays["X"], arrays["y"]
-    elif suffix == ".csv":
-        X, y = _read_csv(path)
-    else:
-        raise UsageError(f"{path}: expected a .npz or .csv file")
-    return X, y
-
-
-def _read_csv(path: str) -> Tuple[np.ndarray, np.ndarray]:
-    with open(path, encoding="utf-8") as f:
-        lines = [line for line in f.read().splitlines() if line.strip()]
-    if lines and not _is_numeric_row(lines[0]):
-        lines = lines[1:]          # a header
-    if not lines:
-        raise UsageError(f"{path} holds no data rows")
-    try:
-        table = np.loadtxt(lines, delimiter=",", ndmin=2, dtype=np.float64)
-    except ValueError as exc:
-        raise UsageError(f"{path} is not a numeric CSV table ({exc})") from None
-    if table.shape[1] < 2:
-        raise UsageError(f"{path} needs at least one feature column and the label column")
-    return table[:, :-1], table[:, -1]
-
-
-def _is_numeric_row(line: str) -> bool:
-    try:
-        [float(field) for field in line.split(",")]
-    except ValueError:
-        return False
-    return True
-
-
-def prepare_labels(X: np.ndarray, y: np.ndarray,
-                   source: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Check X and y; returns X as float64, labels 0..C-1 and the original class values."""
-    X = np.asarray(X)
-    y = np.asarray(y)
-    if X.ndim != 2 or X.shape[1] == 0:
-        raise UsageError(f"{source}: X must be a 2-D table of features, got shape {X.shape}")
-    if y.ndim != 1:
-        raise UsageError(f"{source}: y must be 1-D (one label per row), got shape {y.shape}")
-    if X.shape[0] != y.shape[0]:
-        raise UsageError(f"{source}: {X.shape[0]} rows of features but {y.shape[0]} labels")
-    if not (np.issubdtype(X.dtype, np.number) and not np.issubdtype(X.dtype, np.complexfloating)):
-        raise UsageError(f"{source}: features must be real numbers, got {X.dtype}")
-    X = X.astype(np.float64)
-    if not np.all(np.isfinite(X)):
-        raise UsageError(f"{source}: the features contain NaN or infinite values")
-    if np.issubdtype(y.dtype, np.floating):
-        if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
-            raise UsageError(f"{source}: labels must be whole numbers (class indices)")
-        huge = np.flatnonzero(np.abs(y) > 2**53)
-        if len(huge):
-            raise UsageError(f"{source}: label {y[huge[0]]:g} in row {huge[0]} is too large for "
-                             f"a class value (at most 2**53 in magnitude)")
-        y = y.astype(np.int64)
-    elif not np.issubdtype(y.dtype, np.integer):
-        raise UsageError(f"{source}: labels must be integers, got {y.dtype}")
-    classes, labels = np.unique(y, return_inverse=True)
-    if len(classes) < 2:
-        raise UsageError(f"{source}: need at least 2 classes, got {len(classes)}")
-    return X, labels.astype(np.int64), classes
-
-
-def stratified_split(y: np.ndarray, fraction: float,
-                     rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
-    """Seeded train/test indices with each class split in the same proportion."""
-    test: List[np.ndarray] = []
-    train: List[np.ndarray] = []
-    for label in np.unique(y):
-        idx = rng.permutation(np.flatnonzero(y == label))
-        n_test = int(round(fraction * len(idx))) if len(idx) > 1 else 0
-        test.append(idx[:n_test])
-        train.append(idx[n_test:])
-    train_idx, test_idx = np.concatenate(train), np.concatenate(test)
-    if len(test_idx) == 0:
-        raise UsageError("too few rows to hold out a test split")
-    return rng.permutation(train_idx), np.sort(test_idx)
-
-
-# ------------------------------------------------------------------------------------ measures
-
-def measure_step(layers: Sequence, xb: np.ndarray, yb: np.ndarray, **schedule) -> int:
-    """Peak activation bytes of one training step on copies of the layers.
-
-    ``schedule`` is what SegmentCheckpointer takes: checkpoint_every=, or budget_bytes=.
-    """
-    model = SegmentCheckpointer(copy.deepcopy(list(layers)), **schedule)
-    _, grad = softmax_cross_entropy(model.forward(xb), yb)
-    model.backward(grad)
-    return model.memory_tracker.peak_bytes
-
-
-def recompute_cost(model: SegmentCheckpointer, batch: int) -> Tuple[int, float]:
-    """(recomputed element forwards per step, the FLOPs they and the recomputed internals of
-    compound elements cost, as a fraction of a plain step), from the elements' descriptions.
-
-    A plain step is every element's forward and backward (the first element's input gradient
-    aside).
-    """
-    costs = model.costs
-    compiled = model.schedule(batch)
-    flops = costs.forward_flops
-    extra = sum(flops[i] for i in compiled.recomputed_layers)
-    extra += sum(costs.elements[i].internal_flops for i in compiled.rebuilt_layers)
-    return len(compiled.recomputed_layers), extra / costs.step_flops()
-
-
 def _kib(nbytes: float) -> str:
     return f"{nbytes / 1024:,.1f} KiB"
 
 
 # ------------------------------------------------------------------------------------ train
+
+def _columns(text: str) -> List[str]:
+    """Comma-separated column names or 0-based indices."""
+    names = [part.strip() for part in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated column names or indices, "
+                                         f"got {text!r}")
+    return names
+
+
+def _add_column_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", metavar="NAME|INDEX", default=None,
+                   help="the target column of a table, by header name or 0-based index "
+                        "(negative from the end; default: the last column)")
+    p.add_argument("--features", type=_columns, metavar="A,B,...", default=None,
+                   help="the feature columns, by name or index (default: all but the target)")
+    p.add_argument("--labels", metavar="FILE.npy", default=None,
+                   help="with --data FILE.npy of features: the 1-D .npy of their targets")
+
+
+def _add_task_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", choices=["auto", "classification", "regression"], default="auto",
+                   help="auto (default): integer-like targets with at most 2%% of the rows "
+                        "(and at most 1,000) distinct values, or text labels, are classes; "
+                        "otherwise regression (squared error; RMSE and R^2 reported)")
+    p.add_argument("--no-scale-target", dest="scale_target", action="store_false",
+                   help="regression: train on the targets as they are (default: standardised "
+                        "with the training rows' mean and deviation, undone in predictions)")
+
+
+def _read_data(args: argparse.Namespace, dtype: np.dtype):
+    """(table, its fixed scaling or None): the --data file, or the bundled --example."""
+    if args.data is None:
+        for option in ("target", "features", "labels"):
+            if getattr(args, option) is not None:
+                raise UsageError(f"--{option} applies to a --data file, not to the bundled "
+                                 f"{args.example or 'digits'}")
+        return example_table(args.example or "digits", dtype)
+    if args.example is not None:
+        raise UsageError("--example trains on a bundled data set: leave out --data")
+    return read_table(args.data, target=args.target, features=args.features,
+                      labels=args.labels, dtype=dtype), None
+
 
 def add_train_command(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -264,8 +204,14 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
         description="Train an MLP with gradient checkpointing on the bundled UCI digits "
                     "(or --data FILE), holding out 20%% for testing.")
     p.add_argument("--data", metavar="FILE",
-                   help=".npz with arrays X and y, or .csv with the label in the last column "
-                        "(default: the bundled 8x8 digits)")
+                   help=".csv (with or without a header), .npz with arrays X and y, .npy (a "
+                        "table, or the features with --labels), or .parquet (needs pyarrow: "
+                        "ckpt-cpu[parquet]); default: the bundled 8x8 digits")
+    p.add_argument("--example", choices=list(EXAMPLES), default=None,
+                   help="a bundled data set instead of --data: digits (the default) or "
+                        "diabetes (regression; needs scikit-learn, ckpt-cpu[sklearn])")
+    _add_column_options(p)
+    _add_task_options(p)
     p.add_argument("--depth", type=_positive_int, default=DEFAULTS["depth"],
                    help="number of Dense layers, or of residual blocks with --residual "
                         "(default %(default)s)")
@@ -291,6 +237,34 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
                    help="default %(default)s (sgd uses momentum 0.9)")
     p.add_argument("--dtype", choices=["float32", "float64"], default=DEFAULTS["dtype"],
                    help="default %(default)s")
+    p.add_argument("--val-fraction", type=_fraction, default=0.0, metavar="F",
+                   help="hold out F of the training rows for validation after every epoch "
+                        "(stratified by class for classification; default 0: none)")
+    p.add_argument("--early-stopping", type=_positive_int, default=None, metavar="PATIENCE",
+                   help="stop after PATIENCE epochs without a lower validation loss and keep "
+                        "the best epoch's parameters (needs --val-fraction)")
+    p.add_argument("--lr-schedule", choices=sorted(SCHEDULES), default="constant",
+                   help="learning rate per batch: constant (default), cosine (linear warmup, "
+                        "then cosine decay to 0) or onecycle (up from lr/25, then down)")
+    p.add_argument("--warmup", type=_probability, default=None, metavar="F",
+                   help="the fraction of the steps that warm up: cosine (default 0), onecycle "
+                        "(default 0.3)")
+    p.add_argument("--weight-decay", type=_non_negative_float, default=None, metavar="WD",
+                   help="L2 weight decay (sgd, adam), decoupled for adamw (default 0; adamw "
+                        "0.01)")
+    p.add_argument("--plot", metavar="FILE.png", default=None,
+                   help="draw loss and accuracy (or RMSE) per epoch, train and validation "
+                        "(needs matplotlib)")
+    p.add_argument("--checkpoint-dir", metavar="DIR", default=None,
+                   help="write a resumable training state to DIR (atomically) at the end of "
+                        "every epoch, keeping the last 2; resume with --resume DIR")
+    p.add_argument("--checkpoint-steps", type=_positive_int, default=None, metavar="N",
+                   help="with --checkpoint-dir or --resume: also write a state every N "
+                        "optimizer steps")
+    p.add_argument("--resume", metavar="DIR", default=None,
+                   help="continue the run whose states are in DIR (and keep writing them "
+                        "there): the same model and data arguments, --epochs may grow; the "
+                        "state's threads and threading mode are used")
     p.add_argument("--seed", type=_non_negative_int, default=DEFAULTS["seed"],
                    help="seeds the split, the weights and the shuffling (default %(default)s)")
     how = p.add_mutually_exclusive_group()
@@ -309,7 +283,9 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
                         "the OpenBLAS thread count measured fastest; auto: tuned, batch split "
                         "included; blas: OpenBLAS threads each matrix product; split: each "
                         "thread runs a slice of the batch")
-    p.add_argument("--save", metavar="FILE", help="save parameters and optimizer state (.npz)")
+    p.add_argument("--save", metavar="FILE",
+                   help="save the model (.npz): parameters, optimizer state, and the feature "
+                        "and target scaling, classes and columns, for `ckpt predict`")
     p.add_argument("--json", action="store_true",
                    help="end the output with one line of JSON holding the results")
     p.set_defaults(run=run_train, comm=None)
@@ -317,6 +293,7 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     world = distributed.detect_world()   # from the environment: mpi4py is not imported yet
+    _open_run_state(args, writer=world is None or world.rank == 0)
     if world is not None and world.size > 1:
         return _run_train_data_parallel(args, world)
     threads = get_num_threads()
@@ -333,6 +310,71 @@ def run_train(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt(f"interrupted {done}; {saved}") from None
     finally:
         set_num_threads(threads)
+
+
+# The arguments that make a run what it is: resuming with any of them changed is refused.
+RUN_ARGUMENTS = ("data", "example", "target", "features", "labels", "task", "scale_target", "depth",
+                 "width", "residual", "dropout", "activation", "batch_size", "lr", "optimizer",
+                 "dtype", "seed", "checkpoint_every", "budget", "val_fraction",
+                 "early_stopping", "lr_schedule", "warmup", "weight_decay")
+
+
+def _run_arguments(args: argparse.Namespace, ranks: int) -> Dict[str, Any]:
+    config = {name: getattr(args, name) for name in RUN_ARGUMENTS}
+    if args.data is not None:
+        config["data"] = os.path.abspath(args.data)
+        config["data_bytes"] = os.path.getsize(args.data)
+    config["ranks"] = ranks
+    return config
+
+
+def _open_run_state(args: argparse.Namespace, writer: bool) -> None:
+    """Set args.run_state (a StateFolder, or None) from --checkpoint-dir / --resume; on resume
+    refuse other run arguments (naming each difference) and take the state's threads."""
+    args.run_state = None
+    if args.checkpoint_steps is not None and not (args.checkpoint_dir or args.resume):
+        raise UsageError("--checkpoint-steps needs --checkpoint-dir or --resume")
+    if args.checkpoint_dir and args.resume and \
+            os.path.abspath(args.checkpoint_dir) != os.path.abspath(args.resume):
+        raise UsageError("--resume keeps writing its states in its own folder: give "
+                         "--checkpoint-dir the same folder, or leave it out")
+    if not (args.checkpoint_dir or args.resume):
+        return
+    world = distributed.detect_world()
+    config = _run_arguments(args, world.size if world is not None else 1)
+    if args.resume is None:
+        args.run_state = StateFolder(args.checkpoint_dir, every_steps=args.checkpoint_steps,
+                                     writer=writer,
+                                     info={"arguments": config, "epochs": args.epochs})
+        return
+    folder = StateFolder(args.resume, every_steps=args.checkpoint_steps, resume=True,
+                         writer=writer)
+    state = folder.resume_from
+    saved = state.info.get("arguments", {})
+    differences = [f"{_option(name)} {config.get(name)!r} (the state's: {saved.get(name)!r})"
+                   for name in sorted(set(config) | set(saved))
+                   if config.get(name) != saved.get(name)]
+    if differences:
+        raise UsageError(f"--resume {args.resume}: the state is of another run: "
+                         f"{'; '.join(differences)}")
+    if args.epochs < state.epoch:
+        raise UsageError(f"--resume {args.resume}: the state has {state.epoch} epochs done, "
+                         f"more than --epochs {args.epochs}")
+    for name, value in (("threads", state.info.get("threads")),
+                        ("threads_mode", state.info.get("threads_mode"))):
+        given = getattr(args, name)
+        if given is not None and given != value:
+            raise UsageError(f"--resume {args.resume}: the state was trained with "
+                             f"{_option(name)} {value}; a resumed run uses the same to compute "
+                             f"the same bits (got {given})")
+        setattr(args, name, value)
+    folder.info = dict(state.info, epochs=args.epochs)
+    args.run_state = folder
+
+
+def _option(name: str) -> str:
+    return {"data_bytes": "--data (its size in bytes)", "ranks": "MPI ranks"}.get(
+        name, "--" + name.replace("_", "-"))
 
 
 def _run_train_data_parallel(args: argparse.Namespace, world: distributed.World) -> int:
@@ -364,25 +406,28 @@ def _run_train_data_parallel(args: argparse.Namespace, world: distributed.World)
 
 def _train(args: argparse.Namespace, status: Dict[str, Any]) -> int:
     """Train, test and report; ``status`` records the epochs done and the file saved."""
-    if args.data is None:
-        X, y = load_digits()
-        X, y, classes = prepare_labels(X, y, "digits")
-        X = X / 16.0
-        source = "UCI digits (bundled, 1,797 8x8 images)"
-    else:
-        X, y, classes = prepare_labels(*load_data_file(args.data), args.data)
-        source = args.data
-    rng = np.random.default_rng(args.seed)
-    train_idx, test_idx = stratified_split(y, TEST_FRACTION, rng)
-    if args.data is not None:
-        mean = X[train_idx].mean(axis=0)
-        std = X[train_idx].std(axis=0)
-        X = (X - mean) / np.where(std > 0, std, 1.0)
+    if args.early_stopping is not None and not args.val_fraction:
+        raise UsageError("--early-stopping watches the validation loss: give --val-fraction")
+    if args.warmup is not None and args.lr_schedule == "constant":
+        raise UsageError("--warmup needs --lr-schedule cosine or onecycle")
+    if args.plot:
+        _require_matplotlib("--plot")
+        from ckpt.io import check_save_path
+        check_save_path(args.plot)       # a folder that exists and can be written: before training
     dtype = np.dtype(args.dtype)
-    X = X.astype(dtype)
-    X_train, y_train, X_test, y_test = X[train_idx], y[train_idx], X[test_idx], y[test_idx]
+    table, fixed_scaler = _read_data(args, dtype)
+    rng = np.random.default_rng(args.seed)
+    data = prepare_training_data(table, rng, test_fraction=TEST_FRACTION,
+                                 val_fraction=args.val_fraction, task=args.task,
+                                 scaler=fixed_scaler,
+                                 scale_target=args.scale_target)
+    X_train, y_train, X_test, y_test = data.X_train, data.y_train, data.X_test, data.y_test
+    source, features = table.source, table.X.shape[1]
+    classification = data.task == "classification"
+    loss = "cross_entropy" if classification else "mse"
+    outputs = len(data.classes) if classification else 1
 
-    layers = build_mlp(X.shape[1], args.depth, args.width, len(classes), args.activation,
+    layers = build_mlp(features, args.depth, args.width, outputs, args.activation,
                        dtype, rng, residual=args.residual, dropout=args.dropout)
     schedule = ({"budget_bytes": args.budget} if args.budget is not None
                 else {"checkpoint_every": args.checkpoint_every})
@@ -390,16 +435,26 @@ def _train(args: argparse.Namespace, status: Dict[str, Any]) -> int:
     ranks = args.comm.Get_size() if args.comm is not None else 1
     lr = args.lr if args.lr is not None else \
         (DEFAULT_LR_RESIDUAL if args.residual else DEFAULT_LR)[args.optimizer]
-    optimizer = (OPTIMIZERS["sgd"](model, lr, momentum=0.9) if args.optimizer == "sgd"
-                 else OPTIMIZERS[args.optimizer](model, lr))
+    decay = {} if args.weight_decay is None else {"weight_decay": args.weight_decay}
+    optimizer = (OPTIMIZERS["sgd"](model, lr, momentum=0.9, **decay) if args.optimizer == "sgd"
+                 else OPTIMIZERS[args.optimizer](model, lr, **decay))
+    schedule_fn = (None if args.lr_schedule == "constant"
+                   else make_schedule(args.lr_schedule, lr, args.warmup))
+    validation = (data.X_val, data.y_val) if data.X_val is not None else None
     k = model.checkpoint_every
     how = f"checkpoint every {k}" if k is not None else f"budget {format_size(args.budget)}"
 
-    print(f"data: {source}: {len(train_idx)} train / {len(test_idx)} test rows, "
-          f"{X.shape[1]} features, {len(classes)} classes")
+    targets = f"{len(data.classes)} classes" if classification else (
+        "target standardised" if data.target_scaler is not None else "target as it is")
+    val_rows = f"{len(data.X_val)} validation / " if data.X_val is not None else ""
+    print(f"data: {source}: {len(X_train)} train / {val_rows}{len(X_test)} test rows, "
+          f"{features} features, {targets}")
+    print(f"task: {data.task_reason}")
     print(f"model: {describe_architecture(layers)}, width {args.width}, {args.activation}, "
           f"{args.dtype}, {model.parameter_count:,} parameters; {how}; "
-          f"{args.optimizer} lr {lr:g}")
+          f"{args.optimizer} lr {lr:g}"
+          + (f" ({args.lr_schedule} schedule)" if schedule_fn is not None else "")
+          + (f", weight decay {optimizer.weight_decay:g}" if optimizer.weight_decay else ""))
     if ranks > 1:
         print(f"data-parallel: {ranks} ranks x batch {args.batch_size} = global batch "
               f"{ranks * args.batch_size}, BLAS threads per rank: {get_num_threads()}")
@@ -415,34 +470,52 @@ def _train(args: argparse.Namespace, status: Dict[str, Any]) -> int:
         status["epochs"] = metrics["epoch"]
         progress.epoch(metrics)
 
+    run_state = args.run_state
+    if run_state is not None:
+        run_state.info.update(threads=get_num_threads(), threads_mode=get_threading_mode())
+        if run_state.resume_from is not None:
+            resumed = run_state.resume_from
+            print(f"resumed           from {args.resume}: epoch {resumed.epoch} done, "
+                  f"{resumed.step} steps into the next"
+                  + "".join(f"; skipped {reason}" for reason in run_state.skipped))
     start = time.perf_counter()
     try:
-        history = fit(model, X_train, y_train, optimizer=optimizer, epochs=args.epochs,
+        history = fit(model, X_train, y_train, loss=loss, optimizer=optimizer, epochs=args.epochs,
+                      validation_data=validation, lr_schedule=schedule_fn,
+                      early_stopping=args.early_stopping, run_state=run_state,
                       batch_size=args.batch_size, seed=rng, step_callback=progress.step,
                       callback=epoch_done, comm=args.comm)
     finally:
         progress.close()
     seconds = time.perf_counter() - start
 
-    test = evaluate(model, X_test, y_test, comm=args.comm)
+    test = _test_metrics(model, data, args.comm)
     batch = min(args.batch_size, len(X_train))
     xb, yb = X_train[:batch], y_train[:batch]
-    peak = measure_step(model.layers, xb, yb, **schedule)
-    peak_plain = measure_step(model.layers, xb, yb, checkpoint_every=1)
+    peak = measure_step(model.layers, xb, yb, loss=loss, **schedule)
+    peak_plain = measure_step(model.layers, xb, yb, loss=loss, checkpoint_every=1)
     recomputed, extra = recompute_cost(model, batch)
     if args.save and (args.comm is None or args.comm.Get_rank() == 0):
         from ckpt.io import save
-        save(args.save, model, optimizer)
+        save(args.save, model, optimizer, Preprocessing.from_training(data))
         status["saved"] = args.save
 
+    epochs_run = len(history["loss"])
+    # The parameters kept: the last epoch's, or the best one's under early stopping.
+    best = epochs_run - 1 if args.early_stopping is None else \
+        int(np.argmin(history["val_loss"]))
     results = {
-        "test_accuracy": test["accuracy"],
-        "test_loss": test["loss"],
-        "train_loss": history["loss"][-1],
-        "train_accuracy": history["accuracy"][-1],
+        "task": data.task,
+        **{f"test_{key}": value for key, value in test.items()},
+        "train_loss": history["loss"][best],
+        **({"train_accuracy": history["accuracy"][best]} if classification else {}),
+        **({"val_loss": history["val_loss"][best]} if validation is not None else {}),
+        **({"val_accuracy": history["val_accuracy"][best]}
+           if validation is not None and classification else {}),
         "seconds": seconds,
-        "epochs": args.epochs,
-        "steps": args.epochs * math.ceil(len(X_train) / (ranks * args.batch_size)),
+        "epochs": epochs_run,
+        "best_epoch": best + 1,
+        "steps": epochs_run * math.ceil(len(X_train) / (ranks * args.batch_size)),
         "ranks": ranks,
         "global_batch_size": ranks * args.batch_size,
         "architecture": describe_architecture(layers),
@@ -460,11 +533,24 @@ def _train(args: argparse.Namespace, status: Dict[str, Any]) -> int:
         "threads_mode": "split" if model.slices(batch) > 1 else "blas",
         "threads_tuning": model.threads_tuning.report(),
         "simd": _core.simd_variant(),
+        "history": history,
     }
     saving = 1 - peak / peak_plain if peak_plain else 0.0
-    print(f"test accuracy     {test['accuracy']:.2%}   (loss {test['loss']:.4f}; "
-          f"train accuracy {results['train_accuracy']:.2%})")
-    print(f"training time     {seconds:.2f} s for {args.epochs} epochs, "
+    if classification:
+        print(f"test accuracy     {test['accuracy']:.2%}   (loss {test['loss']:.4f}; "
+              f"train accuracy {results['train_accuracy']:.2%})")
+    else:
+        print(f"test RMSE         {test['rmse']:.6g}   (R^2 {test['r2']:.4f}; train loss "
+              f"{results['train_loss']:.4f}{' standardised' if data.target_scaler else ''})")
+    if validation is not None:
+        metric = (f"accuracy {results['val_accuracy']:.2%}, " if classification else "")
+        print(f"validation        {metric}loss {results['val_loss']:.4f} at epoch {best + 1}")
+    if args.early_stopping is not None:
+        stopped = f"stopped after epoch {epochs_run}" if epochs_run < args.epochs else \
+            f"ran all {epochs_run} epochs"
+        print(f"early stopping    {stopped}; kept epoch {best + 1}, the lowest validation "
+              f"loss (patience {args.early_stopping})")
+    print(f"training time     {seconds:.2f} s for {epochs_run} epochs, "
           f"{results['steps'] / seconds:,.0f} steps/s")
     print(f"peak activations  {_kib(peak)} with checkpointing ({how}), "
           f"{_kib(peak_plain)} without: {saving:.0%} less (batch {batch})")
@@ -475,9 +561,71 @@ def _train(args: argparse.Namespace, status: Dict[str, Any]) -> int:
           f"({args.threads_mode or get_threading_mode()} mode)")
     if args.save:
         print(f"saved             {args.save}")
+    if args.plot and (args.comm is None or args.comm.Get_rank() == 0):
+        _plot_history(history, data, args.plot)
+        print(f"plot              {args.plot}")
     if args.json:
         print(json.dumps(results))
     return 0
+
+
+def _require_matplotlib(option: str) -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError(f"{option} needs matplotlib: pip install matplotlib (it comes with "
+                         f"the ckpt-cpu[bench] extra)") from None
+
+
+def _plot_history(history: Dict[str, List[float]], data: TrainingData, path: str) -> None:
+    """Loss and accuracy (classification) or RMSE in the target's units (regression) per
+    epoch, for the training rows (the running mean over each epoch) and the validation rows."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = history["epoch"]
+    if data.task == "classification":
+        metric, curves = "accuracy", {key: history[key] for key in ("accuracy", "val_accuracy")
+                                      if key in history}
+    else:
+        scale = float(data.target_scaler.scale[0]) if data.target_scaler is not None else 1.0
+        metric = "RMSE"
+        curves = {key.replace("loss", "rmse"): [scale * v ** 0.5 for v in history[key]]
+                  for key in ("loss", "val_loss") if key in history}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for key in ("loss", "val_loss"):
+        if key in history:
+            left.plot(epochs, history[key], marker=".",
+                      label="validation" if key.startswith("val") else "train")
+    for key, values in curves.items():
+        right.plot(epochs, values, marker=".",
+                   label="validation" if key.startswith("val") else "train")
+    left.set_ylabel("loss" + (" (standardised target)" if data.target_scaler else ""))
+    right.set_ylabel(metric)
+    for ax in (left, right):
+        ax.set_xlabel("epoch")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle("ckpt train")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _test_metrics(model: SegmentCheckpointer, data: TrainingData, comm: Any) -> Dict[str, float]:
+    """Test loss and accuracy, or RMSE and R^2 in the target's own units (and the loss, the
+    mean squared error in the units trained on)."""
+    if data.task == "classification":
+        return evaluate(model, data.X_test, data.y_test, comm=comm)
+    scaled = predict(model, data.X_test)[:, 0]
+    values = data.target_scaler.inverse(scaled[:, None])[:, 0] if data.target_scaler \
+        else scaled
+    metrics = regression_metrics(data.y_test, values)
+    trained_on = data.target_scaler.transform(data.y_test[:, None].copy())[:, 0] \
+        if data.target_scaler else data.y_test
+    return {"rmse": metrics["rmse"], "r2": metrics["r2"],
+            "loss": regression_metrics(trained_on, scaled)["mse"]}
 
 
 class _Progress:
@@ -498,7 +646,8 @@ class _Progress:
                             unit="step", file=sys.stdout, dynamic_ncols=True)
         tracker = self.model.memory_tracker
         live = tracker.stored_activation_bytes + tracker.gradient_bytes
-        self.bar.set_postfix_str(f"loss={info['loss']:.4f} acc={info['accuracy']:.3f} "
+        acc = f" acc={info['accuracy']:.3f}" if "accuracy" in info else ""
+        self.bar.set_postfix_str(f"loss={info['loss']:.4f}{acc} "
                                  f"mem={_kib(live)} peak={_kib(tracker.peak_bytes)}",
                                  refresh=False)
         self.bar.update(1)
@@ -510,6 +659,67 @@ class _Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+# ------------------------------------------------------------------------------------ predict
+
+def add_predict_command(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "predict", help="predict with a saved model",
+        description="Predict with a model saved by `ckpt train --save`, on raw data (scaled as "
+                    "in training). Writes CSV with a header: the predicted label and one "
+                    "probability per class (p_<class>), or the predicted value.")
+    p.add_argument("model", metavar="MODEL", help="a model file from `ckpt train --save`")
+    p.add_argument("data", metavar="DATA",
+                   help="features as in training (.csv, .npz, .npy, .parquet); a column named "
+                        "as the training's target is left out")
+    p.add_argument("-o", "--output", metavar="FILE", default=None,
+                   help="write the CSV to FILE (default: standard output)")
+    p.set_defaults(run=run_predict)
+
+
+def add_evaluate_command(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "evaluate", help="score a saved model on data with targets",
+        description="Score a model saved by `ckpt train --save` on DATA, which holds the "
+                    "training's target column: accuracy and loss, or RMSE and R^2.")
+    p.add_argument("model", metavar="MODEL", help="a model file from `ckpt train --save`")
+    p.add_argument("data", metavar="DATA", help="features and target (.csv, .npz, .npy, "
+                                                ".parquet)")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON line")
+    p.set_defaults(run=run_evaluate)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    if args.output is not None:
+        from ckpt.io import check_save_path
+        check_save_path(args.output)
+    predictor = load_predictor(args.model)
+    table = read_features(args.data, predictor.preprocessing, predictor.dtype)
+    header, rows = prediction_table(predictor, table.X)
+    if args.output is None:
+        import csv
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+    else:
+        write_csv(args.output, header, rows)
+        print(f"{len(rows):,} predictions written to {args.output}", file=sys.stderr)
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    predictor = load_predictor(args.model)
+    table = read_features(args.data, predictor.preprocessing, predictor.dtype, with_target=True)
+    metrics = predictor.score(table.X, table.y)
+    if args.json:
+        print(json.dumps({"task": predictor.task, "rows": len(table.X), **metrics}))
+    elif predictor.task == "classification":
+        print(f"accuracy {metrics['accuracy']:.2%}   (loss {metrics['loss']:.4f}; "
+              f"{len(table.X):,} rows)")
+    else:
+        print(f"RMSE {metrics['rmse']:.6g}   (R^2 {metrics['r2']:.4f}; {len(table.X):,} rows)")
+    return 0
 
 
 # ------------------------------------------------------------------------------------ plan
@@ -618,8 +828,8 @@ def _plot_tradeoff(curve: Sequence[Tuple[int, int, int]], step_flops: int, path:
 
 # Each entry adds one subcommand to the parser; its parser sets `run` to a function
 # run(args) -> exit status.
-SUBCOMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [add_train_command,
-                                                                  add_plan_command]
+SUBCOMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [
+    add_train_command, add_predict_command, add_evaluate_command, add_plan_command]
 
 
 def build_parser() -> ArgumentParser:
@@ -643,6 +853,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
+    except BrokenPipeError:
+        # The reader of our output left (`ckpt predict ... | head`): stop without a word.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(1) from None
     except KeyboardInterrupt as exc:
         # Ctrl-C: one line saying what was done, and the shell's status for SIGINT.
         print(f"ckpt {args.command}: {str(exc) or 'interrupted'}", file=sys.stderr)

@@ -13,7 +13,8 @@ Every rank holds a replica of the model. Each training step:
 4. Every rank runs the same optimizer step on the same gradients, so the replicas stay identical
    (checked every ``check_every`` steps with a parameter checksum).
 
-``fit(..., comm=comm)`` and ``evaluate(..., comm=comm)`` in :mod:`ckpt.train` use this module;
+``fit(..., comm=comm)`` in :mod:`ckpt.train` uses this module (``evaluate(..., comm=comm)``
+gathers its sums over the ranks itself, in :mod:`ckpt.inference`);
 ``mpiexec -n K ckpt train`` sets it up from the launcher's environment. A script run under
 mpiexec should train inside ``with abort_on_error(comm):``, so that an exception on one rank
 ends the job instead of leaving the other ranks waiting in the next allreduce.
@@ -37,13 +38,13 @@ import os
 import sys
 import time
 import traceback
-import zipfile
 import zlib
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 
+from ckpt.datasets import open_rows  # noqa: F401 (ckpt.distributed.open_rows, as before)
 from ckpt.layers import check_size
 from ckpt.optim import Optimizer, collect_parameters
 
@@ -139,56 +140,6 @@ def shard_batches(order: np.ndarray, batch_size: int, size: int = 1,
         lo, hi = rank * rows // size, (rank + 1) * rows // size
         batches.append((order[start + lo:start + hi], lo, rows))
     return batches
-
-
-# ------------------------------------------------------------------------------------ data
-
-def open_rows(path: "os.PathLike[str] | str") -> Dict[str, np.ndarray]:
-    """Memory-map the arrays of an ``.npy`` (key "X") or an uncompressed ``.npz`` file, read-only.
-
-    Nothing is read until it is indexed: a rank that trains on ``X[rows]`` reads only those
-    rows from disk (the page cache keeps what is read, and the kernel may drop it again), so the
-    data set may be larger than the memory of any one machine. Save the features in the model's
-    dtype, or fit will convert (and so read) the whole array once.
-    """
-    path = os.fspath(path)
-    if path.lower().endswith(".npy"):
-        return {"X": np.load(path, mmap_mode="r", allow_pickle=False)}
-    if not path.lower().endswith(".npz"):
-        raise ValueError(f"{path}: expected an .npy or .npz file")
-    arrays = {}
-    with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
-        for info in archive.infolist():
-            if not info.filename.endswith(".npy"):
-                continue
-            name = info.filename[:-4]
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise ValueError(f"{path}: array {name!r} is compressed and cannot be "
-                                 f"memory-mapped; save with np.savez, not np.savez_compressed")
-            arrays[name] = _map_member(raw, info, path)
-    return arrays
-
-
-def _map_member(raw, info: zipfile.ZipInfo, path: str) -> np.ndarray:
-    """A read-only memmap of one stored (uncompressed) .npy member of a zip archive."""
-    raw.seek(info.header_offset)
-    header = raw.read(30)
-    if header[:4] != b"PK\x03\x04":
-        raise ValueError(f"{path}: corrupt zip entry {info.filename!r}")
-    name_length = int.from_bytes(header[26:28], "little")
-    extra_length = int.from_bytes(header[28:30], "little")
-    raw.seek(info.header_offset + 30 + name_length + extra_length)
-    version = np.lib.format.read_magic(raw)
-    readers = {(1, 0): np.lib.format.read_array_header_1_0,
-               (2, 0): np.lib.format.read_array_header_2_0}
-    if version not in readers:
-        raise ValueError(f"{path}: array {info.filename[:-4]!r} has .npy format {version}, "
-                         f"expected 1.0 or 2.0")
-    shape, fortran, dtype = readers[version](raw)
-    if dtype.hasobject:
-        raise ValueError(f"{path}: array {info.filename[:-4]!r} holds Python objects")
-    return np.memmap(path, dtype=dtype, mode="r", offset=raw.tell(), shape=shape,
-                     order="F" if fortran else "C")
 
 
 # ------------------------------------------------------------------------------------ failures
@@ -335,30 +286,3 @@ class DataParallel:
 
 def _in_place():
     return import_mpi().IN_PLACE
-
-
-def evaluate(model: Any, X: np.ndarray, y: np.ndarray, comm: Any, *, loss: str = "cross_entropy",
-             batch_size: int = 256) -> Dict[str, float]:
-    """Mean loss (and accuracy) over all ranks: each evaluates a contiguous share of the rows.
-
-    Every rank passes the whole (X, y) -- a memory map reads only the rank's share.
-    """
-    from ckpt.losses import get_loss
-    from ckpt.train import _check_inputs, _correct, model_dtype, predict
-
-    loss_fn = get_loss(loss)
-    X, y = _check_inputs(X, y, model_dtype(model), loss)
-    if len(X) == 0:
-        raise ValueError("cannot evaluate on an empty data set")
-    size, rank = comm.Get_size(), comm.Get_rank()
-    lo, hi = rank * len(X) // size, (rank + 1) * len(X) // size
-    totals = np.zeros(3)   # loss sum, correct, rows
-    if hi > lo:
-        output = predict(model, X[lo:hi], batch_size)
-        value, _ = loss_fn(output, y[lo:hi])
-        totals[:] = value * (hi - lo), _correct(output, y[lo:hi], loss), hi - lo
-    comm.Allreduce(_in_place(), totals)
-    result = {"loss": float(totals[0] / totals[2])}
-    if loss == "cross_entropy":
-        result["accuracy"] = float(totals[1] / totals[2])
-    return result

@@ -5,24 +5,35 @@ destination (``os.replace`` is atomic), so an interrupted save leaves the previo
 Loading checks the whole file against the model (and optimizer) before copying anything, so a
 mismatched file raises ValueError and changes nothing. Files hold plain arrays and one JSON
 string: they load without pickle.
+
+Format 2 adds, optionally, the preprocessing that ``ckpt train`` applied (feature and target
+scaling, class values, task, column names: :class:`ckpt.datasets.Preprocessing`), so that the
+file predicts on raw data by itself (:func:`ckpt.predictor.load_predictor`). Files of format 1
+keep loading, without preprocessing; a file of a newer format is refused with a message saying
+so.
 """
 from __future__ import annotations
 
 import errno
 import glob
+import io as _io
 import json
 import os
 import tempfile
 import zipfile
 import zlib
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ckpt.layers import layer_config, layer_from_config
+from ckpt.datasets import Preprocessing
+from ckpt.layers import layer_config, layer_from_config, walk
 from ckpt.optim import Optimizer, collect_parameters
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# The formats this version reads: 1 (no preprocessing) and 2.
+READABLE_FORMATS = (1, 2)
+_PREP = "preprocessing_"
 _META = "ckpt_meta"
 # The metadata is a short JSON string: refuse to read more than this from a (crafted) file.
 _MAX_META_BYTES = 1 << 20
@@ -39,8 +50,10 @@ class ModelFileError(ValueError):
     """
 
 
-def save(path: "os.PathLike[str] | str", model: Any, optimizer: Optional[Optimizer] = None) -> None:
-    """Write every parameter of ``model`` (and ``optimizer``'s state) to ``path``, atomically.
+def save(path: "os.PathLike[str] | str", model: Any, optimizer: Optional[Optimizer] = None,
+         preprocessing: Optional[Preprocessing] = None) -> None:
+    """Write every parameter of ``model`` (and ``optimizer``'s state, and the
+    ``preprocessing`` of its inputs and outputs) to ``path``, atomically.
 
     ``path`` is used as given (no ``.npz`` is appended). The file is written as
     ``.<name>.ckpt-save-<pid>-<random>.tmp`` beside it, synced, renamed over ``path``, and the
@@ -61,8 +74,28 @@ def save(path: "os.PathLike[str] | str", model: Any, optimizer: Optional[Optimiz
         for name, bufs in state["buffers"].items():
             for i, buf in enumerate(bufs):
                 arrays[f"optimizer_{name}_{i}"] = buf
+    if preprocessing is not None:
+        if not isinstance(preprocessing, Preprocessing):
+            raise TypeError(f"preprocessing must be a ckpt.datasets.Preprocessing, got "
+                            f"{type(preprocessing).__name__}")
+        widths = getattr(model, "widths", None)
+        if isinstance(widths, tuple) and widths and widths[0] != preprocessing.n_features:
+            raise ValueError(f"the preprocessing has {preprocessing.n_features} features, but "
+                             f"the model {widths[0]} inputs")
+        fields, prep_arrays = preprocessing.record()
+        meta["preprocessing"] = fields
+        arrays.update({_PREP + key: value for key, value in prep_arrays.items()})
     arrays[_META] = np.array(json.dumps(meta))
+    write_npz(path, arrays)
 
+
+def write_npz(path: "os.PathLike[str] | str", arrays: Dict[str, np.ndarray], *,
+              halfway: Optional[Callable[[], None]] = None) -> None:
+    """Write ``arrays`` as an .npz at ``path``, atomically (how :func:`save` writes).
+
+    ``halfway``, when given, is called once half of the file's bytes are written to the
+    temporary file (and synced): a test seam for a crash in the middle of a write.
+    """
     path = os.fspath(path)
     with _naming(path):
         _check_destination(path)
@@ -71,7 +104,17 @@ def save(path: "os.PathLike[str] | str", model: Any, optimizer: Optional[Optimiz
         try:
             with os.fdopen(fd, "wb") as f:
                 os.fchmod(f.fileno(), 0o644)   # mkstemp's 0600 would make the saved model private
-                np.savez(f, **arrays)
+                if halfway is None:
+                    np.savez(f, **arrays)
+                else:
+                    buffer = _io.BytesIO()
+                    np.savez(buffer, **arrays)
+                    data = buffer.getbuffer()
+                    f.write(data[:len(data) // 2])
+                    f.flush()
+                    os.fsync(f.fileno())
+                    halfway()
+                    f.write(data[len(data) // 2:])
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -168,10 +211,13 @@ def _sync_folder(path: str) -> None:
 def load(path: "os.PathLike[str] | str", model: Any, optimizer: Optional[Optimizer] = None) -> None:
     """Copy the parameters saved in ``path`` into ``model`` (and the state into ``optimizer``).
 
+    Layers with buffers (BatchNorm's running statistics) get the saved ones too, from the
+    recorded architecture, when the file has one.
+
     Raises ModelFileError (a ValueError), leaving model and optimizer untouched, when the file
-    is malformed or does not match them (number of parameters, shapes, optimizer type), holds
-    values that are not finite in the model's dtype, or holds no optimizer state when one is
-    asked. Every count and shape is checked before any array is read.
+    is malformed or does not match them (number of parameters, shapes, optimizer type, buffers
+    of another shape), holds values that are not finite in the model's dtype, or holds no
+    optimizer state when one is asked. Every count and shape is checked before any array is read.
     """
     params, _ = collect_parameters(model)
     name = os.fspath(path)
@@ -181,7 +227,9 @@ def load(path: "os.PathLike[str] | str", model: Any, optimizer: Optional[Optimiz
         raise ModelFileError(f"{name} is not a ckpt model file (not an .npz archive)")
     try:
         with zipfile.ZipFile(name) as archive:
-            values, state = _read(_Archive(archive, name), params, optimizer)
+            opened = _Archive(archive, name)
+            values, state = _read(opened, params, optimizer)
+            buffers = _saved_buffers(opened.meta().get("architecture"), model, name)
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
         raise ModelFileError(f"{name} is corrupt or truncated ({type(exc).__name__}: {exc})") \
             from None
@@ -192,8 +240,54 @@ def load(path: "os.PathLike[str] | str", model: Any, optimizer: Optional[Optimiz
             raise ModelFileError(f"{name}: {exc}") from None
     for target, value in zip(params, values):
         np.copyto(target, value)
+    for layer, saved in buffers:
+        for key, value in saved.buffers().items():
+            current = getattr(layer, key)
+            if isinstance(current, np.ndarray):
+                np.copyto(current, value)
+            else:
+                setattr(layer, key, value)
     if optimizer is not None:
         optimizer.load_state_dict(state)
+
+
+def _saved_buffers(configs: Any, model: Any, name: str) -> List[Tuple[Any, Any]]:
+    """(model layer, layer rebuilt from the file's config) for every layer with buffers, when
+    the file records the model's architecture; every buffer checked against the layer's."""
+    layers = model if isinstance(model, (list, tuple)) else getattr(model, "layers", None)
+    if not isinstance(configs, list) or not layers:
+        return []
+    flat: List[Any] = []
+
+    def visit(items: Any) -> None:
+        for item in items:
+            flat.append(item)
+            if isinstance(item, dict) and isinstance(item.get("layers"), list):
+                visit(item["layers"])
+    visit(configs)
+    inside = list(walk(layers))
+    pairs = []
+    for i, layer in enumerate(inside):
+        if not callable(getattr(layer, "buffers", None)):
+            continue
+        config = flat[i] if i < len(flat) else None
+        if not isinstance(config, dict) or config.get("kind") != layer.layer_type:
+            raise ModelFileError(f"{name}: layer {i} of the model is a {layer.layer_type}, "
+                                 f"but the file's architecture has "
+                                 f"{config.get('kind') if isinstance(config, dict) else None} "
+                                 f"there")
+        try:
+            saved = layer_from_config(config, f"layer {i}")
+        except ValueError as exc:
+            raise ModelFileError(f"{name}: {exc}") from None
+        for key, value in saved.buffers().items():
+            current = layer.buffers()[key]
+            if np.shape(value) != np.shape(current):
+                raise ModelFileError(f"{name}: layer {i} ({layer.layer_type}) buffer {key} "
+                                     f"has shape {np.shape(value)} in the file, the model's "
+                                     f"has {np.shape(current)}")
+        pairs.append((layer, saved))
+    return pairs
 
 
 def load_model(path: "os.PathLike[str] | str"):
@@ -228,6 +322,39 @@ def load_model(path: "os.PathLike[str] | str"):
     model = SegmentCheckpointer(layers, every)
     load(name, model)
     return model
+
+
+def load_preprocessing(path: "os.PathLike[str] | str", inputs: int,
+                       outputs: int) -> Optional[Preprocessing]:
+    """The preprocessing saved in ``path`` for a network of ``inputs`` features and ``outputs``
+    outputs, or None when the file holds none (format 1, or saved without); ModelFileError
+    when it is malformed or does not fit those widths."""
+    name = os.fspath(path)
+    try:
+        with zipfile.ZipFile(name) as archive:
+            files = _Archive(archive, name)
+            fields = files.meta().get("preprocessing")
+            if fields is None:
+                return None
+            arrays = {}
+            for key in ("feature_mean", "feature_scale", "target_mean", "target_scale"):
+                if _PREP + key in files.members:
+                    shape, dtype = files.header(_PREP + key)
+                    if dtype.kind != "f" or len(shape) != 1 or shape[0] > max(inputs, 1):
+                        raise files.error(f"array {_PREP + key} has shape {shape} {dtype}")
+                    arrays[key] = files.read(_PREP + key)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
+        raise ModelFileError(f"{name} is corrupt or truncated ({type(exc).__name__}: {exc})") \
+            from None
+    try:
+        return Preprocessing.from_record(fields, arrays, inputs, outputs)
+    except ValueError as exc:
+        raise ModelFileError(f"{name}: {exc}") from None
+
+
+def _version() -> str:
+    from ckpt._version import __version__
+    return __version__
 
 
 def _architecture(model: Any) -> Dict[str, Any]:
@@ -308,6 +435,14 @@ class _Archive:
             raise self.error(f"corrupt metadata ({exc})") from None
         if not isinstance(meta, dict):
             raise self.error(f"the metadata must be a JSON object, got {type(meta).__name__}")
+        version = meta.get("format")
+        if isinstance(version, int) and not isinstance(version, bool) \
+                and version > FORMAT_VERSION:
+            raise self.error(f"written by a newer ckpt (model format {version}; this ckpt "
+                             f"{_version()} reads formats up to {FORMAT_VERSION}): upgrade "
+                             f"ckpt to load it")
+        if version not in READABLE_FORMATS or isinstance(version, bool):
+            raise self.error(f"unsupported format {version!r}")
         return meta
 
 
@@ -315,8 +450,6 @@ def _read(archive: _Archive, params: List[np.ndarray],
           optimizer: Optional[Optimizer]) -> Tuple[List[np.ndarray], Optional[Dict[str, Any]]]:
     """Every array, checked against the model (and optimizer) before any is read."""
     meta = archive.meta()
-    if meta.get("format") != FORMAT_VERSION:
-        raise archive.error(f"unsupported format {meta.get('format')!r}")
     count = meta.get("params")
     if count != len(params):
         raise ModelFileError(f"{archive.name} holds {count!r} parameter arrays, but the model "

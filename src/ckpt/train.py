@@ -1,4 +1,5 @@
-"""Training loops: fit, predict and evaluate a model on in-memory arrays.
+"""Training loops: build an MLP and fit it on in-memory arrays (predict and evaluate, from
+:mod:`ckpt.inference`, are importable from here too).
 
 A model here is a SegmentCheckpointer, or any object with ``forward(x)``, ``backward(grad)``,
 ``params()`` and ``gradients()``; a plain list of layers is wrapped in a SegmentCheckpointer.
@@ -6,7 +7,6 @@ Data flows one way: fit -> loss and optimizer -> the model's forward and backwar
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import numbers
 import signal
@@ -25,12 +25,16 @@ from ckpt.elements.dense import dense_cost
 from ckpt.elements.dropout import dropout_cost
 from ckpt.elements.layernorm import layernorm_cost
 from ckpt.elements.residual import residual_cost
-from ckpt.distributed import shard_batches
+from ckpt.distributed import DataParallel, shard_batches
+# predict, evaluate and evaluation_mode live below train and distributed; importable from here.
+from ckpt.inference import (as_model, check_inputs, count_correct, evaluate,  # noqa: F401
+                            evaluation_mode, model_dtype, predict)
 from ckpt.layers import (Dense, Dropout, DTypeLike, Layer, LayerNorm, Residual, _as_generator,
                          check_allocation, check_blas_size, check_float_dtype, check_size,
                          walk)
 from ckpt.losses import get_loss
 from ckpt.optim import Adam, Optimizer
+from ckpt.resume import RunState
 
 History = Dict[str, List[float]]
 
@@ -204,90 +208,32 @@ def describe_architecture(layers: Sequence[Layer]) -> str:
     return f"{dense} Dense layers"
 
 
-def as_model(model: Any):
-    """The model itself, or a SegmentCheckpointer around a list of layers."""
-    if isinstance(model, (list, tuple)):
-        from ckpt.checkpoint import SegmentCheckpointer
-        return SegmentCheckpointer(model)
-    for name in ("forward", "backward", "params", "gradients"):
-        if not callable(getattr(model, name, None)):
-            raise TypeError(f"a model needs forward, backward, params and gradients; "
-                            f"{type(model).__name__} has no {name}()")
-    return model
 
-
-def model_dtype(model: Any) -> np.dtype:
-    """The dtype of the model's parameters."""
-    for part in (model if isinstance(model, (list, tuple)) else [model]):
-        if not callable(getattr(part, "params", None)):
-            raise TypeError(f"model must be a layer, a SegmentCheckpointer or a list of layers, "
-                            f"got {type(part).__name__}")
-    params = model.params() if not isinstance(model, (list, tuple)) else \
-        [p for layer in model for p in layer.params()]
-    if not params:
-        raise ValueError("the model has no parameters")
-    return check_float_dtype(params[0].dtype)
-
-
-def _check_inputs(X: object, y: object, dtype: np.dtype, loss: str, name: str = "X",
-                  widths: Optional[Tuple[int, int]] = None) -> Tuple[np.ndarray, np.ndarray]:
-    """X cast once to the model's dtype; y as int64 labels or float targets.
-
-    ``widths`` (input features, outputs) are checked when the model declares them: X's width,
-    the label range [0, outputs) or the targets' width. Every value of X and y must be finite
-    in the model's dtype (a ValueError names the first bad row).
-    """
-    _refuse_masked(X, name)
-    _refuse_masked(y, f"the targets of {name}")
-    X = np.asarray(X)
-    if X.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (samples, features), got shape {X.shape}")
-    if not (np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer)):
-        raise TypeError(f"{name} must hold real numbers, got dtype {X.dtype}")
-    if widths is not None and X.shape[1] != widths[0]:
-        raise ValueError(f"{name} has {X.shape[1]} features but the model expects {widths[0]}")
-    with np.errstate(over="ignore"):   # overflow in the cast is reported below, by row
-        X = np.ascontiguousarray(X, dtype=dtype)
-    _check_finite(X, name, dtype)
-    y = np.asarray(y)
-    if y.shape[:1] != X.shape[:1]:
-        raise ValueError(f"{name} has {X.shape[0]} rows but its targets have "
-                         f"{y.shape[0] if y.ndim else 0}")
-    if loss == "cross_entropy":
-        if y.ndim != 1 or y.dtype.kind not in "iu":
-            raise TypeError(f"cross_entropy needs 1-D integer labels, got {y.dtype} {y.shape}")
-        bad = np.flatnonzero((y < 0) | (y >= widths[1]) if widths is not None else y < 0)
-        if len(bad):
-            classes = f"the model's {widths[1]} classes [0, {widths[1]})" if widths is not None \
-                else "the classes (labels start at 0)"
-            raise ValueError(f"label {y[bad[0]]} in row {bad[0]} of the targets of {name} is "
-                             f"outside {classes}")
-        y = y.astype(np.int64, copy=False)
-    else:
-        if not (np.issubdtype(y.dtype, np.floating) or np.issubdtype(y.dtype, np.integer)):
-            raise TypeError(f"the targets of {name} must be real numbers, got dtype {y.dtype}")
-        with np.errstate(over="ignore"):
-            y = np.ascontiguousarray(y.reshape(len(y), -1), dtype=dtype)
-        if widths is not None and y.shape[1] != widths[1]:
-            raise ValueError(f"the targets of {name} have {y.shape[1]} columns but the model "
-                             f"has {widths[1]} outputs")
-        _check_finite(y, f"the targets of {name}", dtype)
-    return X, y
-
-
-def _refuse_masked(value: object, name: str) -> None:
-    if isinstance(value, np.ma.MaskedArray):
-        raise TypeError(f"{name} is a masked array, whose mask ckpt would ignore; fill or drop "
-                        f"the masked values first")
-
-
-def _check_finite(values: np.ndarray, name: str, dtype: np.dtype) -> None:
-    """ValueError naming the first row with a NaN or infinite value (after the cast to dtype)."""
-    finite = np.isfinite(values)
-    if not finite.all():
-        row = int(np.flatnonzero(~finite.all(axis=1))[0])
-        raise ValueError(f"row {row} of {name} holds a NaN or infinite value (or one too large "
-                         f"for {np.dtype(dtype).name})")
+def _check_batch_norm_rows(model: Any, n: int, batch_size: int, accumulation_steps: int,
+                           ranks: int) -> None:
+    """ValueError before the first step if a BatchNorm would see a training (micro-)batch of
+    one row: every batch, micro-batch and rank's shard of the epoch is checked (the last batch
+    of an epoch, n mod batch_size rows, is the one that usually has it)."""
+    layers = getattr(model, "layers", None) or (model if isinstance(model, (list, tuple)) else [])
+    if not any(isinstance(layer, BatchNorm) for layer in walk(layers)):
+        return
+    step = ranks * batch_size
+    for rows in {min(step, n - start) for start in range(0, n, step)}:
+        for rank in range(ranks):
+            share = (rank + 1) * rows // ranks - rank * rows // ranks
+            if share == 0:
+                continue    # a rank without rows this step runs no forward
+            parts = min(accumulation_steps, share)
+            if share // parts < 2:
+                where = (f"rank {rank}'s share of a batch of {rows} rows has {share}"
+                         if ranks > 1 else f"a batch of {rows} rows")
+                raise ValueError(
+                    f"BatchNorm needs at least 2 rows in every training (micro-)batch, but "
+                    f"with {n} rows, batch_size {batch_size}, accumulation_steps "
+                    f"{accumulation_steps}{f' and {ranks} ranks' if ranks > 1 else ''}, "
+                    f"{where} split into {parts} micro-batch(es) of as few as "
+                    f"{share // parts} row(s); change batch_size (the last batch of an epoch "
+                    f"has n mod batch_size rows) or accumulation_steps")
 
 
 def _model_widths(model: Any) -> Optional[Tuple[int, int]]:
@@ -310,11 +256,6 @@ def _check_optimizer(optimizer: object, model: Any) -> None:
                          f"(e.g. Adam(model))")
 
 
-def _correct(output: np.ndarray, y: np.ndarray, loss: str) -> int:
-    if loss != "cross_entropy":
-        return 0
-    return int(np.count_nonzero(output.argmax(axis=1) == y))
-
 
 def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy",
         optimizer: Optional[Optimizer] = None, epochs: int = 10, batch_size: int = 32,
@@ -322,7 +263,8 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
         validation_data: Optional[Tuple[np.ndarray, np.ndarray]] = None,
         callback: Optional[Callable[[Dict[str, float]], Any]] = None,
         step_callback: Optional[Callable[[Dict[str, float]], Any]] = None,
-        comm: Any = None) -> History:
+        comm: Any = None, lr_schedule: Optional[Callable[[int, int], float]] = None,
+        early_stopping: Optional[int] = None, run_state: Any = None) -> History:
     """Train ``model`` on (X, y) with mini-batch gradient descent; returns the history.
 
     - ``loss``: "cross_entropy" (y holds integer class labels; accuracy is reported) or "mse"
@@ -341,6 +283,17 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
     - ``comm``: an mpi4py communicator: train data-parallel over its ranks (see
       :mod:`ckpt.distributed`). Call fit on every rank with the whole (X, y); ``batch_size`` is
       per rank, and K ranks train exactly as one process with batch K * batch_size would.
+    - ``lr_schedule``: a function (step, total_steps) -> learning rate, such as the schedules
+      of :mod:`ckpt.optim.schedules`; the optimizer's ``lr`` is set from it before every
+      optimizer step, counted from 0 over the ``epochs * steps per epoch`` of the run.
+    - ``early_stopping``: a patience in epochs (needs ``validation_data``): training stops
+      after that many epochs without a lower val_loss than the best so far, and the
+      parameters of the best epoch (the first with the lowest val_loss) are restored; the
+      history holds every epoch run. The optimizer's state stays that of the last epoch.
+    - ``run_state``: a :class:`ckpt.resume.StateFolder`: a resumable state is written there at
+      the end of every epoch (and every ``every_steps`` steps), and when it was opened to
+      resume, training continues from its state (``epochs`` may be more than the state's) and
+      ends with the bits an uninterrupted run would have, on the same threads.
 
     X is cast to the model's dtype once, up front (a memory map of that dtype stays one). The
     history maps each metric name to its list of per-epoch values.
@@ -361,7 +314,7 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
         if fn is not None and not callable(fn):
             raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
     widths = _model_widths(model)
-    X, y = _check_inputs(X, y, dtype, loss, widths=widths)
+    X, y = check_inputs(X, y, dtype, loss, widths=widths)
     if len(X) == 0:
         raise ValueError("cannot fit on an empty data set")
     if validation_data is not None:
@@ -369,17 +322,26 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
             X_val, y_val = validation_data
         except (TypeError, ValueError):
             raise TypeError("validation_data must be a pair (X_val, y_val)") from None
-        X_val, y_val = _check_inputs(X_val, y_val, dtype, loss, name="X_val", widths=widths)
+        X_val, y_val = check_inputs(X_val, y_val, dtype, loss, name="X_val", widths=widths)
+    if lr_schedule is not None and not callable(lr_schedule):
+        raise TypeError(f"lr_schedule must be callable or None, got {type(lr_schedule).__name__}")
+    if early_stopping is not None:
+        early_stopping = _check_count(early_stopping, "early_stopping")
+        if validation_data is None:
+            raise ValueError("early_stopping needs validation_data to watch")
     if optimizer is not None:
         _check_optimizer(optimizer, model)
+    _check_batch_norm_rows(model, len(X), batch_size, accumulation_steps,
+                           comm.Get_size() if comm is not None else 1)
+    resume = run_state.resume_from if run_state is not None else None
+    if resume is not None:
+        _check_resumable(resume, model, optimizer if optimizer is not None else Adam(model),
+                         epochs)
     rng = _as_generator(seed)
     # Everything is checked: from here on the model, the optimizer and rng change.
     if optimizer is None:
         optimizer = Adam(model)
     replicas = None
-    if comm is not None:
-        from ckpt.distributed import DataParallel
-        replicas = DataParallel(comm, model, optimizer, rng=rng, n_rows=len(X))
     forward = _step_forward(model)
     sets_gradients = _backward_sets_gradients(model)
     next_seed = getattr(model, "next_step_seed", None)
@@ -388,16 +350,52 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
 
     history: History = {}
     n = len(X)
-    for epoch in range(1, epochs + 1):
+    ranks = comm.Get_size() if comm is not None else 1
+    total_steps = epochs * -(-n // (ranks * batch_size))
+    done_steps = 0
+    # Early stopping's best so far: val_loss, epoch, parameters, buffers (BatchNorm's).
+    best: Optional[Tuple[float, int, List[np.ndarray], List[Dict[str, Any]]]] = None
+    first_epoch, first_step, stopped = 1, 0, False
+    resumed_order: Optional[np.ndarray] = None
+    sums: Tuple[float, int, int] = (0.0, 0, 0)
+    if resume is not None:
+        # Before DataParallel: its broadcast then copies the restored state to every rank.
+        history, best, done_steps, stopped = _restore(resume, model, optimizer, rng)
+        first_epoch, first_step = resume.epoch + 1, resume.step
+        if first_step:
+            resumed_order, sums = np.asarray(resume.order), resume.sums
+    if comm is not None:
+        replicas = DataParallel(comm, model, optimizer, rng=rng, n_rows=len(X))
+    step_rng = _step_seed_generator(model)
+
+    def state(epoch_done: int, step: int, order: Optional[np.ndarray],
+              epoch_sums: Tuple[float, int, int], stop: bool = False) -> RunState:
+        return RunState(epoch_done, step, done_steps, [p.copy() for p in model.params()],
+                        optimizer.state_dict(), rng.bit_generator.state,
+                        step_rng.bit_generator.state if step_rng is not None else None,
+                        order, epoch_sums, {key: list(v) for key, v in history.items()},
+                        best[:2] if best is not None else None,
+                        best[2] if best is not None else None, stop,
+                        buffers=_get_buffers(model),
+                        best_buffers=best[3] if best is not None else None)
+
+    for epoch in range(first_epoch, epochs + 1):
+        if stopped:
+            break
         start = time.perf_counter()
-        order = rng.permutation(n)
+        if resumed_order is not None:
+            order, skip = resumed_order, first_step
+            total_loss, correct, seen = sums
+            resumed_order = None
+        else:
+            order, skip = rng.permutation(n), 0
+            total_loss, correct, seen = 0.0, 0, 0
         batches = (replicas.shard(order, batch_size) if replicas is not None
                    else shard_batches(order, batch_size))
         steps = len(batches)
-        total_loss = 0.0
-        correct = 0
-        seen = 0
         for step, (batch, row_offset, global_rows) in enumerate(batches):
+            if step < skip:
+                continue   # done before the state this run resumed from
             # The step's first backward sets the gradients when the model can (no pass to
             # zero them); otherwise they are zeroed here and every backward adds.
             fresh = sets_gradients
@@ -418,7 +416,7 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
                         raise ValueError(f"the loss is {value} at epoch {epoch}, batch {step + 1} "
                                          f"of {steps}: training diverged (lower the learning "
                                          f"rate?)")
-                    step_correct += _correct(output, yb, loss)
+                    step_correct += count_correct(output, yb, loss)
                     if len(micro) != len(batch):
                         # The loss gradient is a mean over the micro-batch; weigh it by its share.
                         grad *= len(micro) / len(batch)
@@ -440,10 +438,16 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
             if replicas is not None:
                 step_loss, step_correct = replicas.allreduce_gradients(
                     len(batch), global_rows, step_loss, step_correct)
+            if lr_schedule is not None:
+                optimizer.lr = _scheduled_rate(lr_schedule, done_steps, total_steps)
             _uninterrupted(optimizer.step)
+            done_steps += 1
             total_loss += step_loss
             correct += step_correct
             seen += global_rows
+            if run_state is not None and run_state.every_steps \
+                    and done_steps % run_state.every_steps == 0 and step + 1 < steps:
+                run_state.write(state(epoch - 1, step + 1, order, (total_loss, correct, seen)))
             if step_callback is not None:
                 info = {"epoch": epoch, "step": step + 1, "steps": steps,
                         "loss": total_loss / seen}
@@ -462,7 +466,97 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
             history.setdefault(key, []).append(value)
         if callback is not None:
             callback(metrics)
+        if early_stopping is not None:
+            if best is None or metrics["val_loss"] < best[0]:
+                best = (metrics["val_loss"], epoch, [p.copy() for p in model.params()],
+                        _get_buffers(model))
+            else:
+                stopped = epoch - best[1] >= early_stopping
+        if run_state is not None:
+            run_state.write(state(epoch, 0, None, (0.0, 0, 0), stopped))
+    if best is not None:
+        for target, value in zip(model.params(), best[2]):
+            np.copyto(target, value)
+        _set_buffers(model, best[3])
     return history
+
+
+def _buffered_layers(model: Any) -> List[Any]:
+    """The model's layers that hold buffers (state that is not a parameter: BatchNorm's)."""
+    layers = model if isinstance(model, (list, tuple)) else getattr(model, "layers", None)
+    return [layer for layer in walk(layers or []) if callable(getattr(layer, "buffers", None))]
+
+
+def _get_buffers(model: Any) -> List[Dict[str, Any]]:
+    """A copy of every buffer, layer by layer: arrays copied, counts as they are."""
+    return [{name: value.copy() if isinstance(value, np.ndarray) else value
+             for name, value in layer.buffers().items()} for layer in _buffered_layers(model)]
+
+
+def _set_buffers(model: Any, saved: List[Dict[str, Any]]) -> None:
+    for layer, values in zip(_buffered_layers(model), saved):
+        for name, value in values.items():
+            current = getattr(layer, name)
+            if isinstance(current, np.ndarray):
+                np.copyto(current, value)
+            else:
+                setattr(layer, name, type(current)(value))
+
+
+def _step_seed_generator(model: Any) -> Optional[np.random.Generator]:
+    """The generator behind the model's next_step_seed (a SegmentCheckpointer's), if any."""
+    rng = getattr(model, "_rng", None)
+    return rng if isinstance(rng, np.random.Generator) else None
+
+
+def _check_resumable(state: RunState, model: Any, optimizer: Optimizer, epochs: int) -> None:
+    """ValueError unless ``state`` fits the model, the optimizer and ``epochs``."""
+    params = model.params()
+    shapes = [tuple(p.shape) for p in params]
+    saved = [tuple(p.shape) for p in state.params]
+    if saved != shapes:
+        raise ValueError(f"the state's parameters have shapes {saved}, the model's {shapes}")
+    optimizer.check_state_dict(state.optimizer)
+    if state.epoch > epochs:
+        raise ValueError(f"the state has {state.epoch} epochs done, more than epochs={epochs}")
+    if state.step and state.order is None:
+        raise ValueError("the state is within an epoch but holds no order of the rows")
+    mine = _get_buffers(model)
+    described = [{name: np.shape(value) for name, value in layer.items()} for layer in mine]
+    saved_buffers = [{name: np.shape(value) for name, value in layer.items()}
+                     for layer in state.buffers]
+    if described != saved_buffers:
+        raise ValueError(f"the state's buffers {saved_buffers} do not fit the model's "
+                         f"{described}")
+
+
+def _restore(state: RunState, model: Any, optimizer: Optimizer,
+             rng: np.random.Generator) -> Tuple[History, Any, int, bool]:
+    """Copy ``state`` into the model, optimizer and generators; returns (history, best,
+    steps done, stopped) for fit's loop."""
+    for target, value in zip(model.params(), state.params):
+        np.copyto(target, value)
+    optimizer.load_state_dict(state.optimizer)
+    rng.bit_generator.state = state.rng_state
+    step_rng = _step_seed_generator(model)
+    if step_rng is not None and state.step_seed_state is not None:
+        step_rng.bit_generator.state = state.step_seed_state
+    _set_buffers(model, state.buffers)
+    best = None
+    if state.best is not None:
+        best = (state.best[0], state.best[1], [np.array(p) for p in state.best_params],
+                state.best_buffers or [])
+    history = {key: list(values) for key, values in state.history.items()}
+    return history, best, state.steps_done, state.stopped
+
+
+def _scheduled_rate(schedule: Callable[[int, int], float], step: int, total: int) -> float:
+    rate = schedule(step, total)
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not rate > 0 \
+            or not np.isfinite(rate):
+        raise ValueError(f"lr_schedule({step}, {total}) gave {rate!r}; a learning rate must be "
+                         f"a positive finite number")
+    return float(rate)
 
 
 def _step_forward(model: Any) -> Callable[[np.ndarray, int, Optional[int]], np.ndarray]:
@@ -519,72 +613,3 @@ def _check_count(value: object, name: str, allow_zero: bool = False) -> int:
         raise ValueError(f"{name} must be {'non-negative' if allow_zero else 'positive'}, "
                          f"got {value}")
     return int(value)
-
-
-def _forward_layers(model: Any) -> Callable[[np.ndarray], np.ndarray]:
-    """A forward pass that stores nothing: through the layers one by one when there are any."""
-    layers: Optional[Sequence] = model if isinstance(model, (list, tuple)) else \
-        getattr(model, "layers", None)
-    if layers:
-        def run(x: np.ndarray) -> np.ndarray:
-            for layer in layers:
-                x = layer.forward(x)
-            return x
-        return run
-    return as_model(model).forward
-
-
-@contextlib.contextmanager
-def evaluation_mode(model: Any):
-    """Run the model in evaluation mode (Dropout off), then restore each part's previous mode."""
-    parts = list(model) if isinstance(model, (list, tuple)) else [model]
-    switchable = [part for part in parts if callable(getattr(part, "set_training", None))]
-    before = [bool(getattr(part, "is_training", True)) for part in switchable]
-    for part in switchable:
-        part.set_training(False)
-    try:
-        yield
-    finally:
-        for part, mode in zip(switchable, before):
-            part.set_training(mode)
-
-
-def predict(model: Any, X: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """The model's outputs for X (cast to the model's dtype), computed batch by batch in
-    evaluation mode (Dropout off); the model's mode is restored afterwards."""
-    dtype = model_dtype(model)
-    batch_size = check_size(batch_size, "batch_size")
-    _refuse_masked(X, "X")
-    X = np.asarray(X)
-    if X.ndim != 2:
-        raise ValueError(f"X must be 2-D (samples, features), got shape {X.shape}")
-    if not (np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer)):
-        raise TypeError(f"X must hold real numbers, got dtype {X.dtype}")
-    X = np.ascontiguousarray(X, dtype=dtype)
-    run = _forward_layers(model)
-    # An empty X still runs one (empty) batch, so the result has the output's width.
-    starts = range(0, max(len(X), 1), batch_size)
-    with evaluation_mode(model):
-        return np.concatenate([np.array(run(X[i:i + batch_size])) for i in starts])
-
-
-def evaluate(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy",
-             batch_size: int = 256, comm: Any = None) -> Dict[str, float]:
-    """Mean loss (and accuracy for cross_entropy) of the model on (X, y), in evaluation mode.
-
-    With an mpi4py communicator ``comm``, each rank evaluates a share of the rows and the
-    metrics are reduced over the ranks (call it on every rank).
-    """
-    if comm is not None:
-        from ckpt import distributed
-        return distributed.evaluate(model, X, y, comm, loss=loss, batch_size=batch_size)
-    loss_fn = get_loss(loss)
-    X, y = _check_inputs(X, y, model_dtype(model), loss)
-    if len(X) == 0:
-        raise ValueError("cannot evaluate on an empty data set")
-    output = predict(model, X, batch_size)
-    value, _ = loss_fn(output, y)
-    result = {"loss": value}
-    if loss == "cross_entropy":
-        result["accuracy"] = _correct(output, y, loss) / len(X)
-    return result

@@ -4,6 +4,9 @@ An optimizer takes a model -- anything with ``params()`` and ``gradients()`` (a 
 SegmentCheckpointer) or a list of such -- and updates its parameters in place. Each ``step()`` runs
 one fused Cython kernel per parameter; the moment buffers are allocated once, up front, and
 ``state_bytes`` reports their size so that memory reports can count them.
+
+Learning-rate schedules (constant, cosine with warmup, one-cycle), pure functions of the step,
+are in :mod:`ckpt.optim.schedules`.
 """
 from __future__ import annotations
 
@@ -352,7 +355,7 @@ class Adam(Optimizer):
 class AdamW(Adam):
     """AdamW as PyTorch's ``torch.optim.AdamW``: Adam with decoupled weight decay.
 
-    p *= 1 - lr * weight_decay before the Adam update, which sees the raw gradient.
+    ``p *= 1 - lr * weight_decay`` before the Adam update, which sees the raw gradient.
     The default weight decay is PyTorch's, 0.01.
     """
 
