@@ -174,7 +174,8 @@ def _setup_message(w: wl.Workload, k: int, variant: str, args) -> dict:
 
 def _mode_fields(prep: dict) -> dict:
     """ckpt's threads mode as its worker reported it (other contenders report none)."""
-    return {key: prep[key] for key in ("threads_mode", "mode", "slices") if key in prep}
+    return {key: prep[key] for key in ("threads_mode", "mode", "slices", "threads_tuning")
+            if key in prep}
 
 
 def run_config(w: wl.Workload, k: int, entries, workers, args, log_note) -> list:

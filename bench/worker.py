@@ -144,7 +144,8 @@ class CkptContender(Contender):
         import ckpt
         slices = self.model.slices(batch)
         return {"threads_mode": self.model.threads_mode or ckpt.get_threading_mode(),
-                "mode": "split" if slices > 1 else "blas", "slices": slices}
+                "mode": "split" if slices > 1 else "blas", "slices": slices,
+                "threads_tuning": self.model.threads_tuning.report()}
 
     @staticmethod
     def _build(w):
@@ -471,6 +472,8 @@ def main() -> None:
                     if len(times) > 2000:
                         break
                 c.gemm_only()
+                if hasattr(c, "_threads_mode"):      # after the warm-up: the tuned choice
+                    prep.update(c._threads_mode(w.batch))
                 per = _median(times[len(times) // 2:])
                 n = int(min(msg["max_steps"], max(msg["min_steps"],
                                                    math.ceil(msg["round_seconds"] / max(per, 1e-6)))))

@@ -171,7 +171,7 @@ def test_threads_mode_and_peak_fraction(quick_run):
     assert set(peaks) == counts and all(g > 0 for g in peaks.values())
     assert res["ratios"]
     for e in res["ratios"]:
-        assert e["mode"] in {"split", "blas"} and e["threads_mode"] in {"split", "blas", "auto"}
+        assert e["mode"] in {"split", "blas"} and e["threads_mode"] in set(ckpt.threads.MODES)
         assert (e["mode"] == "split") == (e["slices"] > 1)
         assert set(e["by_threads"]) == counts
         assert e["by_threads"]["1"]["mode"] == "blas" and e["by_threads"]["1"]["slices"] == 1
