@@ -14,7 +14,7 @@ from ckpt import Dense, SegmentCheckpointer, _core
 from ckpt.runners import CompiledRunner
 from ckpt.threads import DEFAULT_MODE, MODES, blas_threads, requested_num_threads
 from ckpt.train import build_mlp
-from ckpt.tuning import PRUNE, ROUNDS, Config, candidates, thread_counts
+from ckpt.tuning import PRUNE, ROUNDS, WATCH, Config, candidates, thread_counts
 
 
 @pytest.fixture(autouse=True)
@@ -108,8 +108,8 @@ def test_the_fastest_is_chosen_after_interleaved_rounds_and_a_new_batch_size_is_
     assert {k: len(v) for k, v in report["seconds"].items()} == dict.fromkeys(
         ["blas/4", "blas/1", "blas/2", "blas/3"], ROUNDS)
     for _ in range(3):
-        step(model, 32)                   # chosen: nothing more is measured
-    assert len(timings.calls) == 4 * ROUNDS
+        step(model, 32)                   # chosen: only its own steps are timed (watched)
+    assert timings.calls[4 * ROUNDS:] == ["blas/2"] * 3
     assert ckpt.get_num_threads() == 4    # a tuned step puts T back
 
     # A larger batch size is measured again; the timings now favour three threads.
@@ -146,8 +146,36 @@ def test_a_candidate_more_than_prune_times_slower_runs_no_more_rounds(threads):
     # round 1 measures all four; 2.5 and 2.1 are above PRUNE x 1.0: the others go on
     assert PRUNE == 2.0
     assert timings.calls == ["blas/4", "blas/1", "blas/2", "blas/3"] + \
-        ["blas/1", "blas/2"] * (ROUNDS - 1)
+        ["blas/1", "blas/2"] * (ROUNDS - 1) + ["blas/1"] * 2     # then the chosen is watched
     assert model.threads_tuning.report()["32 at T=4, tuned"]["chosen"] == "blas/1"
+
+
+def test_a_choice_that_becomes_slow_is_measured_again(threads):
+    threads(2)
+    model = SegmentCheckpointer(chain(), 2)
+    timings = Timings({"blas/2": 1.0, "blas/1": 1.5})
+    model.threads_tuning.timing = timings
+    for _ in range(1 + 2 * ROUNDS):
+        step(model, 32)
+    assert model.threads_tuning.report()["32 at T=2, tuned"]["chosen"] == "blas/2"
+    timings.seconds["blas/2"] = 1.9          # slower, but within PRUNE x 1.0: kept
+    for _ in range(WATCH):
+        step(model, 32)
+    report = model.threads_tuning.report()["32 at T=2, tuned"]
+    assert report["chosen"] == "blas/2" and report["remeasured"] == 0
+    timings.seconds["blas/2"] = 3.5          # another process took the second core
+    for _ in range(WATCH):
+        step(model, 32)
+    report = model.threads_tuning.report()["32 at T=2, tuned"]
+    assert report["chosen"] is None and report["remeasured"] == 1
+    timings.calls.clear()
+    for _ in range(2):
+        step(model, 32)
+    # round 1 again; 3.5 > PRUNE x 1.5: blas/2 is dropped and blas/1 chosen
+    assert timings.calls == ["blas/2", "blas/1"]
+    report = model.threads_tuning.report()["32 at T=2, tuned"]
+    assert report["chosen"] == "blas/1" and report["seconds"] == {"blas/2": [3.5],
+                                                                  "blas/1": [1.5]}
 
 
 def _flip_last_bit(a):
@@ -315,10 +343,12 @@ def test_ckpt_train_reports_the_choice_and_threads_alone_is_fixed(capsys, thread
         return json.loads(capsys.readouterr()[0].strip().splitlines()[-1])
 
     tuned = results([])["threads_tuning"]
+    # real timings here: the choice (and a re-measurement under load) is the machine's
     report = tuned["32 at T=2, tuned"]               # the batch size
-    assert report["chosen"] in ("blas/1", "blas/2") and report["measured"]
-    assert tuned["30 at T=2, tuned"]["inherited"]    # the last batch of 1,437 rows
-    assert set(report["seconds"]) == set(report["candidates"])
+    assert report["candidates"] == ["blas/2", "blas/1"] and report["measured"]
+    assert report["chosen"] in ("blas/1", "blas/2") or report["remeasured"]
+    assert tuned.get("30 at T=2, tuned", {"inherited": True})["inherited"]   # the last batch
+    assert report["seconds"] and set(report["seconds"]) <= set(report["candidates"])
     assert results(["--threads", "2"])["threads_tuning"] == {}
     assert results(["--threads-mode", "blas"])["threads_tuning"] == {}
     auto = results(["--threads-mode", "auto"])["threads_tuning"]

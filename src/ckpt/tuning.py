@@ -23,6 +23,11 @@ T, mode), T being :func:`ckpt.threads.requested_num_threads`. For a new batch si
    at two threads was bimodal on small steps (0.5 or 10 ms), and a median of three missed the
    slow mode that the run then paid at every step (``ckpt train``: 8-22 s at two threads against
    0.6-2 s at one).
+4. **Watch** the chosen candidate: its steps stay timed, and when the mean of its last
+   :data:`WATCH` steps exceeds :data:`PRUNE` times the best mean measured, the load has changed
+   (another process took the cores a choice relied on): the candidates are measured again.
+   Each new measurement doubles the steps watched before the next, so that a load that comes
+   and goes costs a measurement per doubling of the run, not one every WATCH steps.
 
 A smaller batch size than one already chosen for (the partial last batch of an epoch) inherits
 that choice instead of being measured: its first step runs the reference and checks the inherited
@@ -45,6 +50,7 @@ from ckpt.threads import hold_blas_threads, release_blas_threads
 
 ROUNDS = 3           # timed steps of each candidate
 PRUNE = 2.0          # a candidate this many times slower than the best after a round is dropped
+WATCH = 20           # steps of the chosen candidate whose mean is watched
 ALL_COUNTS_UP_TO = 8
 
 
@@ -94,6 +100,8 @@ class _Tuning:
         self.samples: Dict[Config, List[float]] = {}
         self.queue: List[Config] = []       # the rest of the current round
         self.rounds = 0                      # rounds begun
+        self.recent: List[float] = []        # the chosen candidate's last steps (seconds)
+        self.remeasured = 0                  # times the watch started a new measurement
         self.verified = False
         self.chosen: Optional[Config] = None
 
@@ -108,6 +116,7 @@ class _Tuning:
             "threads": None if self.chosen is None else self.chosen.threads,
             "slices": None if self.chosen is None else self.chosen.slices,
             "measured": bool(self.samples),
+            "remeasured": self.remeasured,
             "inherited": self.inherited is not None,
             "candidates": [c.label for c in self.kept],
             "excluded": {c.label: why for c, why in self.excluded.items()},
@@ -253,7 +262,11 @@ class ThreadsTuner:
         if pending is None:
             return
         tuning = self._tunings[pending.key]
-        if tuning.chosen is not None or not tuning.queue or tuning.queue[0] != pending.config:
+        if tuning.chosen is not None:
+            if tuning.samples and pending.config == tuning.chosen:
+                self._watch(tuning, float(self.timing(pending.config, pending.seconds)))
+            return
+        if not tuning.queue or tuning.queue[0] != pending.config:
             return
         tuning.queue.pop(0)
         seconds = float(self.timing(pending.config, pending.seconds))
@@ -268,6 +281,20 @@ class ThreadsTuner:
             return
         order = {c: i for i, c in enumerate(tuning.kept)}
         tuning.chosen = min(alive, key=lambda c: (means[c], order[c]))
+
+    @staticmethod
+    def _watch(tuning: _Tuning, seconds: float) -> None:
+        """After a choice: measure again when the chosen candidate has become slow."""
+        tuning.recent.append(seconds)
+        if len(tuning.recent) < WATCH << tuning.remeasured:
+            return
+        best = min(statistics.fmean(v) for v in tuning.samples.values())
+        slow = statistics.fmean(tuning.recent) > PRUNE * best
+        tuning.recent = []
+        if slow:
+            tuning.remeasured += 1
+            tuning.samples, tuning.chosen = {}, None
+            tuning.queue, tuning.rounds = list(tuning.kept), 1
 
     @property
     def pending(self) -> Optional[_Pending]:
