@@ -163,11 +163,15 @@ def test_a_choice_that_becomes_slow_is_measured_again(threads):
         step(model, 32)
     report = model.threads_tuning.report()["32 at T=2, tuned"]
     assert report["chosen"] == "blas/2" and report["remeasured"] == 0
+    step(model, 20)                           # a smaller batch inherits blas/2
+    assert model.threads_tuning.report()["20 at T=2, tuned"]["chosen"] == "blas/2"
     timings.seconds["blas/2"] = 3.5          # another process took the second core
     for _ in range(WATCH):
         step(model, 32)
-    report = model.threads_tuning.report()["32 at T=2, tuned"]
-    assert report["chosen"] is None and report["remeasured"] == 1
+    report = model.threads_tuning.report()
+    assert report["32 at T=2, tuned"]["chosen"] is None
+    assert report["32 at T=2, tuned"]["remeasured"] == 1
+    assert "20 at T=2, tuned" not in report   # its inheritance is dropped with the choice
     timings.calls.clear()
     for _ in range(2):
         step(model, 32)
@@ -176,6 +180,8 @@ def test_a_choice_that_becomes_slow_is_measured_again(threads):
     report = model.threads_tuning.report()["32 at T=2, tuned"]
     assert report["chosen"] == "blas/1" and report["seconds"] == {"blas/2": [3.5],
                                                                   "blas/1": [1.5]}
+    step(model, 20)
+    assert model.threads_tuning.report()["20 at T=2, tuned"]["chosen"] == "blas/1"
 
 
 def _flip_last_bit(a):

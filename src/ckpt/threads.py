@@ -9,8 +9,9 @@ Modes (``SegmentCheckpointer(threads_mode=...)``, or :func:`threading_mode` for 
 
 - ``"tuned"`` (the default; the environment variable ``CKPT_THREADS_MODE`` changes the process
   default): OpenBLAS threading, at the thread count that measured fastest for the chain and
-  batch size on its first training steps (:mod:`ckpt.tuning`). The candidates are OpenBLAS at 1 .. T threads; a candidate
-  whose outputs and gradients on the first batch are not bit-equal to OpenBLAS at T threads is
+  batch size on its first training steps, and again when the choice slows down
+  (:mod:`ckpt.tuning`). The candidates are OpenBLAS at 1 .. T threads; a candidate whose
+  outputs and gradients on the first batch are not bit-equal to OpenBLAS at T threads is
   excluded, so a tuned run computes the bits of ``"blas"`` whichever count wins.
 - ``"auto"``: ``"tuned"`` with the batch split among the candidates. A split step sums the
   gradients in another order, so runs whose measurements choose differently may differ in the

@@ -264,7 +264,8 @@ class ThreadsTuner:
         tuning = self._tunings[pending.key]
         if tuning.chosen is not None:
             if tuning.samples and pending.config == tuning.chosen:
-                self._watch(tuning, float(self.timing(pending.config, pending.seconds)))
+                self._watch(pending.key, tuning,
+                            float(self.timing(pending.config, pending.seconds)))
             return
         if not tuning.queue or tuning.queue[0] != pending.config:
             return
@@ -282,9 +283,9 @@ class ThreadsTuner:
         order = {c: i for i, c in enumerate(tuning.kept)}
         tuning.chosen = min(alive, key=lambda c: (means[c], order[c]))
 
-    @staticmethod
-    def _watch(tuning: _Tuning, seconds: float) -> None:
-        """After a choice: measure again when the chosen candidate has become slow."""
+    def _watch(self, key: Tuple[int, int, str], tuning: _Tuning, seconds: float) -> None:
+        """After a choice: measure again when the chosen candidate has become slow (the
+        smaller batch sizes that inherited it inherit again once there is a new choice)."""
         tuning.recent.append(seconds)
         if len(tuning.recent) < WATCH << tuning.remeasured:
             return
@@ -292,6 +293,10 @@ class ThreadsTuner:
         slow = statistics.fmean(tuning.recent) > PRUNE * best
         tuning.recent = []
         if slow:
+            batch, T, mode = key
+            for b, t, m in [k for k, v in self._tunings.items() if v.inherited is not None]:
+                if b < batch and t == T and m == mode:
+                    del self._tunings[(b, t, m)]
             tuning.remeasured += 1
             tuning.samples, tuning.chosen = {}, None
             tuning.queue, tuning.rounds = list(tuning.kept), 1
