@@ -202,3 +202,46 @@ def test_fit_refuses_a_one_row_training_batch_before_the_first_step():
     assert_same(state(layers), before)
     ckpt.fit(model, X[:32], y[:32], epochs=1, batch_size=8, accumulation_steps=4)
     assert all(b.num_batches_tracked == 4 * 4 for b in norms(layers))   # per micro-batch
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_ckpt_train_and_plan_take_norm_batch(capsys, residual):
+    import json
+    from ckpt.cli import main
+    extra = ["--residual"] if residual else []
+    assert main(["train", "--norm", "batch", "--depth", "3", "--width", "16", "--epochs", "4",
+                 "--json"] + extra) == 0
+    results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert results["test_accuracy"] > 0.5
+    assert main(["plan", "--norm", "batch", "--depth", "3", "--width", "16", "--json"]
+                + extra) == 0
+    plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    built = ckpt.costs.describe_chain(ckpt.build_mlp(16, 3, 16, 16, residual=residual,
+                                                     norm="batch"))
+    assert plan["widths"] == list(built.widths)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_the_estimators_take_norm(residual):
+    sklearn = pytest.importorskip("sklearn")
+    from sklearn.base import clone
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((120, 5)).astype(np.float32)
+    y = (X[:, 0] + X[:, 1] > 0).astype(int)
+    for norm in ("layer", "batch"):
+        est = ckpt.MLPClassifier((16, 16), norm=norm, residual=residual, max_iter=80,
+                                 learning_rate_init=0.02, batch_size=32, random_state=0,
+                                 early_stopping=True, n_iter_no_change=80)
+        est.fit(X, y)
+        assert est.score(X, y) > 0.8
+        assert clone(est).get_params()["norm"] == norm
+        again = pickle.loads(pickle.dumps(est))
+        np.testing.assert_array_equal(again.predict_proba(X), est.predict_proba(X))
+        kinds = {type(layer).__name__ for layer in ckpt.elements.walk(est._model.layers)}
+        assert ("BatchNorm" in kinds) == (norm == "batch")
+    with pytest.raises(ValueError, match="norm must be None, 'layer' or 'batch'"):
+        ckpt.MLPClassifier(norm="batchnorm").fit(X, y)
+    with pytest.raises(ValueError, match="norm='batch' needs at least 2 rows .* 121 samples in "
+                                         "batches of 10 leave a batch of 1 row"):
+        ckpt.MLPRegressor(norm="batch", batch_size=10, max_iter=2).fit(
+            np.vstack([X, X[:1]]), np.r_[y, 0].astype(float))

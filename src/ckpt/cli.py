@@ -38,7 +38,8 @@ from ckpt.optim.schedules import SCHEDULES, make_schedule
 from ckpt.predictor import load_predictor, prediction_table, read_features
 from ckpt.resume import StateFolder
 from ckpt.units import format_size, parse_size
-from ckpt.train import build_mlp, describe_architecture, evaluate, fit, mlp_costs, predict
+from ckpt.train import (NORMS, build_mlp, describe_architecture, evaluate, fit, mlp_costs,
+                        predict)
 
 DEFAULTS = {
     "depth": 8,
@@ -219,7 +220,11 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
                    help="hidden layer width (default %(default)s)")
     p.add_argument("--residual", action="store_true",
                    help="a pre-norm residual MLP: input projection, DEPTH blocks x + "
-                        "f(LayerNorm(x)), LayerNorm, output layer (see ckpt.build_mlp)")
+                        "f(norm(x)), norm, output layer (see ckpt.build_mlp)")
+    p.add_argument("--norm", choices=NORMS, default=None,
+                   help="layer: a LayerNorm after each hidden layer; batch: Dense -> BatchNorm "
+                        "-> activation blocks, or with --residual the tabular ResNet (BatchNorm "
+                        "blocks); with --residual the default is layer")
     p.add_argument("--dropout", type=_probability, default=0.0, metavar="P",
                    help="dropout probability after each hidden layer (inside each block with "
                         "--residual; default 0)")
@@ -314,7 +319,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 # The arguments that make a run what it is: resuming with any of them changed is refused.
 RUN_ARGUMENTS = ("data", "example", "target", "features", "labels", "task", "scale_target", "depth",
-                 "width", "residual", "dropout", "activation", "batch_size", "lr", "optimizer",
+                 "width", "residual", "norm", "dropout", "activation", "batch_size", "lr",
+                 "optimizer",
                  "dtype", "seed", "checkpoint_every", "budget", "val_fraction",
                  "early_stopping", "lr_schedule", "warmup", "weight_decay")
 
@@ -428,7 +434,7 @@ def _train(args: argparse.Namespace, status: Dict[str, Any]) -> int:
     outputs = len(data.classes) if classification else 1
 
     layers = build_mlp(features, args.depth, args.width, outputs, args.activation,
-                       dtype, rng, residual=args.residual, dropout=args.dropout)
+                       dtype, rng, residual=args.residual, norm=args.norm, dropout=args.dropout)
     schedule = ({"budget_bytes": args.budget} if args.budget is not None
                 else {"checkpoint_every": args.checkpoint_every})
     model = SegmentCheckpointer(layers, **schedule, seed=args.seed)
@@ -739,6 +745,9 @@ def add_plan_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--residual", action="store_true",
                    help="plan the pre-norm residual MLP of `ckpt train --residual` (input and "
                         "output of width --width; --depth counts blocks)")
+    p.add_argument("--norm", choices=NORMS, default=None,
+                   help="plan `ckpt train --norm`'s network: layer or batch normalisation "
+                        "after each hidden layer (with --residual, its blocks' norm)")
     p.add_argument("--dropout", type=_probability, default=0.0, metavar="P",
                    help="with --residual: a Dropout inside each block (it costs one element)")
     p.add_argument("--batch-size", type=_positive_int, default=DEFAULTS["batch_size"],
@@ -768,9 +777,12 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.residual and args.widths:
         raise UsageError("--residual plans build_mlp's residual network: give --depth and "
                          "--width, not --widths")
-    if args.residual:
-        chain = mlp_costs(args.width, args.depth, args.width, args.width, residual=True,
-                          dropout=args.dropout)
+    if args.norm is not None and args.widths:
+        raise UsageError("--norm plans build_mlp's network: give --depth and --width, not "
+                         "--widths")
+    if args.residual or args.norm is not None:
+        chain = mlp_costs(args.width, args.depth, args.width, args.width, residual=args.residual,
+                          norm=args.norm, dropout=args.dropout)
     else:
         chain = ChainCosts.from_widths(args.widths or [args.width] * (args.depth + 1))
     widths = list(chain.widths)

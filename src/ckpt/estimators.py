@@ -73,10 +73,11 @@ from ckpt import _core
 from ckpt.activations import NAMES as _ACTIVATION_NAMES
 from ckpt.activations import get_activation
 from ckpt.checkpoint import SegmentCheckpointer
-from ckpt.layers import Dense, Dropout, check_float_dtype, walk
+from ckpt.layers import (Activation, BatchNorm, Dense, Dropout, LayerNorm, check_float_dtype,
+                         walk)
 from ckpt.optim import Optimizer, _number, collect_parameters
 from ckpt.optim.schedules import Cosine
-from ckpt.train import build_mlp
+from ckpt.train import build_mlp, check_norm
 from ckpt.train import predict as _predict_layers
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
@@ -387,7 +388,7 @@ class _BaseMLP(BaseEstimator):
                  max_fun: int = 15000, warmup_fraction: float = 0.0,
                  checkpoint_every: Optional[int] = None,
                  memory_budget: Union[None, int, str] = None, residual: bool = False,
-                 dropout: float = 0.0, dtype: Any = np.float32,
+                 norm: Optional[str] = None, dropout: float = 0.0, dtype: Any = np.float32,
                  n_threads: Optional[int] = None) -> None:
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
@@ -416,6 +417,7 @@ class _BaseMLP(BaseEstimator):
         self.checkpoint_every = checkpoint_every
         self.memory_budget = memory_budget
         self.residual = residual
+        self.norm = norm
         self.dropout = dropout
         self.dtype = dtype
         self.n_threads = n_threads
@@ -461,6 +463,7 @@ class _BaseMLP(BaseEstimator):
                                  else _check_int(self.checkpoint_every, "checkpoint_every", 0))
         p["memory_budget"] = self._budget()
         p["dropout"] = _check_real(self.dropout, "dropout", 0.0, 1.0, high_open=True)
+        p["norm"] = check_norm(self.norm)
         hidden = self.hidden_layer_sizes
         sizes = [hidden] if isinstance(hidden, numbers.Integral) else list(hidden)
         if p["residual"] and (not sizes or len(set(sizes)) != 1):
@@ -545,7 +548,7 @@ class _BaseMLP(BaseEstimator):
             # ckpt's pre-norm residual MLP (ckpt.build_mlp): one block per hidden layer size.
             layers = build_mlp(units[0], len(units) - 2, units[1], units[-1], act, p["dtype"],
                                np.random.default_rng(rng.randint(2**31)), residual=True,
-                               dropout=p["dropout"])
+                               norm=p["norm"], dropout=p["dropout"])
             self._attach(layers, p)
             return
         layers = []
@@ -556,11 +559,17 @@ class _BaseMLP(BaseEstimator):
             bound = np.sqrt((2.0 if p["activation"] == "logistic" else 6.0) / (fan_in + fan_out))
             coef = rng.uniform(-bound, bound, (fan_in, fan_out))
             intercept = rng.uniform(-bound, bound, fan_out)
-            layer = Dense(fan_in, fan_out, act if i < len(units) - 2 else None, dtype=p["dtype"],
-                          rng=0)
+            hidden = i < len(units) - 2
+            # With norm="batch" the activation comes after the BatchNorm, not in the Dense.
+            fused = act if hidden and p["norm"] != "batch" else None
+            layer = Dense(fan_in, fan_out, fused, dtype=p["dtype"], rng=0)
             layer.set_params([coef, intercept])
             layers.append(layer)
-            if i < len(units) - 2 and p["dropout"] > 0:
+            if hidden and p["norm"] is not None:
+                layers += ([LayerNorm(fan_out, dtype=p["dtype"])] if p["norm"] == "layer" else
+                           [BatchNorm(fan_out, dtype=p["dtype"])]
+                           + ([Activation(act)] if act is not None else []))
+            if hidden and p["dropout"] > 0:
                 layers.append(Dropout(p["dropout"]))
         self._attach(layers, p)
 
@@ -600,9 +609,16 @@ class _BaseMLP(BaseEstimator):
         self.coefs_ = [layer.W for layer in self._dense_layers()]
         self.intercepts_ = [layer.b for layer in self._dense_layers()]
 
+    def _state_arrays(self) -> List[np.ndarray]:
+        """Every parameter of the network (coefs_, intercepts_, the norms') and the BatchNorms'
+        running statistics: what early stopping's best epoch is."""
+        buffers = [a for layer in walk(self._model.layers) if isinstance(layer, BatchNorm)
+                   for a in (layer.running_mean, layer.running_var)]
+        return collect_parameters(self._model)[0] + buffers
+
     def _parameter_copies(self) -> List[np.ndarray]:
-        """Copies of every parameter of the network (coefs_, intercepts_, LayerNorms')."""
-        return [a.copy() for a in collect_parameters(self._model)[0]]
+        """Copies of :meth:`_state_arrays`."""
+        return [a.copy() for a in self._state_arrays()]
 
     def _dense_layers(self) -> List[Dense]:
         return [layer for layer in walk(self._model.layers) if isinstance(layer, Dense)]
@@ -848,6 +864,10 @@ class _BaseMLP(BaseEstimator):
                 warnings.warn("Got `batch_size` less than 1 or larger than sample size. It is "
                               "going to be clipped")
             batch_size = int(np.clip(p["batch_size"], 1, n))
+        if p["norm"] == "batch" and min(batch_size, n % batch_size or batch_size) < 2:
+            raise ValueError(f"norm='batch' needs at least 2 rows in every training batch, but "
+                             f"{n} samples in batches of {batch_size} leave a batch of "
+                             f"{min(batch_size, n % batch_size or batch_size)} row")
         self._batch_rows = batch_size
         optimizer = self._optimizer
         # learning_rate="cosine": ckpt.optim.schedules' Cosine over max_iter epochs, per batch.
@@ -911,7 +931,7 @@ class _BaseMLP(BaseEstimator):
             if progress is not None:
                 progress.close()
         if p["early_stopping"]:   # the best epoch's parameters, LayerNorms' included
-            for target, best in zip(collect_parameters(self._model)[0], self._best_parameters):
+            for target, best in zip(self._state_arrays(), self._best_parameters):
                 np.copyto(target, best)
 
     def _diverged(self, p: Dict[str, Any], n: int, batch_size: int) -> None:
@@ -1114,7 +1134,11 @@ _COMMON_DOC = """
       stochastic solvers only);
     - ``residual=True``: ckpt's pre-norm residual MLP (``ckpt.build_mlp(residual=True)``) with one
       block per hidden layer size (all equal); ``coefs_``/``intercepts_`` then hold every Dense
-      layer's arrays in chain order (input projection, two per block, output layer).
+      layer's arrays in chain order (input projection, two per block, output layer);
+    - ``norm``: None, "layer" (a LayerNorm after each hidden layer) or "batch" (each hidden
+      layer Dense -> BatchNorm -> activation; with ``residual=True`` the tabular ResNet of
+      ``ckpt.build_mlp``); the norms' parameters are not among ``coefs_``/``intercepts_``, and
+      a BatchNorm needs at least two rows in every training batch (``batch_size``).
 
     ``fit`` also takes ``validation_data=(X_val, y_val)``: a validation set scored every epoch
     (``validation_scores_``, and ``validation_loss_curve_``: its loss without the L2 term); with
@@ -1170,7 +1194,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
                  class_weight: Any = None,
                  checkpoint_every: Optional[int] = None,
                  memory_budget: Union[None, int, str] = None, residual: bool = False,
-                 dropout: float = 0.0, dtype: Any = np.float32,
+                 norm: Optional[str] = None, dropout: float = 0.0, dtype: Any = np.float32,
                  n_threads: Optional[int] = None) -> None:
         super().__init__(
             hidden_layer_sizes, activation, solver=solver, alpha=alpha, batch_size=batch_size,
@@ -1181,7 +1205,8 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             validation_fraction=validation_fraction, beta_1=beta_1, beta_2=beta_2,
             epsilon=epsilon, n_iter_no_change=n_iter_no_change, max_fun=max_fun,
             warmup_fraction=warmup_fraction, checkpoint_every=checkpoint_every,
-            memory_budget=memory_budget, residual=residual, dropout=dropout, dtype=dtype,
+            memory_budget=memory_budget, residual=residual, norm=norm, dropout=dropout,
+            dtype=dtype,
             n_threads=n_threads)
         self.class_weight = class_weight
 
@@ -1345,7 +1370,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
                  max_fun: int = 15000, warmup_fraction: float = 0.0,
                  checkpoint_every: Optional[int] = None,
                  memory_budget: Union[None, int, str] = None, residual: bool = False,
-                 dropout: float = 0.0, dtype: Any = np.float32,
+                 norm: Optional[str] = None, dropout: float = 0.0, dtype: Any = np.float32,
                  n_threads: Optional[int] = None) -> None:
         super().__init__(
             hidden_layer_sizes, activation, solver=solver, alpha=alpha, batch_size=batch_size,
@@ -1356,7 +1381,8 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
             validation_fraction=validation_fraction, beta_1=beta_1, beta_2=beta_2,
             epsilon=epsilon, n_iter_no_change=n_iter_no_change, max_fun=max_fun,
             warmup_fraction=warmup_fraction, checkpoint_every=checkpoint_every,
-            memory_budget=memory_budget, residual=residual, dropout=dropout, dtype=dtype,
+            memory_budget=memory_budget, residual=residual, norm=norm, dropout=dropout,
+            dtype=dtype,
             n_threads=n_threads)
         self.loss = loss
 
