@@ -449,3 +449,31 @@ def test_a_copy_measures_again(threads):
     assert copy.threads_tuning.report() == {}
     step(copy, 8)
     assert "8 at T=2, tuned" in copy.threads_tuning.report()
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_the_verification_holds_one_rerun_at_a_time(accumulate, threads):
+    """A count, not a timing: the first tuned step (the step, then a rerun per candidate) holds
+    at most one more output and input gradient than a fixed step -- the rerun's, beside the
+    step's -- and, after a step that accumulated, one copy of the parameter gradients."""
+    import tracemalloc
+    threads(4)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 10)).astype(np.float32)
+
+    def first_step_peak(mode):
+        model = SegmentCheckpointer(chain(width=256), 1, threads_mode=mode)
+        tracemalloc.start()
+        try:
+            y = model.forward(x)
+            model.backward(np.ones_like(y), accumulate=accumulate)
+            return tracemalloc.get_traced_memory()[1], model, y
+        finally:
+            tracemalloc.stop()
+
+    fixed, _, y = first_step_peak("blas")
+    tuned, model, _ = first_step_peak("tuned")
+    assert model.threads_tuning.report()["64 at T=4, tuned"]["candidates"] == [
+        "blas/4", "blas/1", "blas/2", "blas/3"]
+    copies = sum(g.nbytes for g in model.gradients()) if accumulate else 0
+    assert tuned <= fixed + y.nbytes + x.nbytes + copies + 64 * 1024

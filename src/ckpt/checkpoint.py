@@ -558,42 +558,41 @@ class SegmentCheckpointer:
             return runner.backward(pending, grad_output, input_grad, accumulate,
                                    self.memory_tracker)
         verifying = tuner.needs_verification()
-        before = [g.copy() for g in self.gradients()] if verifying and accumulate else None
         grad_input, seconds = timed(config, lambda: runner.backward(
             pending, grad_output, input_grad, accumulate, self.memory_tracker))
         if verifying:
-            self._verify(runner, pending, grad_output, grad_input, input_grad, accumulate,
-                         before)
+            self._verify(runner, pending, grad_output, grad_input, input_grad, accumulate)
         else:
             tuner.add_seconds(seconds)
         tuner.finish()
         return grad_input
 
-    def _verify(self, runner, pending, grad_output, grad_input, input_grad, accumulate,
-                before) -> None:
-        """Rerun the step just done in each candidate configuration (ckpt.tuning): the tuner
-        keeps those that give its bits. The gradients end as the step left them."""
+    def _verify(self, runner, pending, grad_output, grad_input, input_grad,
+                accumulate) -> None:
+        """Rerun the step just done in each candidate configuration (ckpt.tuning), setting
+        the gradients: the tuner keeps the candidates that give the reference's bits. One
+        rerun's activations are alive at a time (the step's own are dropped first); after a
+        step that accumulated, its gradients are copied once and put back."""
         grads = self.gradients()
-        after = [g.copy() for g in grads]
+        accumulated = [g.copy() for g in grads] if accumulate else None
         step = self._tuner.pending
+        pending.arena = None        # the step is done: its activations are not needed
 
         def rerun(config: Config) -> tuple:
-            if before is not None:
-                for g, b in zip(grads, before):
-                    np.copyto(g, b)
             scratch = MemoryUsageTracker()
             with blas_threads(config.threads):
                 again = runner.forward(pending.x, pending.schedule, pending.seed,
                                        step.row_offset, step.training, config.slices, scratch,
                                        lambda: None)
-                gi = runner.backward(again, grad_output, input_grad, accumulate, scratch)
+                gi = runner.backward(again, grad_output, input_grad, False, scratch)
             return (again.y, gi, *grads)
 
         try:
-            self._tuner.verify(rerun, (pending.y, grad_input, *after))
+            self._tuner.verify(rerun, None if accumulate else (pending.y, grad_input, *grads))
         finally:
-            for g, a in zip(grads, after):
-                np.copyto(g, a)
+            if accumulated is not None:
+                for g, value in zip(grads, accumulated):
+                    np.copyto(g, value)
 
     def discard(self) -> None:
         """Drop what a pending forward stored, without back-propagating (no-op if none).
