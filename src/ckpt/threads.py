@@ -176,6 +176,7 @@ def hold_blas_threads(n: int) -> None:
 
 
 def release_blas_threads() -> None:
+    """End a :func:`hold_blas_threads`: the last holder puts the count back."""
     _BLAS.release()
 
 
