@@ -2,7 +2,6 @@
 
     python bench/bench_plan.py            # the quick cases (about 30 s)
     python bench/bench_plan.py --slow     # also 100-200 uneven layers the slow way (~15 min)
-    python bench/bench_plan.py --python   # the pure-Python recursion instead (much slower)
 
 Prints one line per case: the chain, the budget (as a fraction of the way from the smallest
 feasible budget to the plain-backprop peak), the method, the seconds, and the extra compute of
@@ -17,6 +16,7 @@ import time
 import numpy as np
 
 from ckpt import plan as planmod
+from ckpt.plan._chain import _chain
 
 BATCH, DTYPE = 64, np.float32
 
@@ -33,7 +33,7 @@ def random_widths(n: int, seed: int = 1) -> list:
 
 
 def budget_at(widths: list, fraction: float) -> int:
-    c = planmod._chain(widths, BATCH, DTYPE)
+    c = _chain(widths, BATCH, DTYPE)
     return c.min_budget + int(fraction * (c.plain_peak - c.min_budget))
 
 
@@ -59,11 +59,7 @@ def run_tradeoff(label: str, widths: list, method: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slow", action="store_true", help="include the cases that take minutes")
-    parser.add_argument("--python", action="store_true", help="time the pure-Python recursion")
     args = parser.parse_args()
-    if args.python:
-        planmod._planner = None
-    print(f"recursion: {'compiled ckpt._planner' if planmod._planner else 'pure Python'}")
 
     equal = [512] * 1001
     n = len(equal) - 1

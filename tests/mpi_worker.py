@@ -30,10 +30,10 @@ def make_data(rows=ROWS):
     return X, y
 
 
-def make_model(optimizer):
+def make_model(optimizer, norm=None):
     # Dropout on: every rank draws the same step seed, and masks are keyed by the global row.
     model = SegmentCheckpointer(build_mlp(FEATURES, 3, 12, CLASSES, "tanh", np.float64, seed=1,
-                                          dropout=0.25),
+                                          dropout=0.25, norm=norm),
                                 checkpoint_every=2, seed=3)
     opt = (SGD(model, 0.1, momentum=0.9) if optimizer == "sgd" else Adam(model, 0.01))
     return model, opt
@@ -49,6 +49,9 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--data", help="an uncompressed .npz with X and y, memory-mapped")
     p.add_argument("--accumulation-steps", type=int, default=1)
+    p.add_argument("--rows", type=int, default=ROWS)
+    p.add_argument("--norm", choices=["layer", "batch"], default=None)
+    p.add_argument("--sync-batchnorm", action="store_true")
     f = sub.add_parser("fail")
     f.add_argument("how", choices=["raise", "kill", "diverge", "rows"])
     f.add_argument("--rank", type=int, default=1)
@@ -58,7 +61,7 @@ def main(argv=None):
     world = distributed.detect_world()
     comm = distributed.world_comm() if world is not None and world.size > 1 else None
     rank = comm.Get_rank() if comm is not None else 0
-    model, opt = make_model(getattr(args, "optimizer", "adam"))
+    model, opt = make_model(getattr(args, "optimizer", "adam"), getattr(args, "norm", None))
     if rank != 0:
         # Other weights and optimizer state on the other ranks (as if only rank 0 had loaded a
         # saved model): the start-up broadcast must replace them.
@@ -74,7 +77,7 @@ def main(argv=None):
         arrays = distributed.open_rows(args.data)
         X, y = arrays["X"], arrays["y"]
     else:
-        X, y = make_data()
+        X, y = make_data(getattr(args, "rows", ROWS))
     if args.command == "fail" and args.how == "rows" and rank == args.rank:
         X, y = X[:-1], y[:-1]   # a rank given another data set than the others
     with distributed.abort_on_error(comm, "mpi_worker") if comm is not None else contextlib.nullcontext():
@@ -82,10 +85,16 @@ def main(argv=None):
             history = fit(model, X, y, optimizer=opt, epochs=args.epochs,
                           batch_size=args.batch_size, seed=7, comm=comm,
                           accumulation_steps=args.accumulation_steps,
-                          validation_data=make_data(31))
+                          validation_data=make_data(31), sync_batchnorm=args.sync_batchnorm)
+            # Rank 0 writes OUT; with BatchNorm every rank writes OUT.rank<r>.npz (buffers too).
+            norms = [layer for layer in model.layers if hasattr(layer, "running_var")]
+            buffers = {f"norm{i}_{name}": np.asarray(value) for i, layer in enumerate(norms)
+                       for name, value in layer.buffers().items()}
             if rank == 0:
-                np.savez(args.out, *model.params(),
+                np.savez(args.out, *model.params(), **buffers,
                          **{f"history_{key}": np.array(value) for key, value in history.items()})
+            if norms:
+                np.savez(f"{args.out}.rank{rank}.npz", *model.params(), **buffers)
         else:
             def step_callback(info):
                 if rank == args.rank and info["step"] == args.step:

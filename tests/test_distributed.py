@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import ckpt
 from ckpt import Adam, build_mlp, distributed, fit
 from ckpt.checkpoint import SegmentCheckpointer
 from ckpt.distributed import World, detect_world, open_rows, shard_batches
@@ -194,6 +195,40 @@ def _run(args, ranks=None, timeout=TIMEOUT):
         pytest.fail(f"{' '.join(command)} did not end within {timeout} s")
     done = subprocess.CompletedProcess(command, proc.returncode, out, err)
     return done, time.monotonic() - start
+
+
+def test_sync_batchnorm_two_ranks_train_as_one_process_at_twice_the_batch(tmp_path):
+    """With sync_batchnorm BatchNorm's statistics are the global batch's: 2 ranks x 8 rows are
+    1 process x 16, parameters and running statistics alike (96 rows: every rank has 8 rows
+    in every step)."""
+    common = ["--optimizer", "sgd", "--rows", "96", "--norm", "batch"]
+    one, _ = _run([WORKER, "train", str(tmp_path / "one.npz"), "--batch-size", "16"] + common)
+    assert one.returncode == 0, one.stderr
+    two, _ = _run([WORKER, "train", str(tmp_path / "two.npz"), "--batch-size", "8",
+                   "--sync-batchnorm"] + common, ranks=2)
+    assert two.returncode == 0, two.stderr
+    a, b = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    keys = [key for key in a.files if key.startswith(("arr_", "norm"))]
+    assert any(key.endswith("running_var") for key in keys) and len(keys) > 6
+    for key in keys:
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-10, atol=1e-12, err_msg=key)
+    # Unsynchronised, each rank normalises with its own rows' statistics: another run, but
+    # rank 0's running statistics reach every rank after each step.
+    three, _ = _run([WORKER, "train", str(tmp_path / "own.npz"), "--batch-size", "8"] + common,
+                    ranks=2)
+    assert three.returncode == 0, three.stderr
+    r0, r1 = np.load(tmp_path / "own.npz.rank0.npz"), np.load(tmp_path / "own.npz.rank1.npz")
+    for key in r0.files:
+        np.testing.assert_array_equal(r0[key], r1[key], err_msg=key)
+    mean = [key for key in r0.files if key.endswith("running_mean")][0]
+    assert not np.allclose(r0[mean], a[mean], rtol=1e-6)
+
+
+def test_sync_batchnorm_needs_mpi():
+    model = SegmentCheckpointer(ckpt.build_mlp(4, 2, 6, 2, norm="batch", seed=0))
+    X, y = np.ones((8, 4), np.float32), np.zeros(8, int)
+    with pytest.raises(ValueError, match="sync_batchnorm needs data-parallel training over MPI"):
+        ckpt.fit(model, X, y, sync_batchnorm=True)
 
 
 @pytest.mark.parametrize("optimizer, accumulation", [("sgd", 2), ("adam", 1)])

@@ -134,9 +134,56 @@ def test_random_legal_schedules(n, seed):
     check(ops, chain(n, seed=seed % 1000))
 
 
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(n=st.integers(1, 12), seed=st.integers(0, 2 ** 32 - 1))
+def test_kept_positions_keep_exactly_those_forwards(n, seed):
+    """keep_internals as positions (what plans give): exactly the forwards there keep a tape;
+    peaks against the independent count, rebuilds and the compiled tape blocks against the
+    flags; the positions auto chooses give auto's trace."""
+    rng = np.random.default_rng(seed)
+    ops = random_legal_schedule(rng, n)
+    costs = chain(n, seed=seed % 1000)
+    forwards = [q for q, (kind, _) in enumerate(ops) if kind == "forward"]
+    chosen = tuple(q for q in forwards if rng.random() < 0.5)
+    flags = [q in chosen for q in range(len(ops))]
+    trace = replay(ops, costs, chosen)
+    assert trace.keep_internals == chosen
+    assert [bool(event[4]) for event in trace.events] == [
+        flag and costs.elements[ops[q][1]].tape > 0 for q, flag in enumerate(flags)]
+    assert trace.peak_units == independent_peak(ops, costs, flags)
+    rebuilt = []
+    for b, (kind, i) in enumerate(ops):
+        if kind == "backward" and costs.elements[i].tape:
+            last = max(q for q in range(b) if ops[q] == ("forward", i))
+            if not flags[last]:
+                rebuilt.append(i)
+    assert trace.rebuilt == tuple(rebuilt)
+    compiled = compile_schedule(ops, costs, list(reversed(chosen)))
+    assert compiled.rebuilt_layers == trace.rebuilt and compiled.peak_units == trace.peak_units
+    forward_rows = np.concatenate([compiled.forward_rows, compiled.backward_rows])
+    forward_rows = forward_rows[forward_rows[:, 0] == 0]
+    assert [bool(t >= 0) for t in forward_rows[:, 4]] == [
+        flags[q] and costs.elements[ops[q][1]].tape > 0 for q in forwards]
+    auto = replay(ops, costs, KEEP_AUTO)
+    same = replay(ops, costs, tuple(q for q, e in enumerate(auto.events) if e[4]))
+    assert (same.peak_units, same.rebuilt, same.events) == \
+        (auto.peak_units, auto.rebuilt, auto.events)
+
+
 def test_bad_policy_is_refused():
     with pytest.raises(ValueError, match="keep_internals"):
         replay(uniform_ops(3, 1), [4, 4, 4, 4], "sometimes")
+    ops = uniform_ops(3, 1)   # forward 0, 1, 2, then backward 2, 1, 0
+    for bad, message in [((3,), "operation 3 is \\('backward', 2\\), not a forward"),
+                         ((9,), "operation 9 is None, not a forward"),
+                         ((-1,), "distinct operation positions"),
+                         ((1, 1), "distinct operation positions"),
+                         ((True,), "distinct operation positions"),
+                         ((0.0,), "distinct operation positions")]:
+        with pytest.raises(ValueError, match=message):
+            replay(ops, [4, 4, 4, 4], bad)
+        with pytest.raises(ValueError, match=message):
+            compile_schedule(ops, [4, 4, 4, 4], bad)
 
 
 @pytest.mark.parametrize("k", [2, 3, 4])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import heapq
 import random
 import re
+import subprocess
 import sys
 from math import comb
 from pathlib import Path
@@ -18,18 +19,21 @@ from hypothesis import strategies as st
 from ckpt import plan as planmod
 from ckpt.costs import ChainCosts, ElementCost
 from ckpt.plan import Plan, format_size, parse_size, plan, simulate, tradeoff, uniform_plan
+from ckpt.plan import _chain as chainmod
+from ckpt.plan import _oracle, _recursion, _search
 from ckpt.schedule import replay, uniform_ops
 
-IMPLS = ["python"] + (["compiled"] if planmod._planner is not None else [])
+IMPLS = ["python", "compiled"]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 
 def chain_of(chain, batch=1, dtype=np.float32):
-    return planmod._chain(chain, batch, dtype)
+    return chainmod._chain(chain, batch, dtype)
 
 
 def recursion(chain, method, impl, **kwargs):
-    return planmod._recursion(chain_of(chain), method, compiled=impl == "compiled", **kwargs)
+    make = _recursion._recursion if impl == "compiled" else _oracle.oracle
+    return make(chain_of(chain), method, **kwargs)
 
 
 def random_costs(rng, n, scratch=True):
@@ -61,22 +65,29 @@ def random_chains(seed, count, max_layers=5):
             yield [rng.choice(pool) for _ in range(n + 1)]
 
 
-def brute_force(costs, budget):
-    """Least total forward FLOPs (per row) over ALL legal schedules within ``budget`` units
-    (None if none fits), internals recomputed in backwards, by Dijkstra over (held activations
-    as a bit set, next backward, a_N computed yet) with forward FLOPs as the cost. Moves are
-    exactly what replay() accepts: forward i (a_i held, a_{i+1} not, backward i not done; its
-    scratch counts beside what is then held), free i (i > 0, held), backward b (a_b, a_{b+1}
-    held; b = N-1 needs a_N computed; its scratch and tape count beside what is held)."""
-    costs = planmod._chain_costs(costs)
+def brute_force(costs, budget, keep=True):
+    """Least cost (per row) over ALL legal schedules within ``budget`` units (None if none
+    fits), by Dijkstra over (held activations as a bit set, the held ones whose tape is kept as
+    a bit set, next backward, a_N computed yet). Moves are exactly what replay() accepts:
+    forward i (a_i held, a_{i+1} not, backward i not done; its scratch counts beside what is
+    then held), free i (i > 0, held), backward b (a_b, a_{b+1} held; b = N-1 needs a_N
+    computed; its scratch counts beside what is held, and its tape too unless it was kept).
+
+    ``keep``: each forward may keep its element's tape beside its output (held until the output
+    goes), and the cost is forward FLOPs plus the internal FLOPs of the backwards that find no
+    tape kept. Without, no tape is ever kept and the cost is forward FLOPs alone."""
+    costs = chainmod._chain_costs(costs)
     sizes, flops = costs.stored, costs.forward_flops
-    fwd, bwd = costs.forward_scratch, costs.backward_scratch(False)
+    fwd, bwd = costs.forward_scratch, costs.backward_scratch(True)
+    tape = [e.tape for e in costs.elements]
+    internal = [e.internal_flops if keep else 0 for e in costs.elements]
     n = costs.n
 
-    def held(mask):
-        return sum(s for i, s in enumerate(sizes) if mask >> i & 1)
+    def held(mask, kept):
+        return sum(s for i, s in enumerate(sizes) if mask >> i & 1) + \
+            sum(tape[i - 1] for i in range(1, n + 1) if kept >> i & 1)
 
-    start = (1, n - 1, False)
+    start = (1, 0, n - 1, False)
     if sizes[0] > budget:
         return None
     dist = {start: 0}
@@ -85,23 +96,27 @@ def brute_force(costs, budget):
         cost, state = heapq.heappop(queue)
         if dist[state] < cost:
             continue
-        mask, b, computed = state
+        mask, kept, b, computed = state
         if b < 0:
             return cost
         moves = []
         for i in range(min(n - 1, b) + 1):
             if mask >> i & 1 and not mask >> (i + 1) & 1:
-                new = mask | 1 << (i + 1)
-                if held(new) + fwd[i] <= budget:
-                    moves.append((cost + flops[i], (new, b, computed or i + 1 == n)))
+                for k in ((0, 1) if keep and tape[i] else (0,)):
+                    new, new_kept = mask | 1 << (i + 1), kept | k << (i + 1)
+                    if held(new, new_kept) + fwd[i] <= budget:
+                        moves.append((cost + flops[i],
+                                      (new, new_kept, b, computed or i + 1 == n)))
         for i in range(1, n + 1):
             if mask >> i & 1:
-                moves.append((cost, (mask & ~(1 << i), b, computed)))
-        if mask >> b & 1 and mask >> (b + 1) & 1 and (b < n - 1 or computed) \
-                and held(mask) + bwd[b] <= budget:
-            moves.append((cost, (mask & ~(1 << (b + 1)), b - 1, computed)))
+                moves.append((cost, (mask & ~(1 << i), kept & ~(1 << i), b, computed)))
+        if mask >> b & 1 and mask >> (b + 1) & 1 and (b < n - 1 or computed):
+            found = kept >> (b + 1) & 1
+            if held(mask, kept) + bwd[b] + (0 if found else tape[b]) <= budget:
+                moves.append((cost + (0 if found else internal[b]),
+                               (mask & ~(1 << (b + 1)), kept & ~(1 << (b + 1)), b - 1, computed)))
         for new_cost, new in moves:
-            if held(new[0]) <= budget and new_cost < dist.get(new, float("inf")):
+            if held(new[0], new[1]) <= budget and new_cost < dist.get(new, float("inf")):
                 dist[new] = new_cost
                 heapq.heappush(queue, (new_cost, new))
     return None
@@ -123,8 +138,18 @@ def check_plan(p: Plan, budget):
     for kind, i in p.ops:
         counts[i] += kind == "forward"
     assert tuple(counts) == p.forward_counts and min(counts) >= 1
-    internal = 0 if p.keep_internals else \
-        p.batch_size * sum(e.internal_flops for e in p.costs.elements)
+    trace = replay(p.ops, p.costs, p.keep_internals)
+    if p.keep_internals is True:
+        internal = 0
+    elif p.keep_internals is False:
+        internal = p.batch_size * sum(e.internal_flops for e in p.costs.elements)
+    else:  # those whose tape was not kept to their backward
+        kept = {p.ops[q][1] for q in p.keep_internals}
+        assert trace.rebuilt == tuple(i for i in reversed(range(p.n_layers))
+                                      if p.costs.elements[i].tape and i not in kept)
+        internal = p.batch_size * sum(e.internal_flops for i, e in enumerate(p.costs.elements)
+                                      if not e.tape or i in trace.rebuilt)
+    assert p.rebuilt_layers == trace.rebuilt
     assert p.rerun_flops == sum((k - 1) * f for k, f in zip(counts, p.layer_flops))
     assert p.recompute_flops == p.rerun_flops + internal and p.internal_flops == internal
     assert [i for kind, i in p.ops if kind == "backward"] == list(reversed(range(p.n_layers)))
@@ -132,8 +157,10 @@ def check_plan(p: Plan, budget):
 
 
 def row_cost(p: Plan):
-    """Forward FLOPs per row of a plan's schedule (what the searches minimise)."""
-    return sum(k * f for k, f in zip(p.forward_counts, p.costs.forward_flops))
+    """Forward FLOPs per row of a plan's schedule, plus the internal FLOPs its backwards
+    rebuild (what the searches minimise)."""
+    return (sum(k * f for k, f in zip(p.forward_counts, p.costs.forward_flops))
+            + p.internal_flops // p.batch_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,21 +168,30 @@ def row_cost(p: Plan):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("keep", [False, True])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_recursion_matches_exhaustive_search(impl):
+def test_recursion_matches_exhaustive_search(impl, keep):
     """Z (with slides) is complete on uneven elements with scratch and internals: no schedule in
-    the whole state space is cheaper."""
+    the whole state space is cheaper, whether forwards may keep their element's internals
+    (``keep``, the planner's default) or every backward rebuilds them. Its schedules are what
+    replay measures, with the kept forwards it reports."""
     rng = random.Random(1)
     for chain in random_chains(seed=2, count=90):
         c = chain_of(chain)
-        rec = recursion(chain, "optimal", impl)
-        persistent = recursion(chain, "persistent", impl)
-        for budget in budgets_of(c, rng):
-            best = brute_force(chain, budget)
+        rec = recursion(chain, "optimal", impl, keep=keep)
+        persistent = recursion(chain, "persistent", impl, keep=keep)
+        high = c.plain_trace.peak_units if keep else c.lean_peak_units
+        for budget in budgets_of(c, rng) + [high]:
+            best = brute_force(chain, budget, keep)
             cost, peak = rec.value(budget)
             assert cost == best, (chain, budget)
             assert peak <= budget
             assert persistent.value(budget)[0] >= best
+            ops, kept = rec.schedule(budget)
+            trace = replay(ops, c.costs, tuple(kept) if keep else False)
+            assert trace.peak_units == peak
+            assert c.cost_of(trace)[0] == cost + (0 if keep else sum(
+                e.internal_flops for e in c.costs.elements))
         assert rec.value(c.costs.min_units() - 1) is None
 
 
@@ -171,10 +207,10 @@ def test_plan_matches_exhaustive_search_including_equal_layers():
                 check_plan(p, budget)
                 assert p.proven_optimal
                 if budget >= c.plain_peak:
-                    assert p.keep_internals and p.recompute_flops == 0
+                    assert p.keep_internals is True and p.recompute_flops == 0
                 else:
-                    assert not p.keep_internals
-                    assert row_cost(p) == brute_force(chain, min(units, c.lean_peak_units))
+                    assert p.keep_internals is not True
+                    assert row_cost(p) == brute_force(chain, units)
 
 
 def test_sliding_a_checkpoint_beats_every_persistent_schedule():
@@ -301,9 +337,9 @@ def test_smallest_feasible_budget(widths):
     assert f"{low} B" in str(err.value) and format_size(low) in str(err.value)
 
 
-@pytest.mark.skipif(planmod._planner is None, reason="ckpt._planner is not built")
 def test_compiled_and_python_recursions_agree():
-    """Same values and schedules, unbounded or restricted (the bounded searches)."""
+    """Same values and schedules (kept forwards included), unbounded or restricted (the bounded
+    searches)."""
     rng = random.Random(6)
     for j, chain in enumerate(random_chains(seed=7, count=40, max_layers=9)):
         c = chain_of(chain)
@@ -312,10 +348,35 @@ def test_compiled_and_python_recursions_agree():
             extra = {} if j % 3 else {"allowed": flags, "window": 1}
             ours = recursion(chain, method, "compiled", **extra)
             reference = recursion(chain, method, "python", **extra)
-            for budget in budgets_of(c, rng, count=3):
+            for budget in budgets_of(c, rng, count=3) + [c.plain_trace.peak_units - 1]:
                 assert ours.value(budget) == reference.value(budget)
                 if ours.value(budget) is not None:
+                    assert ours.schedule(budget) == reference.schedule(budget)
                     assert ours.ops(budget) == reference.ops(budget)
+
+
+def test_counts_beyond_int64_are_refused_not_planned_slowly():
+    """The compiled recursion counts in int64; a chain whose costs could overflow it gets a
+    clear error (no pure-Python fallback), while plans that need no search still work."""
+    huge = ChainCosts(tuple(ElementCost("x", w, v, stored=v, forward_flops=2**60,
+                                        backward_flops=1) for w, v in ((3, 5), (5, 2), (2, 4))))
+    c = chain_of(huge)
+    for method in planmod.METHODS:
+        with pytest.raises(ValueError, match="too large to plan.*64-bit"):
+            plan(huge, 1, c.min_budget, method=method)
+        assert plan(huge, 1, c.plain_peak, method=method).recompute_flops == 0
+    wide = [2**61, 1, 2**61]
+    with pytest.raises(ValueError, match="too large to plan"):
+        _recursion._recursion(chain_of(wide), "optimal")
+
+
+def test_planning_never_imports_the_oracle():
+    """The Python recursion is the tests' oracle only: planning runs the compiled one."""
+    code = ("import sys, ckpt.plan as p\n"
+            "p.plan([3, 9, 4, 7, 2, 8], 2, 150)\n"
+            "p.tradeoff([3, 9, 4, 7, 2, 8], 2, method='persistent')\n"
+            "assert 'ckpt.plan._oracle' not in sys.modules, sorted(sys.modules)\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -546,11 +607,24 @@ def test_plain_backprop_keeps_internals_only_when_it_fits():
         assert p.ops == tuple(uniform_ops(6, 1)) and p.proven_optimal
         below = plan(costs, 2, plain - 1, method=method)
         check_plan(below, plain - 1)
-        assert not below.keep_internals and below.internal_flops == 2 * 6 * 30
+        # One byte short of plain backprop: one block rebuilds, the other five keep theirs.
+        assert below.keep_internals is not True and below.internal_flops == 2 * 1 * 30
+        assert below.rebuilt_layers == (0,) and len(below.keep_internals) == 5
         assert below.rerun_flops == 0  # k = 1 without internals fits: 4 units a block
         assert "recomputing internals" in below.explain()
+        assert "internals kept            5 of 6 compound elements" in below.explain()
     assert plan(costs, 2, plain).plain_peak_bytes == plain
-    assert uniform_plan(costs, 2, 1).keep_internals and not uniform_plan(costs, 2, 2).keep_internals
+    assert uniform_plan(costs, 2, 1).keep_internals is True
+    assert uniform_plan(costs, 2, 2, keep_internals=False).keep_internals is False
+    # By default a uniform plan keeps what SegmentCheckpointer(checkpoint_every=k) keeps.
+    auto = uniform_plan(costs, 2, 2)
+    ops = uniform_ops(6, 2)
+    trace = replay(ops, costs, "auto")
+    assert auto.keep_internals == tuple(q for q, ev in enumerate(trace.events) if ev[4])
+    assert auto.peak_bytes == trace.peak_units * 8 and auto.rebuilt_layers == trace.rebuilt
+    assert auto.internal_flops == 2 * 30 * len(trace.rebuilt) < 2 * 6 * 30
+    with pytest.raises(ValueError, match="keep_internals"):
+        uniform_plan(costs, 2, 2, keep_internals="sometimes")
 
 
 def test_closed_form_only_for_truly_uniform_costs():
@@ -582,17 +656,18 @@ def test_uniform_peak_matches_replay():
         for k in range(0, n + 2):
             expected = replay(uniform_ops(n, k), costs).peak_units
             kk = n if k <= 0 or k > n else k
-            assert c.uniform_peaks[kk - 1] == expected == planmod._uniform_peak(costs, k)
+            assert c.uniform_peaks[kk - 1] == expected == chainmod._uniform_peak(costs, k)
 
 
 def test_minimal_schedule_fits_the_smallest_budget():
     rng = random.Random(12)
     for n in (1, 2, 5, 17):
         costs = random_costs(rng, n)
-        trace = replay(planmod._minimal_ops(n), costs)
+        trace = replay(_search._minimal_ops(n), costs)
         assert trace.peak_units == costs.min_units()
         flops = costs.forward_flops
-        assert planmod._cost_of(trace, flops)[0] == sum(sum(flops[:i + 1]) for i in range(n))
+        assert chain_of(costs).cost_of(trace)[0] == sum(sum(flops[:i + 1]) for i in range(n)) \
+            + sum(e.internal_flops for e in costs.elements)
 
 
 class Describing:
@@ -629,7 +704,7 @@ def test_auto_is_the_exact_search_on_short_chains():
 
 def bounded_only(monkeypatch):
     """Skip the exact search, so that auto runs its bounded searches on short chains."""
-    monkeypatch.setattr(planmod, "_EXACT_MAX_LAYERS", 0)
+    monkeypatch.setattr(_search, "_EXACT_MAX_LAYERS", 0)
 
 
 def test_auto_bounded_is_within_5_percent_of_the_optimum(monkeypatch):

@@ -68,6 +68,57 @@ def test_plan_beats_uniform_segments_at_the_same_budget():
     assert best.peak_bytes <= uniform.peak_bytes
 
 
+def residual_layers(depth=8, width=16):
+    return ckpt.build_mlp(12, depth, width, 5, seed=3, residual=True, dropout=0.25)
+
+
+def test_plans_keep_residual_internals_and_give_plain_gradients_within_their_peak():
+    """On a residual chain (dropout included) plans keep the internals of the blocks where that
+    lowers the recomputation within the budget; the executor keeps exactly those (it rebuilds
+    the blocks the plan says), within the plan's peak, bit-equal to plain backprop."""
+    batch = 10
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((batch, 12)).astype(np.float32)
+    g = rng.standard_normal((batch, 5)).astype(np.float32)
+    expected = step(ckpt.SegmentCheckpointer(residual_layers(), 1, seed=7), x, g)
+    costs = ckpt.SegmentCheckpointer(residual_layers()).costs
+    low = plan(costs, batch, 10**12).min_budget_bytes
+    high = uniform_plan(costs, batch, 1).peak_bytes
+    partly_kept = 0
+    for budget in sorted({low, (2 * low + high) // 3, (low + 2 * high) // 3, high - 1}):
+        p = plan(costs, batch, budget)
+        model = ckpt.SegmentCheckpointer(residual_layers(), plan=p, seed=7)
+        got = step(model, x, g)
+        assert all(np.array_equal(a, b) for a, b in zip(got, expected)), budget
+        compiled = model.schedule(batch)
+        assert compiled.rebuilt_layers == p.rebuilt_layers
+        assert compiled.peak_units * batch * 4 == p.peak_bytes <= budget
+        assert model.memory_tracker.peak_bytes <= p.peak_bytes + \
+            model.gradient_workspace_bytes(batch)
+        partly_kept += isinstance(p.keep_internals, tuple)
+    assert partly_kept >= 2
+
+
+@pytest.mark.parametrize("depth, width, ks", [(10, 16, range(1, 14)), (64, 256, (4, 8, 16))],
+                         ids=["10 blocks", "64 blocks"])
+def test_plans_never_recompute_more_than_uniform_on_residual_chains(depth, width, ks):
+    """At the peak of each uniform schedule (keeping the internals the checkpointer keeps, or
+    none), the plan recomputes no more than the best uniform schedule within that budget. The
+    second case is the issue's resmlp (64 blocks of width 256, batch 64)."""
+    batch = 64
+    costs = ckpt.SegmentCheckpointer(ckpt.build_mlp(width, depth, width, width, seed=0,
+                                                    residual=True)).costs
+    uniform = [uniform_plan(costs, batch, k, keep_internals=keep)
+               for k in range(1, costs.n + 1) for keep in ("auto", False)]
+    for k in ks:
+        for keep in ("auto", False):
+            budget = uniform_plan(costs, batch, k, keep_internals=keep).peak_bytes
+            p = plan(costs, batch, budget)
+            assert p.peak_bytes <= budget
+            best = min(u.recompute_flops for u in uniform if u.peak_bytes <= budget)
+            assert p.recompute_flops <= best, (k, keep, p.recompute_flops, best)
+
+
 def test_budget_bytes_keeps_the_tracker_within_the_budget():
     widths, batch = [16] + [64] * 20 + [10], 8
     rng = np.random.default_rng(2)

@@ -14,10 +14,11 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from ckpt import Dense, SegmentCheckpointer
+from ckpt import schedule
 from ckpt._core import OP_CODES
 from ckpt.schedule import CompiledSchedule, compile_schedule, uniform_ops
 
-FORWARD, BACKWARD, FREE = OP_CODES["forward"], OP_CODES["backward"], OP_CODES["free"]
+FORWARD, BACKWARD, FREE = (OP_CODES[kind] for kind in schedule.OP_KINDS)
 
 
 def expected_recomputations(n, k):
@@ -113,6 +114,18 @@ def random_legal_schedule(rng, n):
 # --------------------------------------------------------------------------------------------
 # uniform_ops
 # --------------------------------------------------------------------------------------------
+
+def test_the_executor_codes_the_operations_that_schedules_name():
+    """The operation names are defined once (ckpt.schedule); the compiled executor has a
+    distinct code for each and no other, and the planner's schedules use the same names."""
+    assert schedule.OP_KINDS == (schedule.FORWARD, schedule.BACKWARD, schedule.FREE) \
+        == ("forward", "backward", "free")
+    assert set(OP_CODES) == set(schedule.OP_KINDS)
+    assert sorted(OP_CODES.values()) == list(range(len(schedule.OP_KINDS)))
+    from ckpt.plan import plan
+    ops = plan([4, 3, 5, 2, 6], 1, 60, method="optimal").ops
+    assert {kind for kind, _ in ops} == set(schedule.OP_KINDS)
+
 
 def test_uniform_ops_small_example():
     # N=5, k=2: keep a_0, a_2, a_4 (and a_5); segments [4,5) [2,4) [0,2)

@@ -18,7 +18,8 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 TESTS=(tests/test_kernels.py tests/test_checkpoint.py tests/test_threads.py tests/test_io.py
        tests/test_dense.py tests/test_tracker.py tests/test_deep.py tests/test_torch_parity.py
        tests/test_split.py tests/test_bad_input_battery.py tests/test_interrupt.py
-       tests/test_simd.py tests/test_keep_internals.py tests/test_accumulate.py)
+       tests/test_simd.py tests/test_keep_internals.py tests/test_accumulate.py
+       tests/test_registry.py)
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/ckpt-sanitize.XXXXXX")"
 trap 'rm -rf "$work"' EXIT

@@ -245,6 +245,9 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--val-fraction", type=_fraction, default=0.0, metavar="F",
                    help="hold out F of the training rows for validation after every epoch "
                         "(stratified by class for classification; default 0: none)")
+    p.add_argument("--sync-batchnorm", action="store_true",
+                   help="under mpiexec: BatchNorm statistics of the global batch, not each "
+                        "rank's (its sums allreduced; every rank needs 2 rows in every step)")
     p.add_argument("--early-stopping", type=_positive_int, default=None, metavar="PATIENCE",
                    help="stop after PATIENCE epochs without a lower validation loss and keep "
                         "the best epoch's parameters (needs --val-fraction)")
@@ -319,7 +322,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 # The arguments that make a run what it is: resuming with any of them changed is refused.
 RUN_ARGUMENTS = ("data", "example", "target", "features", "labels", "task", "scale_target", "depth",
-                 "width", "residual", "norm", "dropout", "activation", "batch_size", "lr",
+                 "width", "residual", "norm", "sync_batchnorm", "dropout", "activation",
+                 "batch_size", "lr",
                  "optimizer",
                  "dtype", "seed", "checkpoint_every", "budget", "val_fraction",
                  "early_stopping", "lr_schedule", "warmup", "weight_decay")
@@ -439,6 +443,9 @@ def _train(args: argparse.Namespace, status: Dict[str, Any]) -> int:
                 else {"checkpoint_every": args.checkpoint_every})
     model = SegmentCheckpointer(layers, **schedule, seed=args.seed)
     ranks = args.comm.Get_size() if args.comm is not None else 1
+    if args.sync_batchnorm and args.comm is None:
+        raise UsageError("--sync-batchnorm synchronises BatchNorm across MPI ranks: run ckpt "
+                         "train under mpiexec -n K (K > 1)")
     lr = args.lr if args.lr is not None else \
         (DEFAULT_LR_RESIDUAL if args.residual else DEFAULT_LR)[args.optimizer]
     decay = {} if args.weight_decay is None else {"weight_decay": args.weight_decay}
@@ -490,7 +497,8 @@ def _train(args: argparse.Namespace, status: Dict[str, Any]) -> int:
                       validation_data=validation, lr_schedule=schedule_fn,
                       early_stopping=args.early_stopping, run_state=run_state,
                       batch_size=args.batch_size, seed=rng, step_callback=progress.step,
-                      callback=epoch_done, comm=args.comm)
+                      callback=epoch_done, comm=args.comm,
+                      sync_batchnorm=args.sync_batchnorm)
     finally:
         progress.close()
     seconds = time.perf_counter() - start
@@ -794,7 +802,7 @@ def run_plan(args: argparse.Namespace) -> int:
     chosen = plan(chain, args.batch_size, budget, dtype, method=args.method)
     print(chosen.explain())
     curve = tradeoff(chain, args.batch_size, dtype, points=args.points, method=args.method)
-    step_flops = 3 * chosen.plain_forward_flops
+    step_flops = chain.step_flops() * args.batch_size
     print()
     print("memory versus compute (the least recomputation for each budget):")
     print(f"{'budget':>12}  {'peak':>12}  {'extra FLOPs':>14}  {'of a step':>9}")

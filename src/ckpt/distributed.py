@@ -45,7 +45,7 @@ from typing import Any, Iterator, List, Mapping, Optional, Tuple
 import numpy as np
 
 from ckpt.datasets import open_rows  # noqa: F401 (ckpt.distributed.open_rows, as before)
-from ckpt.layers import check_size
+from ckpt.layers import BatchNorm, check_size, walk
 from ckpt.optim import Optimizer, collect_parameters
 
 INSTALL_HINT = "pip install 'ckpt-cpu[mpi]'"
@@ -188,11 +188,17 @@ class DataParallel:
     before the optimizer step. The flat allreduce buffer holds one more copy of the gradients
     (the parameters' size); packing into it is faster than one allreduce per parameter, whose
     latency adds up on deep chains.
+
+    BatchNorm layers: by default each rank normalises with its own batch's statistics, and
+    rank 0's running statistics (and counts) are copied to every rank after each step, as
+    PyTorch DDP's ``broadcast_buffers=True`` does, so the replicas never diverge. With
+    ``sync_batchnorm=True`` their statistics are the global batch's instead (each BatchNorm's
+    forward and backward sums are allreduced until :meth:`release`).
     """
 
     def __init__(self, comm: Any, model: Any, optimizer: Optional[Optimizer] = None, *,
                  rng: Optional[np.random.Generator] = None, n_rows: Optional[int] = None,
-                 check_every: int = 100) -> None:
+                 check_every: int = 100, sync_batchnorm: bool = False) -> None:
         for method in ("Get_size", "Get_rank", "Allreduce", "Bcast", "bcast", "allgather"):
             if not callable(getattr(comm, method, None)):
                 raise TypeError(f"comm must be an mpi4py communicator, got {type(comm).__name__}")
@@ -215,7 +221,38 @@ class DataParallel:
             self._check_same("number of rows", n_rows,
                              "every rank must pass the whole data set (each reads only its "
                              "rows)")
+        layers = model if isinstance(model, (list, tuple)) else getattr(model, "layers", [])
+        self._norms = [layer for layer in walk(layers) if isinstance(layer, BatchNorm)]
+        self._norm_buffer = np.empty(sum(2 * b.features + 1 for b in self._norms), np.float64)
         self.broadcast(optimizer, rng)
+        self.sync_batchnorm = bool(sync_batchnorm)
+        if self.sync_batchnorm:
+            for norm in self._norms:
+                norm._sync = comm
+
+    def release(self) -> None:
+        """Stop synchronising BatchNorm statistics (the end of training)."""
+        for norm in self._norms:
+            norm._sync = None
+
+    def broadcast_buffers(self) -> None:
+        """Copy rank 0's BatchNorm running statistics and counts to every rank (one
+        broadcast, packed)."""
+        if not self._norms or self.size == 1:
+            return
+        buf, at = self._norm_buffer, 0
+        for norm in self._norms:
+            f = norm.features
+            buf[at:at + f], buf[at + f:at + 2 * f] = norm.running_mean, norm.running_var
+            buf[at + 2 * f] = norm.num_batches_tracked
+            at += 2 * f + 1
+        self.comm.Bcast(buf, root=0)
+        at = 0
+        for norm in self._norms:
+            f = norm.features
+            norm.running_mean[...], norm.running_var[...] = buf[at:at + f], buf[at + f:at + 2 * f]
+            norm.num_batches_tracked = int(buf[at + 2 * f])
+            at += 2 * f + 1
 
     def _check_same(self, what: str, value: Any, hint: str = "") -> None:
         values = self.comm.allgather(value)
@@ -240,6 +277,7 @@ class DataParallel:
             optimizer.load_state_dict(state)
         if rng is not None:
             rng.bit_generator.state = self.comm.bcast(rng.bit_generator.state, root=0)
+        self.broadcast_buffers()
 
     def shard(self, order: np.ndarray, batch_size: int) -> List[Tuple[np.ndarray, int, int]]:
         """This rank's (rows, row_offset, global_rows) for each step of an epoch."""
@@ -265,6 +303,7 @@ class DataParallel:
         self.comm.Allreduce(_in_place(), buf)
         for g, start, stop in zip(self._grads, self._offsets[:-1], self._offsets[1:]):
             g.reshape(-1)[...] = buf[start:stop]
+        self.broadcast_buffers()
         if self.steps % self.check_every == 0:
             self.check_replicas()
         return float(buf[-2]), int(round(float(buf[-1])))

@@ -31,8 +31,12 @@ backward rebuilds them in scratch. ``keep_internals`` says which:
   it runs before the sweep moves on (no backward operation between this forward and the last
   read). That is plain backprop's outputs, the last segment of the forward phase and every
   recomputed segment -- whose backward then needs no second rebuild -- but not checkpoints,
-  which wait for many backwards and are read again by a recomputation. The memory this costs is
-  in the trace's peak like everything else.
+  which wait for many backwards and are read again by a recomputation;
+- positions in the schedule (a tuple of ints): exactly the forwards at those positions keep
+  them (what :mod:`ckpt.plan` chooses).
+
+A kept tape is held beside its output until that output is released; the backward that finds
+it rebuilds nothing. The memory this costs is in the trace's peak like everything else.
 """
 from __future__ import annotations
 
@@ -48,8 +52,13 @@ from ckpt._core import OP_CODES
 from ckpt.costs import ChainCosts
 
 Op = Tuple[str, int]
+# The operations' names, defined here only: the planner, the checkpointer and the reports import
+# them. The compiled executor's OP_CODES (ckpt._executor.pxi) maps each to its code; a test checks
+# that the two agree.
 FORWARD, BACKWARD, FREE = "forward", "backward", "free"
+OP_KINDS = (FORWARD, BACKWARD, FREE)
 KEEP_AUTO = "auto"
+KeepInternals = Union[bool, str, Tuple[int, ...]]  # see the module docstring
 
 # Columns of a compiled row. Offsets are in elements per batch row: the executor scales them.
 ROW_KIND, ROW_INDEX, ROW_OUTPUT, ROW_RECOMPUTE, ROW_TAPE, ROW_SCRATCH = range(6)
@@ -111,17 +120,38 @@ class Trace:
     stored_by_first_sweep: Tuple[int, ...]   # held after the forward phase, a_N aside
     held_after_forward_units: int       # elements per row the forward phase leaves held
     recomputed: Tuple[int, ...]         # elements forwarded again, in order
-    keep_internals: Union[bool, str]
+    keep_internals: KeepInternals
     rebuilt: Tuple[int, ...] = ()       # elements whose backward rebuilt their internals
 
 
-def check_keep_internals(keep_internals: object) -> Union[bool, str]:
+def check_keep_internals(keep_internals: object) -> KeepInternals:
+    """True, False, :data:`KEEP_AUTO`, or a sorted tuple of distinct operation positions."""
     if keep_internals is True or keep_internals is False or keep_internals == KEEP_AUTO:
         return keep_internals
     if isinstance(keep_internals, (bool, np.bool_)):
         return bool(keep_internals)
-    raise ValueError(f"keep_internals must be True, False or {KEEP_AUTO!r}, "
-                     f"got {keep_internals!r}")
+    if isinstance(keep_internals, (tuple, list, np.ndarray)):
+        positions = list(keep_internals)
+        if all(isinstance(q, Integral) and not isinstance(q, (bool, np.bool_)) and q >= 0
+               for q in positions) and len(set(positions)) == len(positions):
+            return tuple(sorted(int(q) for q in positions))
+    raise ValueError(f"keep_internals must be True, False, {KEEP_AUTO!r} or a tuple of "
+                     f"distinct operation positions (ints >= 0), got {keep_internals!r}")
+
+
+def _kept_at(keep_internals: KeepInternals, ops: Sequence, costs: ChainCosts) -> list:
+    """Per operation, whether it is a forward that keeps its element's internals."""
+    if keep_internals == KEEP_AUTO:
+        return _kept_automatically(ops) if costs.has_internals else [False] * len(ops)
+    if isinstance(keep_internals, tuple):
+        kept = [False] * len(ops)
+        for q in keep_internals:
+            op = ops[q] if q < len(ops) else None
+            if not (isinstance(op, tuple) and len(op) == 2 and op[0] == FORWARD):
+                raise ValueError(f"keep_internals: operation {q} is {op!r}, not a forward")
+            kept[q] = True
+        return kept
+    return [keep_internals] * len(ops)
 
 
 def _kept_automatically(ops: Sequence) -> list:
@@ -154,7 +184,7 @@ def _kept_automatically(ops: Sequence) -> list:
 
 
 def replay(ops: Iterable[Op], chain: Union[ChainCosts, Sequence[int]],
-           keep_internals: Union[bool, str] = False) -> Trace:
+           keep_internals: KeepInternals = False) -> Trace:
     """Check a schedule against the rules of the module docstring and measure it.
 
     The peak counts what is held plus the scratch of the operation running (forward scratch,
@@ -165,10 +195,7 @@ def replay(ops: Iterable[Op], chain: Union[ChainCosts, Sequence[int]],
     n = costs.n
     elements = costs.elements
     ops = list(ops)
-    if keep_internals == KEEP_AUTO:
-        auto_kept = _kept_automatically(ops) if costs.has_internals else [False] * len(ops)
-    else:
-        auto_kept = None
+    kept_at = _kept_at(keep_internals, ops, costs)
     fwd_scratch = costs.forward_scratch
     held = [False] * (n + 1)
     held[0] = True
@@ -189,7 +216,7 @@ def replay(ops: Iterable[Op], chain: Union[ChainCosts, Sequence[int]],
             kind, i = op
         except (TypeError, ValueError):
             raise ValueError(f"operation {step}: {op!r} is not a (kind, index) pair") from None
-        if kind not in OP_CODES:
+        if kind not in OP_KINDS:
             raise ValueError(f"operation {step}: unknown kind {kind!r}")
         if forward_length is None and counts[n - 1] and kind != FREE:
             forward_length = len(full)
@@ -205,7 +232,7 @@ def replay(ops: Iterable[Op], chain: Union[ChainCosts, Sequence[int]],
                 raise ValueError(f"operation {step}: forward {i} needs a_{i} held and "
                                  f"a_{i + 1} not")
             held[i + 1] = True
-            kept = bool(keep_internals if auto_kept is None else auto_kept[step])
+            kept = kept_at[step]
             tape_kept[i + 1] = kept and elements[i].tape > 0
             units[i + 1] = elements[i].held(tape_kept[i + 1])
             current += units[i + 1]
@@ -322,7 +349,7 @@ class CompiledSchedule:
         return self.trace.peak_units
 
     @property
-    def keep_internals(self) -> Union[bool, str]:
+    def keep_internals(self) -> KeepInternals:
         return self.trace.keep_internals
 
     @property
@@ -342,7 +369,7 @@ class CompiledSchedule:
 
 
 def compile_schedule(ops: Iterable[Op], chain: Union[ChainCosts, Sequence[int]],
-                     keep_internals: Union[bool, str] = False) -> CompiledSchedule:
+                     keep_internals: KeepInternals = False) -> CompiledSchedule:
     """Check a schedule (:func:`replay`) and place its activations and scratch in an arena.
 
     ``chain`` is the elements' ChainCosts, or the activation widths of a Dense chain.

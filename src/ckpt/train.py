@@ -210,10 +210,11 @@ def describe_architecture(layers: Sequence[Layer]) -> str:
 
 
 def _check_batch_norm_rows(model: Any, n: int, batch_size: int, accumulation_steps: int,
-                           ranks: int) -> None:
+                           ranks: int, synced: bool = False) -> None:
     """ValueError before the first step if a BatchNorm would see a training (micro-)batch of
     one row: every batch, micro-batch and rank's shard of the epoch is checked (the last batch
-    of an epoch, n mod batch_size rows, is the one that usually has it)."""
+    of an epoch, n mod batch_size rows, is the one that usually has it). Synchronised, every
+    rank must have rows in every step (each joins the step's allreduces)."""
     layers = getattr(model, "layers", None) or (model if isinstance(model, (list, tuple)) else [])
     if not any(isinstance(layer, BatchNorm) for layer in walk(layers)):
         return
@@ -221,9 +222,9 @@ def _check_batch_norm_rows(model: Any, n: int, batch_size: int, accumulation_ste
     for rows in {min(step, n - start) for start in range(0, n, step)}:
         for rank in range(ranks):
             share = (rank + 1) * rows // ranks - rank * rows // ranks
-            if share == 0:
+            if share == 0 and not synced:
                 continue    # a rank without rows this step runs no forward
-            parts = min(accumulation_steps, share)
+            parts = max(1, min(accumulation_steps, share))
             if share // parts < 2:
                 where = (f"rank {rank}'s share of a batch of {rows} rows has {share}"
                          if ranks > 1 else f"a batch of {rows} rows")
@@ -264,7 +265,8 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
         callback: Optional[Callable[[Dict[str, float]], Any]] = None,
         step_callback: Optional[Callable[[Dict[str, float]], Any]] = None,
         comm: Any = None, lr_schedule: Optional[Callable[[int, int], float]] = None,
-        early_stopping: Optional[int] = None, run_state: Any = None) -> History:
+        early_stopping: Optional[int] = None, run_state: Any = None,
+        sync_batchnorm: bool = False) -> History:
     """Train ``model`` on (X, y) with mini-batch gradient descent; returns the history.
 
     - ``loss``: "cross_entropy" (y holds integer class labels; accuracy is reported) or "mse"
@@ -282,7 +284,14 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
 
     - ``comm``: an mpi4py communicator: train data-parallel over its ranks (see
       :mod:`ckpt.distributed`). Call fit on every rank with the whole (X, y); ``batch_size`` is
-      per rank, and K ranks train exactly as one process with batch K * batch_size would.
+      per rank, and K ranks train exactly as one process with batch K * batch_size would --
+      except for BatchNorm, whose statistics are then each rank's own batch's (PyTorch DDP's
+      default), with rank 0's running statistics copied to every rank after each step so the
+      replicas never diverge.
+    - ``sync_batchnorm``: with ``comm``, BatchNorm's statistics are those of the global batch
+      (its forward and backward sums are allreduced), so K ranks x B rows train as one process
+      with K * B; it needs ``accumulation_steps=1`` and at least two rows on every rank in
+      every step.
     - ``lr_schedule``: a function (step, total_steps) -> learning rate, such as the schedules
       of :mod:`ckpt.optim.schedules`; the optimizer's ``lr`` is set from it before every
       optimizer step, counted from 0 over the ``epochs * steps per epoch`` of the run.
@@ -331,8 +340,16 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
             raise ValueError("early_stopping needs validation_data to watch")
     if optimizer is not None:
         _check_optimizer(optimizer, model)
+    if not isinstance(sync_batchnorm, (bool, np.bool_)):
+        raise TypeError(f"sync_batchnorm must be True or False, got {sync_batchnorm!r}")
+    if sync_batchnorm and comm is None:
+        raise ValueError("sync_batchnorm needs data-parallel training over MPI: pass comm= "
+                         "(an mpi4py communicator; ckpt train under mpiexec does)")
+    if sync_batchnorm and accumulation_steps > 1:
+        raise ValueError(f"sync_batchnorm synchronises whole batches: accumulation_steps must "
+                         f"be 1, got {accumulation_steps}")
     _check_batch_norm_rows(model, len(X), batch_size, accumulation_steps,
-                           comm.Get_size() if comm is not None else 1)
+                           comm.Get_size() if comm is not None else 1, bool(sync_batchnorm))
     resume = run_state.resume_from if run_state is not None else None
     if resume is not None:
         _check_resumable(resume, model, optimizer if optimizer is not None else Adam(model),
@@ -365,7 +382,8 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
         if first_step:
             resumed_order, sums = np.asarray(resume.order), resume.sums
     if comm is not None:
-        replicas = DataParallel(comm, model, optimizer, rng=rng, n_rows=len(X))
+        replicas = DataParallel(comm, model, optimizer, rng=rng, n_rows=len(X),
+                                sync_batchnorm=bool(sync_batchnorm))
     step_rng = _step_seed_generator(model)
 
     def state(epoch_done: int, step: int, order: Optional[np.ndarray],
@@ -379,101 +397,105 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
                         buffers=_get_buffers(model),
                         best_buffers=best[3] if best is not None else None)
 
-    for epoch in range(first_epoch, epochs + 1):
-        if stopped:
-            break
-        start = time.perf_counter()
-        if resumed_order is not None:
-            order, skip = resumed_order, first_step
-            total_loss, correct, seen = sums
-            resumed_order = None
-        else:
-            order, skip = rng.permutation(n), 0
-            total_loss, correct, seen = 0.0, 0, 0
-        batches = (replicas.shard(order, batch_size) if replicas is not None
-                   else shard_batches(order, batch_size))
-        steps = len(batches)
-        for step, (batch, row_offset, global_rows) in enumerate(batches):
-            if step < skip:
-                continue   # done before the state this run resumed from
-            # The step's first backward sets the gradients when the model can (no pass to
-            # zero them); otherwise they are zeroed here and every backward adds.
-            fresh = sets_gradients
-            if not fresh:
-                optimizer.zero_grad()
-            # One seed per optimizer step keys its Dropout masks: micro-batches and ranks (even
-            # one left without rows) share it, so the masks are the single full batch's.
-            step_seed = next_seed() if next_seed is not None else None
-            step_loss, step_correct = 0.0, 0
-            for micro in np.array_split(batch, min(accumulation_steps, len(batch)) or 1):
-                if len(micro) == 0:
-                    continue   # a data-parallel rank left without rows by a short last batch
-                xb, yb = X[micro], y[micro]
-                try:
-                    output = forward(xb, row_offset, step_seed)
-                    value, grad = loss_fn(output, yb)
-                    if not np.isfinite(value):
-                        raise ValueError(f"the loss is {value} at epoch {epoch}, batch {step + 1} "
-                                         f"of {steps}: training diverged (lower the learning "
-                                         f"rate?)")
-                    step_correct += count_correct(output, yb, loss)
-                    if len(micro) != len(batch):
-                        # The loss gradient is a mean over the micro-batch; weigh it by its share.
-                        grad *= len(micro) / len(batch)
-                    if fresh:
-                        model.backward(grad, accumulate=False)
-                        fresh = False
-                    else:
-                        model.backward(grad)
-                except BaseException:
-                    # A failed or interrupted step is dropped whole: no forward stays pending
-                    # and no partial gradient is left for a later step() to apply.
-                    _discard(model)
-                    optimizer.zero_grad()
-                    raise
-                step_loss += value * len(micro)
-                row_offset += len(micro)
-            if fresh:
-                optimizer.zero_grad()   # no backward ran (a rank without rows): no gradient
-            if replicas is not None:
-                step_loss, step_correct = replicas.allreduce_gradients(
-                    len(batch), global_rows, step_loss, step_correct)
-            if lr_schedule is not None:
-                optimizer.lr = _scheduled_rate(lr_schedule, done_steps, total_steps)
-            _uninterrupted(optimizer.step)
-            done_steps += 1
-            total_loss += step_loss
-            correct += step_correct
-            seen += global_rows
-            if run_state is not None and run_state.every_steps \
-                    and done_steps % run_state.every_steps == 0 and step + 1 < steps:
-                run_state.write(state(epoch - 1, step + 1, order, (total_loss, correct, seen)))
-            if step_callback is not None:
-                info = {"epoch": epoch, "step": step + 1, "steps": steps,
-                        "loss": total_loss / seen}
-                if loss == "cross_entropy":
-                    info["accuracy"] = correct / seen
-                step_callback(info)
-        metrics = {"epoch": epoch, "loss": total_loss / n}
-        if loss == "cross_entropy":
-            metrics["accuracy"] = correct / n
-        if validation_data is not None:
-            val = evaluate(model, X_val, y_val, loss=loss, batch_size=max(batch_size, 256),
-                           comm=comm)
-            metrics.update({f"val_{key}": value for key, value in val.items()})
-        metrics["seconds"] = time.perf_counter() - start
-        for key, value in metrics.items():
-            history.setdefault(key, []).append(value)
-        if callback is not None:
-            callback(metrics)
-        if early_stopping is not None:
-            if best is None or metrics["val_loss"] < best[0]:
-                best = (metrics["val_loss"], epoch, [p.copy() for p in model.params()],
-                        _get_buffers(model))
+    try:
+        for epoch in range(first_epoch, epochs + 1):
+            if stopped:
+                break
+            start = time.perf_counter()
+            if resumed_order is not None:
+                order, skip = resumed_order, first_step
+                total_loss, correct, seen = sums
+                resumed_order = None
             else:
-                stopped = epoch - best[1] >= early_stopping
-        if run_state is not None:
-            run_state.write(state(epoch, 0, None, (0.0, 0, 0), stopped))
+                order, skip = rng.permutation(n), 0
+                total_loss, correct, seen = 0.0, 0, 0
+            batches = (replicas.shard(order, batch_size) if replicas is not None
+                       else shard_batches(order, batch_size))
+            steps = len(batches)
+            for step, (batch, row_offset, global_rows) in enumerate(batches):
+                if step < skip:
+                    continue   # done before the state this run resumed from
+                # The step's first backward sets the gradients when the model can (no pass to
+                # zero them); otherwise they are zeroed here and every backward adds.
+                fresh = sets_gradients
+                if not fresh:
+                    optimizer.zero_grad()
+                # One seed per optimizer step keys its Dropout masks: micro-batches and ranks (even
+                # one left without rows) share it, so the masks are the single full batch's.
+                step_seed = next_seed() if next_seed is not None else None
+                step_loss, step_correct = 0.0, 0
+                for micro in np.array_split(batch, min(accumulation_steps, len(batch)) or 1):
+                    if len(micro) == 0:
+                        continue   # a data-parallel rank left without rows by a short last batch
+                    xb, yb = X[micro], y[micro]
+                    try:
+                        output = forward(xb, row_offset, step_seed)
+                        value, grad = loss_fn(output, yb)
+                        if not np.isfinite(value):
+                            raise ValueError(f"the loss is {value} at epoch {epoch}, batch {step + 1} "
+                                             f"of {steps}: training diverged (lower the learning "
+                                             f"rate?)")
+                        step_correct += count_correct(output, yb, loss)
+                        if len(micro) != len(batch):
+                            # The loss gradient is a mean over the micro-batch; weigh it by its share.
+                            grad *= len(micro) / len(batch)
+                        if fresh:
+                            model.backward(grad, accumulate=False)
+                            fresh = False
+                        else:
+                            model.backward(grad)
+                    except BaseException:
+                        # A failed or interrupted step is dropped whole: no forward stays pending
+                        # and no partial gradient is left for a later step() to apply.
+                        _discard(model)
+                        optimizer.zero_grad()
+                        raise
+                    step_loss += value * len(micro)
+                    row_offset += len(micro)
+                if fresh:
+                    optimizer.zero_grad()   # no backward ran (a rank without rows): no gradient
+                if replicas is not None:
+                    step_loss, step_correct = replicas.allreduce_gradients(
+                        len(batch), global_rows, step_loss, step_correct)
+                if lr_schedule is not None:
+                    optimizer.lr = _scheduled_rate(lr_schedule, done_steps, total_steps)
+                _uninterrupted(optimizer.step)
+                done_steps += 1
+                total_loss += step_loss
+                correct += step_correct
+                seen += global_rows
+                if run_state is not None and run_state.every_steps \
+                        and done_steps % run_state.every_steps == 0 and step + 1 < steps:
+                    run_state.write(state(epoch - 1, step + 1, order, (total_loss, correct, seen)))
+                if step_callback is not None:
+                    info = {"epoch": epoch, "step": step + 1, "steps": steps,
+                            "loss": total_loss / seen}
+                    if loss == "cross_entropy":
+                        info["accuracy"] = correct / seen
+                    step_callback(info)
+            metrics = {"epoch": epoch, "loss": total_loss / n}
+            if loss == "cross_entropy":
+                metrics["accuracy"] = correct / n
+            if validation_data is not None:
+                val = evaluate(model, X_val, y_val, loss=loss, batch_size=max(batch_size, 256),
+                               comm=comm)
+                metrics.update({f"val_{key}": value for key, value in val.items()})
+            metrics["seconds"] = time.perf_counter() - start
+            for key, value in metrics.items():
+                history.setdefault(key, []).append(value)
+            if callback is not None:
+                callback(metrics)
+            if early_stopping is not None:
+                if best is None or metrics["val_loss"] < best[0]:
+                    best = (metrics["val_loss"], epoch, [p.copy() for p in model.params()],
+                            _get_buffers(model))
+                else:
+                    stopped = epoch - best[1] >= early_stopping
+            if run_state is not None:
+                run_state.write(state(epoch, 0, None, (0.0, 0, 0), stopped))
+    finally:
+        if replicas is not None:
+            replicas.release()
     if best is not None:
         for target, value in zip(model.params(), best[2]):
             np.copyto(target, value)

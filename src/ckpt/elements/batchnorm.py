@@ -80,7 +80,10 @@ class BatchNorm(Layer):
         self.num_batches_tracked = 0
         self._rng = _as_generator(seed)     # standalone forwards make their own steps
         self._last_step: Optional[Step] = None
-        self._batch = None      # (step token, mean, biased variance) of the step held
+        # (step token, mean, biased variance, this process's share of the batch's rows) of
+        # the step held.
+        self._batch = None
+        self._sync = None       # an mpi4py communicator while fit(sync_batchnorm=True) runs
 
     @property
     def in_features(self) -> int:
@@ -134,8 +137,12 @@ class BatchNorm(Layer):
             raise ValueError(f"{self._name} needs more than one row per batch in training "
                              f"mode (its variance), got {n} (PyTorch refuses it too); use "
                              f"evaluation mode or a larger batch")
-        mean, var = batch_statistics(x)
-        self._batch = (step.token, mean, var)
+        if self._sync is None:
+            mean, var = batch_statistics(x)
+            share = 1.0
+        else:
+            mean, var, n, share = synced_statistics(x, self._sync)
+        self._batch = (step.token, mean, var, share)
         m = self.momentum
         self.running_mean[...] = (1 - m) * self.running_mean + m * mean
         self.running_var[...] = (1 - m) * self.running_var + m * var * (n / (n - 1))
@@ -156,7 +163,12 @@ class BatchNorm(Layer):
         else:
             raise ValueError(f"{self._name}: backward of a step whose forward this layer did "
                              f"not run (its batch statistics are not held)")
-        gx, gw, gb = batchnorm_backward(x, self.weight, g, mean, var, self.eps, self.is_training)
+        if self.is_training and self._sync is not None:
+            gx, gw, gb = synced_backward(x, self.weight, g, mean, var, self.eps, self._batch[3],
+                                         self._sync)
+        else:
+            gx, gw, gb = batchnorm_backward(x, self.weight, g, mean, var, self.eps,
+                                            self.is_training)
         self.grad_weight += gw.astype(self.dtype)
         self.grad_bias += gb.astype(self.dtype)
         return gx
@@ -166,6 +178,14 @@ class BatchNorm(Layer):
 
     def gradients(self) -> list:
         return [self.grad_weight, self.grad_bias]
+
+    def __getstate__(self) -> dict:
+        # A communicator is a process's connection, not the layer's state.
+        return {key: value for key, value in self.__dict__.items() if key != "_sync"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.__dict__["_sync"] = None
 
     def buffers(self) -> dict:
         """The running statistics and the count: state that is not a parameter."""
@@ -236,6 +256,43 @@ def batchnorm_backward(x, weight, grad_output, mean, var, eps, training=True):
     else:
         gx = dxhat * rstd
     return gx.astype(x.dtype), gw, gb
+
+
+def synced_statistics(x, comm):
+    """The statistics of the rows of every rank (mpi4py ``comm``): two allreduces, the counts
+    and sums, then the squared deviations from the global mean. Returns (mean, biased
+    variance, global rows, this rank's share of them)."""
+    x64 = x.astype(np.float64)
+    sums = np.concatenate([[x.shape[0]], x64.sum(axis=0)])
+    comm.Allreduce(_in_place(), sums)
+    total = sums[0]
+    mean = sums[1:] / total
+    squares = ((x64 - mean) ** 2).sum(axis=0)
+    comm.Allreduce(_in_place(), squares)
+    return mean, squares / total, int(total), x.shape[0] / total
+
+
+def synced_backward(x, weight, grad_output, mean, var, eps, share, comm):
+    """The training backward over every rank's rows. Each rank's upstream gradient is that of
+    the mean loss over its own rows (scale 1 / its rows), so the batch sums the input gradient
+    needs are the ranks' sums weighted by their ``share`` of the rows (one allreduce); the
+    parameter gradients stay this rank's sums, which data-parallel averaging weighs the same
+    way."""
+    x64, g = x.astype(np.float64), grad_output.astype(np.float64)
+    rstd = 1 / np.sqrt(var + eps)
+    xhat = (x64 - mean) * rstd
+    gw, gb = (g * xhat).sum(axis=0), g.sum(axis=0)
+    sums = np.concatenate([gb, gw]) * share
+    comm.Allreduce(_in_place(), sums)
+    n = x.shape[0]
+    mean_g, mean_gx = weight * sums[:len(gb)] / n, weight * sums[len(gb):] / n
+    gx = rstd * (g * weight - mean_g - xhat * mean_gx)
+    return gx.astype(x.dtype), gw, gb
+
+
+def _in_place():
+    from mpi4py import MPI   # only a synced step gets here, under fit(sync_batchnorm=True)
+    return MPI.IN_PLACE
 
 
 def _twin_forward(layer: BatchNorm, x, step):
