@@ -87,9 +87,10 @@ def _target_applies(target: Target, k: int) -> bool:
     return target.ks == "every" or (target.ks == "plain") == (k == 1)
 
 
-CONTENDER_LABELS = {"ckpt": "ckpt", "numpy": "NumPy", "torch": "PyTorch",
+CONTENDER_LABELS = {"ckpt": "ckpt", "numpy": "NumPy", "torch": "PyTorch", "jax": "JAX",
                     "ckpt-planned": "ckpt (planned)"}
-COLORS = {"ckpt": "#1f77b4", "numpy": "#ff7f0e", "torch": "#d62728", "ckpt-planned": "#2ca02c"}
+COLORS = {"ckpt": "#1f77b4", "numpy": "#ff7f0e", "torch": "#d62728", "jax": "#9467bd",
+          "ckpt-planned": "#2ca02c"}
 
 
 # ------------------------------------------------------------------------------------ workers
@@ -174,7 +175,8 @@ def _setup_message(w: wl.Workload, k: int, variant: str, args) -> dict:
 
 def _mode_fields(prep: dict) -> dict:
     """ckpt's threads mode as its worker reported it (other contenders report none)."""
-    return {key: prep[key] for key in ("threads_mode", "mode", "slices") if key in prep}
+    return {key: prep[key] for key in ("threads_mode", "mode", "slices", "threads_tuning")
+            if key in prep}
 
 
 def run_config(w: wl.Workload, k: int, entries, workers, args, log_note) -> list:
@@ -285,7 +287,7 @@ def derive(rows: list, quick: bool, peaks: Optional[dict] = None) -> tuple:
         if r["contender"] != "ckpt" or r["schedule"] != "uniform" or r["status"] != "ok":
             continue
         entry = {"workload": r["workload"], "checkpoint_every": r["checkpoint_every"]}
-        for other in ("numpy", "torch"):
+        for other in ("numpy", "torch", "jax"):
             o = by.get((r["workload"], r["checkpoint_every"], "uniform", other))
             if o is None or o["status"] != "ok":
                 entry[f"speedup_vs_{other}"] = None
@@ -442,7 +444,7 @@ def write_markdown(path: Path, result: dict) -> None:
             continue
         t = r["time_s"]
         e = ratio_by.get((r["workload"], r["checkpoint_every"]), {})
-        if r["contender"] in ("numpy", "torch") and e.get(f"speedup_vs_{r['contender']}"):
+        if r["contender"] in ("numpy", "torch", "jax") and e.get(f"speedup_vs_{r['contender']}"):
             lo, hi = e[f"speedup_vs_{r['contender']}_range"]
             value = e[f"speedup_vs_{r['contender']}"]
             faster = f"{value:.2f}× [{lo:.2f}–{hi:.2f}]"
@@ -601,7 +603,7 @@ def write_plot(path: Path, result: dict) -> None:
         for e in result["ratios"]:
             if e["workload"] == name:
                 parts = [f"k={e['checkpoint_every']}:"]
-                for other, lab in (("numpy", "NumPy"), ("torch", "PyTorch")):
+                for other, lab in (("numpy", "NumPy"), ("torch", "PyTorch"), ("jax", "JAX")):
                     v = e.get(f"speedup_vs_{other}")
                     if v is not None:
                         parts.append(f"{v:.2f}× vs {lab}")
@@ -690,6 +692,10 @@ def main(argv=None) -> dict:
         notes_by_key["torch"] = "PyTorch is not installed (pip install torch); skipped"
     else:
         names.append("torch")
+    if importlib.util.find_spec("jax") is None:
+        notes_by_key["jax"] = "JAX is not installed (pip install jax jaxlib); skipped"
+    else:
+        names.append("jax")
     infos = {}
     try:
         for name in names:
@@ -701,7 +707,7 @@ def main(argv=None) -> dict:
             if not resp["ok"]:
                 notes_by_key[name] = f"{name} worker failed to start: {resp['error']}"
                 worker.close()
-                if name != "torch":
+                if name not in ("torch", "jax"):
                     raise WorkerError(notes_by_key[name])
                 continue
             workers[name] = worker
@@ -721,7 +727,7 @@ def main(argv=None) -> dict:
         for w in chosen:
             for k in w.intervals:
                 entries = [("ckpt", "ckpt", "uniform"), ("numpy", "numpy", "uniform"),
-                           ("torch", "torch", "uniform")]
+                           ("torch", "torch", "uniform"), ("jax", "jax", "uniform")]
                 if w.name == "deep" and k == w.sqrt_k and k > 1:
                     entries.append(("ckpt-planned", "ckpt", "planned"))
                 print(f"[bench] {w.name} D={w.depth} W={w.width} B={w.batch} k={k} ...",

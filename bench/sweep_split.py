@@ -7,9 +7,9 @@ step = forward + backward (input gradient skipped, gradients set: accumulate=Fal
 step near 0.2 GFLOP, so that small points are not all dispatch overhead. Both modes run in
 the same process, alternating in rounds; the time of a mode is the median over its rounds of
 the median step time in a round. The per-GEMM size is m * w * w multiply-adds (the full
-batch's). The script prints, per point, the two times and split's speedup, then the crossover
-ckpt.threads.SPLIT_CROSSOVER is set from: the largest m*w*w / T at which split still won,
-and the smallest at which it lost. Timings on a shared machine are noisy: repeat the sweep.
+batch's). The script prints, per point, the two times and split's speedup, then the largest
+m*w*w / T at which split still won, and the smallest at which it lost (the "auto" mode
+measures split against OpenBLAS threading per chain instead: ckpt.tuning). Timings on a shared machine are noisy: repeat the sweep.
 """
 from __future__ import annotations
 
@@ -81,7 +81,6 @@ def main() -> None:
     lost = [r["mnk_per_thread"] for r in rows if r["split_speedup"] < 1]
     print(f"split won up to m*w*w/T = {max(won) if won else 0:,.0f}; "
           f"lost from {min(lost) if lost else float('inf'):,.0f}")
-    print(f"current SPLIT_CROSSOVER = {ckpt.threads.SPLIT_CROSSOVER:,}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"threads": T, "points": rows}, f, indent=1)

@@ -1,6 +1,6 @@
 """One contender of the benchmark, in its own process (started by bench/run.py; not run by hand).
 
-    python bench/worker.py CONTENDER        # ckpt | numpy | torch
+    python bench/worker.py CONTENDER        # ckpt | numpy | torch | jax (bench/jax_mlp.py)
 
 Reads one JSON command per line on stdin and answers one JSON line on stdout:
 
@@ -144,7 +144,8 @@ class CkptContender(Contender):
         import ckpt
         slices = self.model.slices(batch)
         return {"threads_mode": self.model.threads_mode or ckpt.get_threading_mode(),
-                "mode": "split" if slices > 1 else "blas", "slices": slices}
+                "mode": "split" if slices > 1 else "blas", "slices": slices,
+                "threads_tuning": self.model.threads_tuning.report()}
 
     @staticmethod
     def _build(w):
@@ -425,7 +426,26 @@ class TorchContender(Contender):
                           "the segment recomputed during backward is not included)"}
 
 
-CONTENDERS = {"ckpt": CkptContender, "numpy": NumpyContender, "torch": TorchContender}
+def _jax_contender(threads: int):
+    from jax_mlp import JaxContender
+    return JaxContender(threads)
+
+
+CONTENDERS = {"ckpt": CkptContender, "numpy": NumpyContender, "torch": TorchContender,
+              "jax": _jax_contender}
+
+
+def resident_peak_bytes(step) -> int:
+    """The process's peak resident memory over one step: VmHWM from /proc/self/status after
+    writing 5 to /proc/self/clear_refs (which resets it to the current resident size)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    step()
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
 
 
 # ------------------------------------------------------------------------------------ protocol
@@ -461,6 +481,9 @@ def main() -> None:
                 loss0, arrays = c.loss_and_grads()       # from the initial weights
                 sub0 = sum(wl.count_subnormals(a) for a in arrays)
                 mem = c.memory()
+                mem["resident_peak_bytes"] = resident_peak_bytes(c.step)
+                if mem["peak_bytes"] is None:
+                    mem["peak_bytes"] = mem["resident_peak_bytes"]
                 # Warm-up: at least `warm_steps` steps and `warm_seconds`; calibrate a round.
                 times = []
                 t_end = time.perf_counter() + msg["warm_seconds"]
@@ -471,6 +494,8 @@ def main() -> None:
                     if len(times) > 2000:
                         break
                 c.gemm_only()
+                if hasattr(c, "_threads_mode"):      # after the warm-up: the tuned choice
+                    prep.update(c._threads_mode(w.batch))
                 per = _median(times[len(times) // 2:])
                 n = int(min(msg["max_steps"], max(msg["min_steps"],
                                                    math.ceil(msg["round_seconds"] / max(per, 1e-6)))))

@@ -19,6 +19,7 @@ import ckpt
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
+HAVE_JAX = importlib.util.find_spec("jax") is not None
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def test_json_rows(quick_run):
     assert meta["quick"] is True and meta["threads"] >= 1
     assert meta["contenders"]["ckpt"]["threadpool_info"], "threadpoolctl info is recorded"
     assert meta["ckpt_simd"] in ("baseline", "avx2", "avx512")
-    expected_contenders = {"ckpt", "numpy", "torch"}
+    expected_contenders = {"ckpt", "numpy", "torch", "jax"}
     for w in wl.QUICK:
         for k in w.intervals:
             rows = {r["contender"]: r for r in res["rows"]
@@ -73,10 +74,16 @@ def test_json_rows(quick_run):
             assert torch_row["status"] == ("ok" if HAVE_TORCH else "skipped")
             if HAVE_TORCH:
                 assert torch_row["extra_flops"] == wl.recomputed_gemms(w, "torch", k) * per_gemm
+            jax_row = rows["jax"]      # the Dense MLPs only; its recomputation read from HLO
+            assert jax_row["status"] == ("ok" if HAVE_JAX and w.kind == "mlp" else "skipped")
+            if jax_row["status"] == "ok":
+                assert jax_row["recomputed_gemms"] >= 0
+                assert jax_row["extra_flops"] == jax_row["recomputed_gemms"] * per_gemm
             for r in rows.values():
                 if r["status"] != "ok":
                     assert r["note"]
                     continue
+                assert r["memory"]["resident_peak_bytes"] > 0       # VmHWM over a step
                 t = r["time_s"]
                 assert 0 < t["min"] <= t["median"] <= t["max"] and t["n"] >= 9
                 assert r["memory"]["peak_bytes"] > 0
@@ -171,7 +178,7 @@ def test_threads_mode_and_peak_fraction(quick_run):
     assert set(peaks) == counts and all(g > 0 for g in peaks.values())
     assert res["ratios"]
     for e in res["ratios"]:
-        assert e["mode"] in {"split", "blas"} and e["threads_mode"] in {"split", "blas", "auto"}
+        assert e["mode"] in {"split", "blas"} and e["threads_mode"] in set(ckpt.threads.MODES)
         assert (e["mode"] == "split") == (e["slices"] > 1)
         assert set(e["by_threads"]) == counts
         assert e["by_threads"]["1"]["mode"] == "blas" and e["by_threads"]["1"]["slices"] == 1

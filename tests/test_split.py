@@ -13,8 +13,7 @@ import pytest
 
 import ckpt
 from ckpt import Dense, Dropout, LayerNorm, Residual, SegmentCheckpointer, _core
-from ckpt.threads import (DEFAULT_MODE, SPLIT_CROSSOVER, SPLIT_MIN, cgroup_cpu_limit, choose_slices,
-                          default_num_threads)
+from ckpt.threads import DEFAULT_MODE, cgroup_cpu_limit, choose_slices, default_num_threads
 from ckpt.train import build_mlp
 
 TOL = {np.float32: dict(rtol=2e-5, atol=2e-6), np.float64: dict(rtol=1e-12, atol=1e-12)}
@@ -121,6 +120,45 @@ def test_split_reduction_order_is_slice_0_then_1_then_2(threads):
         assert np.array_equal(got, expected), i
 
 
+@pytest.mark.parametrize("t", [4, 8, 64])
+def test_more_threads_than_cores(t, threads):
+    """T = 4, 8 and 64 on a 2-core machine (oversubscribed): every slice runs (a batch smaller
+    than T gets one slice per row), the split equals the unsplit step within summation
+    tolerance and itself run to run, and the reduction is ((g + slice 0) + slice 1) + ... in
+    slice order, each slice's part computed by an unsplit step on its rows."""
+    threads(t)
+    dtype = np.float64
+    for batch in (1, t // 2 + 1, 37):
+        y0, gx0, grads0, _ = run_step(residual_chain, dtype, "blas", batch=batch)
+        y1, gx1, grads1, model = run_step(residual_chain, dtype, "split", batch=batch)
+        assert model.slices(batch) == min(t, batch)
+        np.testing.assert_allclose(y1, y0, **TOL[dtype])
+        np.testing.assert_allclose(gx1, gx0, **TOL[dtype])
+        for a, b in zip(grads1, grads0):
+            np.testing.assert_allclose(a, b, **TOL[dtype])
+        again = run_step(residual_chain, dtype, "split", batch=batch)
+        assert all(np.array_equal(a, b) for a, b in zip(again[2], grads1))
+    batch = t + 5
+    n = min(t, batch)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((batch, 12)).astype(np.float32)
+    g = rng.standard_normal((batch, 5)).astype(np.float32)
+    start = [k * batch // n for k in range(n + 1)]
+    split = SegmentCheckpointer(dropout_chain(np.float32), 1, seed=9, threads_mode="split")
+    split.forward(x)
+    split.backward(g, accumulate=False)
+    expected = None
+    for k in range(n):
+        one = SegmentCheckpointer(dropout_chain(np.float32), 1, seed=9, threads_mode="blas")
+        one.forward(x[start[k]:start[k + 1]], row_offset=start[k])
+        one.backward(g[start[k]:start[k + 1]], accumulate=False)
+        part = [p.copy() for p in one.gradients()]
+        expected = part if expected is None else [a + b for a, b in zip(expected, part)]
+    for i, got in enumerate(split.gradients()):
+        assert np.array_equal(got, expected[i]), i
+    assert ckpt.get_num_threads() == t
+
+
 @pytest.mark.parametrize("name", ["dropout", "residual"])
 def test_fixed_threads_give_bit_equal_results_over_20_runs(name, threads):
     threads(2)
@@ -160,12 +198,10 @@ def test_forced_modes_and_the_context_manager(threads):
     threads(2)
     model = SegmentCheckpointer(dense_chain(np.float32), 1)
     assert model.threads_mode is None
-    assert ckpt.get_threading_mode() == DEFAULT_MODE == "blas"
-    assert model.slices(1024) == 1          # the default never splits
+    assert ckpt.get_threading_mode() == DEFAULT_MODE == "tuned"
+    assert model.slices(1024) == 1          # tuned is OpenBLAS threading: never splits
     with ckpt.threading_mode("auto"):
-        assert model.slices(10) == 1        # tiny GEMMs: auto keeps one slice
-        assert model.slices(1024) == 2      # 1024 x 24 x 24 >= SPLIT_MIN x 2: auto splits
-        assert model.slices(4096) == 1      # 4096 x 24 x 24 > SPLIT_CROSSOVER x 2: BLAS
+        assert model.slices(1024) == 1      # auto's reference, before anything is measured
     with ckpt.threading_mode("blas") as mode:
         assert mode == "blas" and ckpt.get_threading_mode() == "blas"
         assert model.slices(10) == 1
@@ -179,7 +215,8 @@ def test_forced_modes_and_the_context_manager(threads):
     with ckpt.threading_mode("split"):
         assert fixed.slices(10) == 1
     threads(1)
-    assert model.slices(10) == 1            # T = 1: nothing to split
+    with ckpt.threading_mode("split"):
+        assert model.slices(10) == 1        # T = 1: nothing to split
     threads(3)
     with ckpt.threading_mode("split"):
         assert model.slices(2) == 2 and model.slices(3) == 3
@@ -199,23 +236,13 @@ def test_a_python_path_chain_never_splits(threads):
     assert model.executor == "python" and model.slices(16) == 1
 
 
-def test_the_auto_rule_depends_on_gemm_size_and_threads():
-    # Between SPLIT_MIN and SPLIT_CROSSOVER (per thread), bounds included: split; else BLAS.
-    assert choose_slices("auto", 2, 64, SPLIT_CROSSOVER * 2 // 64) == 2
-    assert choose_slices("auto", 2, 64, SPLIT_CROSSOVER * 2 // 64 + 1) == 1
-    assert choose_slices("auto", 4, 64, SPLIT_CROSSOVER * 2 // 64 + 1) == 4
-    assert choose_slices("auto", 2, 64, SPLIT_MIN * 2 // 64) == 2
-    assert choose_slices("auto", 2, 64, SPLIT_MIN * 2 // 64 - 1) == 1
-    assert choose_slices("auto", 1, 64, SPLIT_MIN) == 1
-    assert choose_slices("split", 8, 3, 10**12) == 3
-    assert choose_slices("blas", 8, 300, 1) == 1
-    big = SegmentCheckpointer([Dense(1024, 1024, dtype=np.float32, rng=0)], 1)
-    small = SegmentCheckpointer([Dense(64, 64, dtype=np.float32, rng=0)], 1)
-    assert big._typed_chain().max_dense_product == 1024 * 1024
-    with ckpt.threading_mode("auto"):
-        assert small.slices(8) == 1     # 8 x 64 x 64 is below SPLIT_MIN at any T
-        assert small.slices(128) == min(128, ckpt.get_num_threads())
-        assert big.slices(4096) == 1
+def test_the_fixed_rule():
+    assert choose_slices("split", 8, 3) == 3
+    assert choose_slices("split", 64, 1000) == 64
+    assert choose_slices("split", 8, 0) == 1
+    assert choose_slices("blas", 8, 300) == 1
+    with pytest.raises(ValueError, match="fixed mode"):
+        choose_slices("tuned", 8, 300)
 
 
 @pytest.mark.parametrize("bad, error", [("threads", ValueError), ("", ValueError),
@@ -381,29 +408,32 @@ def _cli_results(capsys, argv):
 def test_ckpt_train_chooses_threads_by_default(capsys, threads):
     threads(2)
     default = _cli_results(capsys, CLI_SMALL)          # the cores, in the default mode
-    assert default["threads"] == 2 and default["threads_mode"] == DEFAULT_MODE
-    split = _cli_results(capsys, CLI_SMALL + ["--threads-mode", "auto"])
+    assert default["threads"] == 2 and default["threads_mode"] == "blas"   # tuned: unsplit
+    split = _cli_results(capsys, CLI_SMALL + ["--threads-mode", "split"])
     assert split["threads"] == 2 and split["threads_mode"] == "split"
     one = _cli_results(capsys, CLI_SMALL + ["--threads", "1"])
     assert one["threads"] == 1 and one["threads_mode"] == "blas"
     blas = _cli_results(capsys, CLI_SMALL + ["--threads-mode", "blas"])
     assert blas["threads"] == 2 and blas["threads_mode"] == "blas"
     assert ckpt.get_num_threads() == 2
-    # The same seed trains to results equal within summation tolerance, split or not.
+    # Tuned computes blas's bits; split equals them within summation tolerance.
+    assert default["train_loss"] == blas["train_loss"]
     assert abs(split["train_loss"] - blas["train_loss"]) < 1e-4
 
 
-def test_fit_splits_in_auto_mode(threads):
+def test_fit_splits_in_auto_mode_when_split_measures_fastest(threads):
     threads(2)
     layers = build_mlp(8, 3, 128, 3, "relu", np.float32, seed=0)
     model = SegmentCheckpointer(layers, threads_mode="auto")
-    assert model.slices(64) == 2
+    model.threads_tuning.timing = lambda config, seconds: 1.0 / config.slices
     rng = np.random.default_rng(0)
     X = rng.standard_normal((192, 8)).astype(np.float32)
     y = rng.integers(0, 3, 192)
-    history = ckpt.fit(model, X, y, epochs=2, batch_size=64, seed=0)
+    history = ckpt.fit(model, X, y, epochs=4, batch_size=64, seed=0)
     assert np.isfinite(history["loss"]).all()
     assert model.memory_tracker.gradient_bytes == 0
+    assert model.threads_tuning.report()["64 at T=2, auto"]["chosen"] == "split/2"
+    assert model.slices(64) == 2
 
 
 def test_parallel_update_and_zero_grad_match_one_thread(threads):

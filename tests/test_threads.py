@@ -6,6 +6,7 @@ import importlib.resources
 import os
 import re
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -193,6 +194,7 @@ def test_threads_sharing_a_checkpointer_get_errors_never_crashes_or_wrong_gradie
             try:
                 model.forward(x)
                 seed = model._state.seed     # our pending step's seed: no one else can change it
+                time.sleep(0)                # hand the GIL over: let another thread try a step
                 outcomes.append((seed, model.backward(g)))
             except ckpt.CheckpointStateError:
                 outcomes.append(None)

@@ -20,7 +20,9 @@ from ckpt.elements._checks import _as_generator, _check_learning_rate, as_batch
 from ckpt.policy import SchedulePolicy
 from ckpt.runners import CompiledRunner, PythonRunner
 from ckpt.schedule import CompiledSchedule
-from ckpt.threads import check_mode, choose_slices, get_threading_mode
+from ckpt.threads import (FIXED_MODES, blas_threads, check_mode, choose_slices,
+                          get_threading_mode, requested_num_threads)
+from ckpt.tuning import Config, ThreadsTuner, timed
 from ckpt.tracker import MemoryUsageTracker
 
 
@@ -208,10 +210,15 @@ class SegmentCheckpointer:
     parallel threads freely.
 
     Cores inside a step (compiled executor; see :mod:`ckpt.threads`): ``threads_mode`` is
-    "split" (the batch split into T = ckpt.get_num_threads() contiguous slices, one per thread of
-    ckpt's pool, single-threaded BLAS; gradients reduced in the fixed order ((g + slice 0) +
-    slice 1) + ...), "blas" (OpenBLAS threads each GEMM) or "auto" (split for small GEMMs);
-    None (the default) follows :func:`ckpt.threading_mode`, itself "blas" by default. A split
+    "tuned" (OpenBLAS at the thread count, 1 .. T = ckpt.get_num_threads(), measured fastest on
+    the first training steps of each batch size, among those that compute the bits of T
+    threads: :mod:`ckpt.tuning`, :attr:`threads_tuning`), "auto" (tuned with the batch split
+    among the candidates: results may differ in the last bits between runs that choose
+    differently), "split" (the batch split into T contiguous slices, one per thread of ckpt's
+    pool, single-threaded BLAS; gradients reduced in the fixed order ((g + slice 0) + slice 1)
+    + ...) or "blas" (OpenBLAS's T threads in each GEMM); None (the default) follows
+    :func:`ckpt.threading_mode`, itself "tuned" by default. The thread count a tuned step sets
+    is process-wide (this OpenBLAS has no per-thread setting; see :mod:`ckpt.threads`). A split
     step shares the budget as follows: the arena is the unsplit one, split by rows; the
     gradient buffers likewise; the T - 1 gradient copies come on top and count as gradient
     bytes (:meth:`gradient_workspace_bytes`, the tracker).
@@ -231,6 +238,7 @@ class SegmentCheckpointer:
             raise TypeError(f"check_inputs must be a bool, got {type(check_inputs).__name__}")
         self.check_inputs = bool(check_inputs)
         self._threads_mode = None if threads_mode is None else check_mode(threads_mode)
+        self._tuner = ThreadsTuner()
         self._input_checksum: Optional[int] = None
         self._rng = _as_generator(seed)
         self._lock = threading.Lock()
@@ -250,6 +258,8 @@ class SegmentCheckpointer:
         self._runner_cache = _UNKNOWN
         self._streams = _UNKNOWN
         self._policy.invalidate()
+        if hasattr(self, "_tuner"):
+            self._tuner.clear()
 
     def _append(self, layer: Layer) -> None:
         index = len(self._layers)
@@ -360,18 +370,43 @@ class SegmentCheckpointer:
 
     @property
     def threads_mode(self) -> Optional[str]:
-        """The mode this checkpointer fixes ("split", "blas", "auto"), or None: the context's."""
+        """The mode this checkpointer fixes (one of ckpt.threads.MODES), or None: the context's."""
         return self._threads_mode
+
+    @property
+    def threads_tuning(self) -> ThreadsTuner:
+        """The measurements of the "tuned" and "auto" modes: ``threads_tuning.report()`` gives,
+        per batch size, the chosen configuration and the seconds of each candidate."""
+        return self._tuner
+
+    def _tuned_mode(self) -> Optional[str]:
+        """"tuned" or "auto" when this chain's steps are measured, else None (a fixed mode,
+        or the Python path, which runs OpenBLAS at T threads)."""
+        mode = self._threads_mode or get_threading_mode()
+        return None if mode in FIXED_MODES or self._typed_chain() is None else mode
 
     def slices(self, batch_size: int) -> int:
         """Batch slices a step of this batch size runs in now (1: not split), from the mode
-        and T = ckpt.get_num_threads(); the Python path never splits."""
-        chain = self._typed_chain()
-        if chain is None:
+        and T = ckpt.get_num_threads() (for "tuned" and "auto": the configuration measured or
+        being measured); the Python path never splits."""
+        if self._typed_chain() is None:
             return 1
-        from ckpt._core import get_num_threads
         mode = self._threads_mode or get_threading_mode()
-        return choose_slices(mode, get_num_threads(), batch_size, chain.max_dense_product)
+        if mode in FIXED_MODES:
+            return choose_slices(mode, requested_num_threads(), batch_size)
+        return self._tuner.config(batch_size, requested_num_threads(), mode).slices
+
+    def _fits(self, batch_size: int, config: Config) -> bool:
+        """Whether a configuration's schedule fits the budget (always, without one)."""
+        if self._policy.budget is None:
+            return True
+        try:
+            self._policy.compiled(self.costs, batch_size, config.slices, self.dtype, True,
+                                  lambda: self.gradient_workspace_bytes(batch_size,
+                                                                        config.slices))
+        except ValueError:
+            return False
+        return True
 
     def schedule(self, batch_size: int) -> CompiledSchedule:
         """The compiled schedule used for a batch size (budgets are planned per batch size and
@@ -453,7 +488,15 @@ class SegmentCheckpointer:
             seed = 0
         else:
             seed = int(step_seed) if step_seed is not None else self.next_step_seed()
-        if isinstance(runner, CompiledRunner):
+        mode = self._tuned_mode()
+        if mode is not None:
+            config = self._tuner.begin(x.shape[0], requested_num_threads(), mode, self._training,
+                                       row_offset, lambda c: self._fits(x.shape[0], c))
+            pending, seconds = timed(config, lambda: runner.forward(
+                x, schedule, seed, row_offset, self._training, config.slices,
+                self.memory_tracker, self._release_pending))
+            self._tuner.add_seconds(seconds)
+        elif isinstance(runner, CompiledRunner):
             pending = runner.forward(x, schedule, seed, row_offset, self._training,
                                      self.slices(x.shape[0]), self.memory_tracker,
                                      self._release_pending)
@@ -509,8 +552,47 @@ class SegmentCheckpointer:
         runner = self._runner()
         grad_output = runner.check_grad_output(pending, grad_output)  # before the step is used
         self._state = None
-        return runner.backward(pending, grad_output, input_grad, accumulate,
-                               self.memory_tracker)
+        tuner = self._tuner
+        config = tuner.pending_config() if self._tuned_mode() is not None else None
+        if config is None:
+            return runner.backward(pending, grad_output, input_grad, accumulate,
+                                   self.memory_tracker)
+        verifying = tuner.needs_verification()
+        grad_input, seconds = timed(config, lambda: runner.backward(
+            pending, grad_output, input_grad, accumulate, self.memory_tracker))
+        if verifying:
+            self._verify(runner, pending, grad_output, grad_input, input_grad, accumulate)
+        else:
+            tuner.add_seconds(seconds)
+        tuner.finish()
+        return grad_input
+
+    def _verify(self, runner, pending, grad_output, grad_input, input_grad,
+                accumulate) -> None:
+        """Rerun the step just done in each candidate configuration (ckpt.tuning), setting
+        the gradients: the tuner keeps the candidates that give the reference's bits. One
+        rerun's activations are alive at a time (the step's own are dropped first); after a
+        step that accumulated, its gradients are copied once and put back."""
+        grads = self.gradients()
+        accumulated = [g.copy() for g in grads] if accumulate else None
+        step = self._tuner.pending
+        pending.arena = None        # the step is done: its activations are not needed
+
+        def rerun(config: Config) -> tuple:
+            scratch = MemoryUsageTracker()
+            with blas_threads(config.threads):
+                again = runner.forward(pending.x, pending.schedule, pending.seed,
+                                       step.row_offset, step.training, config.slices, scratch,
+                                       lambda: None)
+                gi = runner.backward(again, grad_output, input_grad, False, scratch)
+            return (again.y, gi, *grads)
+
+        try:
+            self._tuner.verify(rerun, None if accumulate else (pending.y, grad_input, *grads))
+        finally:
+            if accumulated is not None:
+                for g, value in zip(grads, accumulated):
+                    np.copyto(g, value)
 
     def discard(self) -> None:
         """Drop what a pending forward stored, without back-propagating (no-op if none).

@@ -287,9 +287,10 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
                         "or threadpoolctl; under mpiexec, per rank: the node's cores divided by "
                         "its ranks)")
     p.add_argument("--threads-mode", choices=list(MODES), default=None,
-                   help="split: each thread runs a slice of the batch; blas (default, or "
-                        "CKPT_THREADS_MODE): OpenBLAS threads each matrix product; auto: split "
-                        "for mid-sized matrix products")
+                   help="tuned (default, or CKPT_THREADS_MODE; --threads alone means blas): "
+                        "the OpenBLAS thread count measured fastest; auto: tuned, batch split "
+                        "included; blas: OpenBLAS threads each matrix product; split: each "
+                        "thread runs a slice of the batch")
     p.add_argument("--save", metavar="FILE",
                    help="save the model (.npz): parameters, optimizer state, and the feature "
                         "and target scaling, classes and columns, for `ckpt predict`")
@@ -308,7 +309,8 @@ def run_train(args: argparse.Namespace) -> int:
         set_num_threads(args.threads)
     status: Dict[str, Any] = {"epochs": 0, "saved": None}
     try:
-        with threading_mode(args.threads_mode or get_threading_mode()):
+        fixed = "blas" if args.threads is not None else get_threading_mode()
+        with threading_mode(args.threads_mode or fixed):
             return _train(args, status)
     except KeyboardInterrupt:
         done = f"after epoch {status['epochs']}" if status["epochs"] else "before any epoch ended"
@@ -543,6 +545,7 @@ def _train(args: argparse.Namespace, status: Dict[str, Any]) -> int:
         "parameter_count": model.parameter_count,
         "threads": get_num_threads(),
         "threads_mode": "split" if model.slices(batch) > 1 else "blas",
+        "threads_tuning": model.threads_tuning.report(),
         "simd": _core.simd_variant(),
         "history": history,
     }

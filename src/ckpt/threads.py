@@ -7,18 +7,29 @@ use (:func:`default_num_threads`: the affinity mask and the cgroup CPU quota) un
 
 Modes (``SegmentCheckpointer(threads_mode=...)``, or :func:`threading_mode` for a block):
 
+- ``"tuned"`` (the default; the environment variable ``CKPT_THREADS_MODE`` changes the process
+  default): OpenBLAS threading, at the thread count that measured fastest for the chain and
+  batch size on its first training steps, and again when the choice slows down
+  (:mod:`ckpt.tuning`). The candidates are OpenBLAS at 1 .. T threads; a candidate whose
+  outputs and gradients on the first batch are not bit-equal to OpenBLAS at T threads is
+  excluded, so a tuned run computes the bits of ``"blas"`` whichever count wins.
+- ``"auto"``: ``"tuned"`` with the batch split among the candidates. A split step sums the
+  gradients in another order, so runs whose measurements choose differently may differ in the
+  last bits.
 - ``"split"``: the compiled executor splits the batch into min(T, batch) contiguous slices of
   rows; each runs the step's forward and backward phases on its own thread of ckpt's pool,
   with single-threaded BLAS. Slice 0 accumulates into the gradients, slice s >= 1 into its own
   copy, then each gradient value is reduced as ((g + slice 0) + slice 1) + ... in that fixed
   order: results depend on T (the split), never on timing.
-- ``"blas"`` (the default; the environment variable ``CKPT_THREADS_MODE`` changes the process
-  default): one slice; OpenBLAS uses its T threads inside each GEMM.
-- ``"auto"``: ``"split"`` when T > 1 and the chain's largest GEMM, batch x n_in x n_out
-  of its widest Dense layer, is between ``SPLIT_MIN`` x T and ``SPLIT_CROSSOVER`` x T
-  multiply-adds, else ``"blas"``. Both bounds were measured by ``bench/sweep_split.py``: below
-  SPLIT_MIN per thread the slices are too small to pay for waking a second core (OpenBLAS then
-  runs single-threaded anyway); above SPLIT_CROSSOVER OpenBLAS's own threads are efficient.
+- ``"blas"``: one slice; OpenBLAS uses its T threads inside each GEMM.
+
+``"blas"`` and ``"split"`` are fixed choices: nothing is measured.
+
+OpenBLAS's thread count is process-wide: the scipy-openblas32 build ckpt pins (0.3.34) exports
+``openblas_set_num_threads`` but no per-thread ``openblas_set_num_threads_local``. A tuned step
+therefore sets the process's count for each of its phases (:func:`blas_threads`) and puts it
+back after; tuned phases that need different counts in parallel threads take turns, and a
+``"blas"`` or ``"split"`` step running meanwhile in another thread runs at whatever count is set.
 
 The pool's threads claim the slices from one counter, so a slice runs on whichever thread is
 free first (the caller takes any a worker has not started): which thread runs a slice never
@@ -30,28 +41,14 @@ import contextlib
 import contextvars
 import math
 import os
-from typing import Iterator, Optional
+import threading
+from typing import Callable, Iterator, Optional
 
-MODES = ("split", "blas", "auto")
-# "blas" until "auto" is shown to win where it splits. With the bounds below, auto splits only
-# the *small* benchmark workload and `ckpt train`'s default model, so the choice rests on what
-# the two modes measure there: the step time on small at k = 1 and k = 8, and `ckpt train`'s
-# time and tracked peak (split adds a parameter-sized gradient copy per extra thread). Re-run
-# them with `python bench/run.py --workloads small` under CKPT_THREADS_MODE=split and =blas, and
-# `ckpt train --json --threads-mode split` against `--threads-mode blas`, alternating runs; the
-# recorded numbers are on the benchmark page (docs/benchmarks/recorded.md, "Threads").
-DEFAULT_MODE = "blas"
-
-# The per-GEMM m*n*k (full batch) per thread between which "auto" splits the batch, from
-# `python bench/sweep_split.py` (split against BLAS threads over batch x width, alternating in
-# one process). SPLIT_CROSSOVER is the midpoint, in powers of two, of the last size at which
-# split always won and the first at which it lost with thin slices on wide layers (each slice
-# packs every weight matrix again, and the gradient copies and their reduction cost width^2 per
-# slice); some larger sizes with long slices also win, which a bound on m*n*k cannot separate
-# from those losses. Below SPLIT_MIN the slices are too small to pay for waking a second core.
-# The sweep's recorded results are on the benchmark page (docs/benchmarks/recorded.md, "Threads").
-SPLIT_MIN = 64 * 1024
-SPLIT_CROSSOVER = 512 * 1024
+MODES = ("tuned", "auto", "blas", "split")
+# Measured per chain: a fixed "blas" lost to one thread on small networks (3.2-3.8x NumPy at one
+# thread against 2.3-2.5x at two, 2-core EPYC), and no size rule held across machines.
+DEFAULT_MODE = "tuned"
+FIXED_MODES = ("blas", "split")
 
 
 def check_mode(mode: object, name: str = "threads_mode") -> str:
@@ -64,7 +61,7 @@ def check_mode(mode: object, name: str = "threads_mode") -> str:
 
 
 def _environment_mode() -> str:
-    """The process default: CKPT_THREADS_MODE if set (split, blas or auto), else DEFAULT_MODE."""
+    """The process default: CKPT_THREADS_MODE if set (one of MODES), else DEFAULT_MODE."""
     value = os.environ.get("CKPT_THREADS_MODE", "").strip()
     return check_mode(value, "CKPT_THREADS_MODE") if value else DEFAULT_MODE
 
@@ -81,7 +78,7 @@ def get_threading_mode() -> str:
 
 @contextlib.contextmanager
 def threading_mode(mode: str) -> Iterator[str]:
-    """Run a block with a threading mode ("split", "blas" or "auto") for the checkpointers that
+    """Run a block with a threading mode (one of MODES) for the checkpointers that
     do not fix their own; it is per thread (a context variable) and restored on exit."""
     token = _mode.set(check_mode(mode, "mode"))
     try:
@@ -90,19 +87,103 @@ def threading_mode(mode: str) -> Iterator[str]:
         _mode.reset(token)
 
 
-def choose_slices(mode: str, threads: int, batch: int, max_dense_product: int) -> int:
-    """Slices of a step: 1 (BLAS threading) or min(threads, batch) (batch split).
+def choose_slices(mode: str, threads: int, batch: int) -> int:
+    """Slices of a step in a fixed mode: 1 for "blas", min(threads, batch) for "split"."""
+    if mode not in FIXED_MODES:
+        raise ValueError(f"choose_slices takes a fixed mode ({', '.join(FIXED_MODES)}), "
+                         f"got {mode!r}")
+    return 1 if mode == "blas" else max(1, min(threads, batch))
 
-    ``max_dense_product`` is the largest n_in * n_out among the chain's Dense layers, so the
-    largest GEMM of the step has batch * max_dense_product multiply-adds.
+
+def _openblas_setter():
+    """OpenBLAS's own thread-count setter. ckpt.set_num_threads checks its argument against
+    the build's MAX_THREADS, read from the config string on every call (3.4 us here, against
+    0.5 us for the setting itself): a tuned step sets the count twice per phase, and the
+    counts it sets are ones ckpt.set_num_threads accepted."""
+    import ctypes
+    import scipy_openblas32
+    lib = ctypes.CDLL(os.path.join(scipy_openblas32.get_lib_dir(),
+                                   f"lib{scipy_openblas32.get_library()}.so"))
+    setter = lib.scipy_openblas_set_num_threads
+    setter.argtypes, setter.restype = [ctypes.c_int], None
+    return setter
+
+
+class _BlasThreads:
+    """The process's OpenBLAS thread count, held by the phases that need a count of their own.
+
+    Holders of one count overlap; a holder of another count waits until they are done. The
+    first holder saves the count it found, the last one puts it back -- unless it was changed
+    meanwhile (ckpt.set_num_threads), which is then kept.
     """
-    split = min(threads, batch)
-    if split <= 1 or mode == "blas":
-        return 1
-    if mode == "split":
-        return split
-    size = batch * max_dense_product
-    return split if SPLIT_MIN * threads <= size <= SPLIT_CROSSOVER * threads else 1
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()          # entered on every phase: a C-level lock
+        self._turn = threading.Condition(self._lock)
+        self._holders = 0
+        self._count = 0
+        self._saved = 0
+        self._set: Optional[Callable[[int], None]] = None
+
+    def acquire(self, n: int) -> None:
+        with self._lock:
+            while self._holders and self._count != n:
+                self._turn.wait()
+            if self._holders == 0:
+                if self._set is None:
+                    from ckpt import _core
+                    self._get, self._set = _core.get_num_threads, _openblas_setter()
+                self._saved = self._get()
+                if self._saved != n:
+                    self._set(n)
+                self._count = n
+            self._holders += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._holders -= 1
+            if self._holders == 0:
+                if self._saved != self._count and self._get() == self._count:
+                    self._set(self._saved)
+                self._turn.notify_all()
+
+    @contextlib.contextmanager
+    def held(self, n: int) -> Iterator[None]:
+        self.acquire(n)
+        try:
+            yield
+        finally:
+            self.release()
+
+    def requested(self) -> int:
+        """T: the count in effect outside the holds (what set_num_threads last asked for)."""
+        from ckpt import _core
+        with self._lock:
+            return self._saved if self._holders else _core.get_num_threads()
+
+
+_BLAS = _BlasThreads()
+
+
+def blas_threads(n: int):
+    """Context manager: run a block with OpenBLAS at n threads (process-wide; see above)."""
+    return _BLAS.held(n)
+
+
+def hold_blas_threads(n: int) -> None:
+    """:func:`blas_threads` without a context manager: pair with :func:`release_blas_threads`."""
+    _BLAS.acquire(n)
+
+
+def release_blas_threads() -> None:
+    """End a :func:`hold_blas_threads`: the last holder puts the count back."""
+    _BLAS.release()
+
+
+def requested_num_threads() -> int:
+    """T for choosing a step's configuration: ckpt.get_num_threads() outside the tuned phases
+    that hold another count."""
+    return _BLAS.requested()
 
 
 def cgroup_cpu_limit(root: str = "/sys/fs/cgroup") -> Optional[int]:
