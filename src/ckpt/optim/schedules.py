@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Dict, Optional, Type, Union
 
@@ -65,7 +66,7 @@ def _anneal(start: float, end: float, fraction: float) -> float:
     return end + (start - end) * (1.0 + math.cos(math.pi * fraction)) / 2.0
 
 
-class Schedule:
+class Schedule(ABC):
     """A learning-rate schedule: ``schedule(step, total_steps)`` -> the step's learning rate."""
 
     name = ""
@@ -75,8 +76,9 @@ class Schedule:
         step, total_steps = _check_step(step, total_steps)
         return self._rate(step, total_steps)
 
+    @abstractmethod
     def _rate(self, step: int, total_steps: int) -> float:
-        raise NotImplementedError
+        """The rate at a checked step."""
 
 
 @dataclass(frozen=True)
