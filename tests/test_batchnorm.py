@@ -223,7 +223,7 @@ def test_ckpt_train_and_plan_take_norm_batch(capsys, residual):
 
 @pytest.mark.parametrize("residual", [False, True])
 def test_the_estimators_take_norm(residual):
-    sklearn = pytest.importorskip("sklearn")
+    pytest.importorskip("sklearn")
     from sklearn.base import clone
     rng = np.random.default_rng(0)
     X = rng.standard_normal((120, 5)).astype(np.float32)
