@@ -307,8 +307,9 @@ def fit(model: Any, X: np.ndarray, y: np.ndarray, *, loss: str = "cross_entropy"
     X is cast to the model's dtype once, up front (a memory map of that dtype stays one). The
     history maps each metric name to its list of per-epoch values.
 
-    Threads need no argument: each step uses T = ckpt.get_num_threads() (by default the cores
-    ckpt may use) in the model's threading mode ("blas" unless set; see ckpt.threads).
+    Threads need no argument: each step uses up to T = ckpt.get_num_threads() (by default the
+    cores ckpt may use) in the model's threading mode ("tuned" unless set: the thread count
+    measured fastest among those computing the same bits; see ckpt.threads and ckpt.tuning).
     """
     model = as_model(model)
     loss_fn = get_loss(loss)
